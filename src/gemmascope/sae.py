@@ -1,0 +1,246 @@
+"""The sparse autoencoder: one module, four activation rules, weights named as Gemma Scope names them."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+Architecture = Literal["jumprelu", "topk", "batchtopk", "relu"]
+ARCHITECTURES: tuple[str, ...] = ("jumprelu", "topk", "batchtopk", "relu")
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
+
+
+def dtype_of(name: str) -> torch.dtype:
+    """Map a dtype name (`float32`, `bfloat16`, ...) to torch, with a clear error."""
+    try:
+        return DTYPES[name.removeprefix("torch.")]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}") from None
+
+
+@dataclass
+class SAEConfig:
+    """Everything needed to rebuild an SAE and to know where it belongs."""
+
+    architecture: Architecture
+    """Activation rule: `jumprelu` (Gemma Scope), `topk`, `batchtopk` or `relu` (trained with L1)."""
+    d_in: int
+    """Width of the activations the SAE reads (d_model for residual sites)."""
+    d_sae: int
+    """Number of latents."""
+    k: int | None = None
+    """Active latents per token for `topk` and `batchtopk` (mean over the batch for the latter)."""
+    dtype: str = "float32"
+    """Dtype of the weights; inputs are cast to it."""
+    apply_b_dec_to_input: bool = False
+    """Subtract `b_dec` from the input before encoding. Gemma Scope does not; SAELens and sparsify may."""
+    input_scale: float = 1.0
+    """Activations are divided by this before encoding and the reconstruction multiplied by it again.
+    1.0 once a training-time normalisation has been folded into the weights."""
+    model: str | None = None
+    """The model the SAE was trained on, e.g. `google/gemma-2-2b` or `gemma-3-270m`."""
+    layer: int | None = None
+    """Layer index of the site."""
+    site: str | None = None
+    """Site within the layer: `resid_pre`, `resid_post`, `mlp_out`, `attn_out`, `attn_z`."""
+    hook_name: str | None = None
+    """The site's name in another tool (e.g. SAELens' `blocks.6.hook_resid_post`), kept for round trips."""
+    dataset: str | None = None
+    """Provenance: the corpus the SAE was trained on."""
+    context_size: int | None = None
+    """Provenance: the training sequence length in tokens."""
+    tokens_trained: int | None = None
+    """Provenance: how many activation vectors the SAE saw."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form metadata carried along (training hyper-parameters, source format, ...)."""
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(
+                f"unknown `architecture` {self.architecture!r}; choose one of {list(ARCHITECTURES)}"
+            )
+        if self.d_in <= 0 or self.d_sae <= 0:
+            raise ValueError(f"`d_in` and `d_sae` must be positive, got {self.d_in} and {self.d_sae}")
+        if self.architecture in ("topk", "batchtopk"):
+            if self.k is None or not 0 < self.k <= self.d_sae:
+                raise ValueError(
+                    f"`k` must be in 1..d_sae={self.d_sae} for {self.architecture}, got {self.k}"
+                )
+        dtype_of(self.dtype)
+        if not self.input_scale > 0:
+            raise ValueError(f"`input_scale` must be positive, got {self.input_scale}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SAEConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown SAEConfig fields {unknown}; expected some of {sorted(known)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+class SAE(nn.Module):
+    """A sparse autoencoder `x -> z -> x_hat` with Gemma Scope's parameter names and shapes.
+
+    `pre = x @ W_enc + b_enc` (after `x - b_dec` when `apply_b_dec_to_input`), then:
+    - jumprelu: `z = pre * 1[pre > threshold]`
+    - relu: `z = relu(pre)`
+    - topk: the `k` largest entries of `pre` per token, through relu
+    - batchtopk: while training, the `k * n_tokens` largest entries over the whole batch; in eval mode
+      a JumpReLU with the per-latent `threshold` the trainer estimated, so encodings do not depend on
+      which other tokens share the batch.
+    `x_hat = z @ W_dec + b_dec`. Any leading batch shape works; dtype and device follow the weights.
+    """
+
+    def __init__(self, cfg: SAEConfig, *, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        dt = dtype_of(cfg.dtype)
+        d, m = cfg.d_in, cfg.d_sae
+        self.W_enc = nn.Parameter(torch.zeros(d, m, dtype=dt, device=device))
+        self.W_dec = nn.Parameter(torch.zeros(m, d, dtype=dt, device=device))
+        self.b_enc = nn.Parameter(torch.zeros(m, dtype=dt, device=device))
+        self.b_dec = nn.Parameter(torch.zeros(d, dtype=dt, device=device))
+        self.threshold = nn.Parameter(torch.zeros(m, dtype=dt, device=device))
+
+    # ---------------------------------------------------------------- forward pass
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.W_enc.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_enc.device
+
+    def _check_input(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.cfg.d_in:
+            where = f" (layer {self.cfg.layer}, site {self.cfg.site})" if self.cfg.site else ""
+            raise ValueError(
+                f"input has width {x.shape[-1]} in its last dimension but this SAE{where} expects "
+                f"d_in={self.cfg.d_in}; pass activations from the site the SAE was trained on"
+            )
+        return x.to(dtype=self.dtype, device=self.device)
+
+    def pre_acts(self, x: Tensor) -> Tensor:
+        """Encoder pre-activations `[..., d_sae]` for raw activations `[..., d_in]`."""
+        x = self._check_input(x)
+        if self.cfg.input_scale != 1.0:
+            x = x / self.cfg.input_scale
+        if self.cfg.apply_b_dec_to_input:
+            x = x - self.b_dec
+        return x @ self.W_enc + self.b_enc
+
+    def activate(self, pre: Tensor) -> Tensor:
+        """Apply the architecture's sparsifying rule to pre-activations."""
+        arch = self.cfg.architecture
+        if arch == "jumprelu" or (arch == "batchtopk" and not self.training):
+            return pre * (pre > self.threshold)
+        if arch == "relu":
+            return torch.relu(pre)
+        if arch == "topk":
+            vals, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
+            return torch.zeros_like(pre).scatter_(-1, idx, torch.relu(vals))
+        if arch == "batchtopk":
+            flat = pre.reshape(-1)
+            n_tokens = flat.numel() // self.cfg.d_sae
+            vals, idx = torch.relu(flat).topk(self.cfg.k * n_tokens, sorted=False)
+            return torch.zeros_like(flat).scatter_(0, idx, vals).reshape(pre.shape)
+        raise AssertionError(arch)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Latent activations `[..., d_sae]` for raw activations `[..., d_in]`."""
+        return self.activate(self.pre_acts(x))
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Reconstruction `[..., d_in]` in the scale of the raw activations."""
+        x_hat = z.to(self.dtype) @ self.W_dec + self.b_dec
+        if self.cfg.input_scale != 1.0:
+            x_hat = x_hat * self.cfg.input_scale
+        return x_hat
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decode(self.encode(x))
+
+    # ---------------------------------------------------------------- weights
+    @torch.no_grad()
+    def fold_input_scale(self) -> SAE:
+        """Fold `input_scale` into the weights so the SAE reads raw activations with scale 1.
+
+        `pre = (x/C) W_enc + b_enc` becomes `x (W_enc/C) + b_enc`; `x_hat = C (z W_dec + b_dec)` becomes
+        `z (C W_dec) + C b_dec`. Encodings are unchanged; decoder rows are no longer unit norm.
+        """
+        c = self.cfg.input_scale
+        if c != 1.0:
+            self.W_enc.div_(c)
+            self.W_dec.mul_(c)
+            self.b_dec.mul_(c)
+            self.cfg = dataclasses.replace(self.cfg, input_scale=1.0)
+        return self
+
+    @torch.no_grad()
+    def fold_b_dec_into_b_enc(self) -> SAE:
+        """Turn an SAE that subtracts `b_dec` from its input into Gemma Scope's form, encodings unchanged."""
+        if self.cfg.apply_b_dec_to_input:
+            self.b_enc.sub_((self.b_dec / self.cfg.input_scale) @ self.W_enc)
+            self.cfg = dataclasses.replace(self.cfg, apply_b_dec_to_input=False)
+        return self
+
+    def state_arrays(self) -> dict[str, Tensor]:
+        """The five weight tensors by their Gemma Scope names."""
+        return {n: getattr(self, n).detach() for n in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")}
+
+    @classmethod
+    def from_arrays(cls, cfg: SAEConfig, arrays: dict[str, Any], *, source: str = "arrays") -> SAE:
+        """Build an SAE from arrays named as Gemma Scope names them; `threshold` may be absent.
+
+        Raises a ValueError naming `source` and the array when one is missing or misshapen.
+        """
+        sae = cls(cfg)
+        d, m = cfg.d_in, cfg.d_sae
+        expected = {"W_enc": (d, m), "W_dec": (m, d), "b_enc": (m,), "b_dec": (d,), "threshold": (m,)}
+        for name, shape in expected.items():
+            if name not in arrays:
+                if name == "threshold" and cfg.architecture != "jumprelu":
+                    continue
+                raise ValueError(
+                    f"{source}: missing array {name!r}; expected {sorted(expected)} "
+                    f"(found {sorted(arrays)})"
+                )
+            t = torch.as_tensor(arrays[name])
+            if tuple(t.shape) != shape:
+                raise ValueError(
+                    f"{source}: array {name!r} has shape {tuple(t.shape)}, expected {shape} "
+                    f"for d_in={d}, d_sae={m}"
+                )
+            with torch.no_grad():
+                getattr(sae, name).copy_(t.to(sae.dtype))
+        return sae
+
+    def save(self, path: str | Path, format: str = "gemmascope") -> Path:
+        """Write the SAE to a folder (or `.npz` file) atomically. See `gemmascope.io.save`."""
+        from gemmascope.io import save
+
+        return save(self, path, format=format)
+
+    def __repr__(self) -> str:
+        c = self.cfg
+        where = f", model={c.model!r}, layer={c.layer}, site={c.site!r}" if c.site else ""
+        k = f", k={c.k}" if c.k else ""
+        return f"SAE({c.architecture}, d_in={c.d_in}, d_sae={c.d_sae}{k}, dtype={c.dtype}{where})"
