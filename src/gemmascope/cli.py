@@ -27,7 +27,7 @@ def _version(value: bool) -> None:
 @app.callback()
 def main(
     version: Annotated[
-        Optional[bool],  # noqa: UP007 - typer needs Optional on 3.10
+        Optional[bool],  # noqa: UP007, UP045 - typer needs Optional on 3.10
         typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit."),
     ] = None,
 ) -> None:
@@ -42,3 +42,171 @@ def fail(message: str) -> None:
 
 # Subcommands are registered below, one block per step of the data flow.
 _ = Path
+
+
+# ---------------------------------------------------------------- sae-info, list-saes (gemmascope.io)
+@app.command("sae-info")
+def sae_info(
+    source: Annotated[str, typer.Argument(help="params.npz, SAE folder, or Hugging Face repo id.")],
+    sae_id: Annotated[
+        Optional[str],  # noqa: UP007, UP045 - typer needs Optional on 3.10
+        typer.Option("--sae-id", help="Which SAE of a folder or repo holding several."),
+    ] = None,
+) -> None:
+    """Print the config of one SAE as a table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from gemmascope import io
+
+    try:
+        sae = io.load(source, sae_id)
+    except (OSError, ValueError, RuntimeError) as e:
+        fail(str(e))
+        return
+    table = Table("field", "value", title=f"{source}" + (f" [{sae_id}]" if sae_id else ""))
+    for key, value in sae.cfg.to_dict().items():
+        table.add_row(key, "" if value is None else str(value))
+    Console().print(table)
+
+
+@app.command("list-saes")
+def list_saes(
+    source: Annotated[str, typer.Argument(help="A folder or Hugging Face repo id.")],
+) -> None:
+    """List the SAE ids of a folder or repo, one a line (pass one as --sae-id)."""
+    from gemmascope import io
+
+    try:
+        ids = io.list_sae_ids(source)
+    except (OSError, ValueError, RuntimeError) as e:
+        fail(str(e))
+        return
+    typer.echo("\n".join(ids))
+
+
+# --- model: a model's layers and site widths, and real activations at one site -------------------
+
+_SITE_HELP = {
+    "resid_pre": "residual stream entering the block",
+    "resid_post": "residual stream leaving the block",
+    "attn_out": "what attention adds to the residual stream",
+    "mlp_out": "what the MLP adds to the residual stream",
+    "attn_z": "concatenated head outputs, before the output projection",
+}
+
+
+@app.command("model")
+def model_command(
+    model: Annotated[
+        str, typer.Option(help="`gemma-3-270m` (embedded, no network), a hub name or a local folder.")
+    ] = "gemma-3-270m",
+    text: Annotated[
+        Optional[str],  # noqa: UP007, UP045 - typer needs Optional on 3.10
+        typer.Option(help="Run the model on this text and summarise the activations at --layer/--site."),
+    ] = None,
+    layer: Annotated[
+        Optional[int],  # noqa: UP007, UP045 - typer needs Optional on 3.10
+        typer.Option(help="Layer to read with --text."),
+    ] = None,
+    site: Annotated[str, typer.Option(help="Site to read with --text.")] = "resid_post",
+    device: Annotated[str, typer.Option(help="Torch device: cpu, cuda, cuda:N, mps.")] = "cpu",
+) -> None:
+    """Print a model's family, layers and site widths; with --text, real activations at one site."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from gemmascope.hooks import collect
+    from gemmascope.models import SITES, check_site, load_model, model_info
+
+    if (text is None) != (layer is None):
+        fail("--text and --layer go together: pass both to read activations, or neither")
+    if site not in SITES:
+        fail(f"unknown --site {site!r}; choose one of {list(SITES)}")
+    try:
+        lm, tokenizer = load_model(model, device=device)
+    except (RuntimeError, ValueError) as e:
+        fail(str(e))
+        return
+    info = model_info(lm)
+    console = Console()
+    console.print(
+        f"[bold]{model}[/bold]: family {info.family}, {info.n_layers} layers (0..{info.n_layers - 1}), "
+        f"d_model {info.d_model}, {info.n_heads} heads x {info.head_dim}"
+    )
+    table = Table("site", "width", "value", title="sites (every layer)")
+    for name in SITES:
+        table.add_row(name, str(info.site_width(name)), _SITE_HELP[name])
+    console.print(table)
+    if text is None or layer is None:
+        return
+    try:
+        check_site(info, layer, site)
+    except ValueError as e:
+        fail(str(e))
+        return
+    batch = tokenizer(text, return_tensors="pt")
+    acts = collect(lm, batch["input_ids"], [(layer, site)], attention_mask=batch.get("attention_mask"))
+    x = acts[layer, site][0].float()  # (seq, width)
+    norms = x.norm(dim=-1)  # (seq,)
+    stats = Table("statistic", "value", title=f"layer {layer} {site} on {len(norms)} tokens")
+    stats.add_row("shape", str(tuple(acts[layer, site].shape)))
+    stats.add_row("norm mean", f"{norms.mean():.4g}")
+    if len(norms) > 1:  # the first token (BOS) is often an outlier, so show the rest on their own
+        stats.add_row("norm mean, first token left out", f"{norms[1:].mean():.4g}")
+    stats.add_row("norm max", f"{norms.max():.4g}")
+    stats.add_row("value mean / std", f"{x.mean():.4g} / {x.std():.4g}")
+    console.print(stats)
+
+
+# --- cache: activations of every hooked (layer, site) on disk, resumable (gemmascope.activations) ---
+@app.command("cache")
+def cache_command(
+    out: Annotated[Path, typer.Option(help="Cache folder; rerun the same command to resume it.")],
+    model: Annotated[
+        str, typer.Option(help="`gemma-3-270m` (embedded), a hub name or a local folder.")
+    ] = "gemma-3-270m",
+    layers: Annotated[str, typer.Option(help="Layers: `all`, `0-17`, `3,6,9`.")] = "all",
+    sites: Annotated[
+        str, typer.Option(help="Comma-separated sites: resid_pre, resid_post, mlp_out, attn_out, attn_z.")
+    ] = "resid_post",
+    tokens: Annotated[str, typer.Option(help="Vectors per (layer, site), e.g. 250k, 5M.")] = "1M",
+    corpus: Annotated[
+        str, typer.Option(help="`default`, a .txt/.jsonl/.parquet file, folder or glob, or a HF dataset.")
+    ] = "default",
+    text_column: Annotated[str, typer.Option(help="Text field of .jsonl/.parquet/HF rows.")] = "text",
+    split: Annotated[str, typer.Option(help="`train`, or `eval` (the held-out documents).")] = "train",
+    eval_fraction: Annotated[float, typer.Option(help="Share of documents held out.")] = 0.02,
+    context_size: Annotated[int, typer.Option(help="Tokens per sequence, BOS included.")] = 1024,
+    batch_size: Annotated[int, typer.Option(help="Sequences per forward.")] = 8,
+    dtype: Annotated[str, typer.Option(help="Storage dtype: float32, bfloat16, float16.")] = "float32",
+    keep_special: Annotated[
+        bool, typer.Option(help="Also cache BOS/EOS/pad positions (Gemma Scope did not).")
+    ] = False,
+    shard_tokens: Annotated[
+        Optional[int],  # noqa: UP007, UP045 - typer needs Optional on 3.10
+        typer.Option(help="Tokens per shard (default: about 1 GiB per shard)."),
+    ] = None,
+    device: Annotated[str, typer.Option(help="Torch device for the model.")] = "cpu",
+    verify: Annotated[
+        bool, typer.Option(help="On resume, check every existing shard's sha256, not only its size.")
+    ] = False,
+) -> None:
+    """Run the model over a corpus and store activations of every (layer, site) in one pass."""
+    import json
+
+    from gemmascope.activations import CacheConfig, build_cache, config_dict, parse_count
+
+    try:
+        cfg = CacheConfig(
+            out=out, model=model, layers=layers, sites=[s.strip() for s in sites.split(",") if s.strip()],
+            tokens=parse_count(tokens), corpus=corpus, text_column=text_column, split=split,  # type: ignore[arg-type]
+            eval_fraction=eval_fraction, context_size=context_size, batch_size=batch_size, dtype=dtype,
+            keep_special=keep_special, shard_tokens=shard_tokens, device=device, verify=verify,
+        )  # fmt: skip
+        typer.echo(json.dumps(config_dict(cfg)), err=True)
+        build_cache(cfg)
+    except (OSError, ValueError, RuntimeError, KeyError, ImportError) as e:
+        fail(str(e))
+        return
+    typer.echo(f"cache complete: {cfg.tokens:,} tokens in {cfg.out}")
