@@ -28,7 +28,9 @@ def _version(value: bool) -> None:
 def main(
     version: Annotated[
         Optional[bool],  # noqa: UP007, UP045 - typer needs Optional on 3.10
-        typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit."),
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
     ] = None,
 ) -> None:
     """gemmascope: sparse autoencoders for every layer and site of a language model."""
@@ -99,11 +101,14 @@ _SITE_HELP = {
 @app.command("model")
 def model_command(
     model: Annotated[
-        str, typer.Option(help="`gemma-3-270m` (embedded, no network), a hub name or a local folder.")
+        str,
+        typer.Option(help="`gemma-3-270m` (embedded, no network), a hub name or a local folder."),
     ] = "gemma-3-270m",
     text: Annotated[
         Optional[str],  # noqa: UP007, UP045 - typer needs Optional on 3.10
-        typer.Option(help="Run the model on this text and summarise the activations at --layer/--site."),
+        typer.Option(
+            help="Run the model on this text and summarise the activations at --layer/--site."
+        ),
     ] = None,
     layer: Annotated[
         Optional[int],  # noqa: UP007, UP045 - typer needs Optional on 3.10
@@ -146,7 +151,9 @@ def model_command(
         fail(str(e))
         return
     batch = tokenizer(text, return_tensors="pt")
-    acts = collect(lm, batch["input_ids"], [(layer, site)], attention_mask=batch.get("attention_mask"))
+    acts = collect(
+        lm, batch["input_ids"], [(layer, site)], attention_mask=batch.get("attention_mask")
+    )
     x = acts[layer, site][0].float()  # (seq, width)
     norms = x.norm(dim=-1)  # (seq,)
     stats = Table("statistic", "value", title=f"layer {layer} {site} on {len(norms)} tokens")
@@ -168,18 +175,30 @@ def cache_command(
     ] = "gemma-3-270m",
     layers: Annotated[str, typer.Option(help="Layers: `all`, `0-17`, `3,6,9`.")] = "all",
     sites: Annotated[
-        str, typer.Option(help="Comma-separated sites: resid_pre, resid_post, mlp_out, attn_out, attn_z.")
+        str,
+        typer.Option(
+            help="Comma-separated sites: resid_pre, resid_post, mlp_out, attn_out, attn_z."
+        ),
     ] = "resid_post",
     tokens: Annotated[str, typer.Option(help="Vectors per (layer, site), e.g. 250k, 5M.")] = "1M",
     corpus: Annotated[
-        str, typer.Option(help="`default`, a .txt/.jsonl/.parquet file, folder or glob, or a HF dataset.")
+        str,
+        typer.Option(
+            help="`default`, a .txt/.jsonl/.parquet file, folder or glob, or a HF dataset."
+        ),
     ] = "default",
-    text_column: Annotated[str, typer.Option(help="Text field of .jsonl/.parquet/HF rows.")] = "text",
-    split: Annotated[str, typer.Option(help="`train`, or `eval` (the held-out documents).")] = "train",
+    text_column: Annotated[
+        str, typer.Option(help="Text field of .jsonl/.parquet/HF rows.")
+    ] = "text",
+    split: Annotated[
+        str, typer.Option(help="`train`, or `eval` (the held-out documents).")
+    ] = "train",
     eval_fraction: Annotated[float, typer.Option(help="Share of documents held out.")] = 0.02,
     context_size: Annotated[int, typer.Option(help="Tokens per sequence, BOS included.")] = 1024,
     batch_size: Annotated[int, typer.Option(help="Sequences per forward.")] = 8,
-    dtype: Annotated[str, typer.Option(help="Storage dtype: float32, bfloat16, float16.")] = "float32",
+    dtype: Annotated[
+        str, typer.Option(help="Storage dtype: float32, bfloat16, float16.")
+    ] = "float32",
     keep_special: Annotated[
         bool, typer.Option(help="Also cache BOS/EOS/pad positions (Gemma Scope did not).")
     ] = False,
@@ -189,7 +208,8 @@ def cache_command(
     ] = None,
     device: Annotated[str, typer.Option(help="Torch device for the model.")] = "cpu",
     verify: Annotated[
-        bool, typer.Option(help="On resume, check every existing shard's sha256, not only its size.")
+        bool,
+        typer.Option(help="On resume, check every existing shard's sha256, not only its size."),
     ] = False,
 ) -> None:
     """Run the model over a corpus and store activations of every (layer, site) in one pass."""
@@ -210,3 +230,117 @@ def cache_command(
         fail(str(e))
         return
     typer.echo(f"cache complete: {cfg.tokens:,} tokens in {cfg.out}")
+
+
+# --- train: a sweep of SAEs from one read of the activations (gemmascope.train) ---
+def _floats(text: str | None) -> list[float]:
+    return [float(t) for t in text.split(",") if t.strip()] if text else []
+
+
+@app.command("train")
+def train_command(
+    out: Annotated[
+        Path, typer.Option(help="Run folder: metrics.jsonl, checkpoint/, one folder per SAE.")
+    ],
+    spec: Annotated[
+        Optional[Path],  # noqa: UP007, UP045 - typer needs Optional on 3.10
+        typer.Option(
+            help="Sweep file (YAML/TOML): `saes`, `sweep`, `train`, `source`. Flags add to it."
+        ),
+    ] = None,
+    activations: Annotated[
+        Optional[Path],  # noqa: UP007, UP045
+        typer.Option(help="Read a cache written by `gemmascope cache` (else stream from --model)."),
+    ] = None,
+    model: Annotated[
+        str, typer.Option(help="Model to stream activations from (no cache).")
+    ] = "gemma-3-270m",
+    corpus: Annotated[str, typer.Option(help="Corpus when streaming from the model.")] = "default",
+    layers: Annotated[str, typer.Option(help="Layers of the grid: `6`, `0-17`, `3,6,9`.")] = "",
+    sites: Annotated[str, typer.Option(help="Sites of the grid, comma-separated.")] = "resid_post",
+    widths: Annotated[str, typer.Option(help="Widths of the grid: `4k,16k`.")] = "16k",
+    architecture: Annotated[
+        str, typer.Option(help="jumprelu, topk, batchtopk or relu.")
+    ] = "jumprelu",
+    target_l0: Annotated[
+        Optional[str], typer.Option(help="Target L0s (jumprelu): `20,50`.")
+    ] = None,  # noqa: UP007, UP045
+    l0_coefficient: Annotated[Optional[str], typer.Option(help="Lambdas: `1e-3,3e-3`.")] = None,  # noqa: UP007, UP045
+    k: Annotated[Optional[str], typer.Option(help="k values (topk/batchtopk): `32,64`.")] = None,  # noqa: UP007, UP045
+    target_site: Annotated[
+        Optional[str],  # noqa: UP007, UP045
+        typer.Option(help="Train transcoders: reconstruct this site of the same layer."),
+    ] = None,
+    tokens: Annotated[Optional[str], typer.Option(help="Training tokens, e.g. 2M.")] = None,  # noqa: UP007, UP045
+    batch_size: Annotated[Optional[int], typer.Option(help="Tokens per step (4096).")] = None,  # noqa: UP007, UP045
+    lr: Annotated[Optional[float], typer.Option(help="Adam learning rate (7e-5).")] = None,  # noqa: UP007, UP045
+    matmul_dtype: Annotated[
+        Optional[str], typer.Option(help="Encoder matmul: float32 or bfloat16.")
+    ] = None,  # noqa: UP007, UP045
+    seed: Annotated[int, typer.Option(help="Seed for init and data order.")] = 0,
+    resume: Annotated[
+        bool, typer.Option(help="Continue the run in --out from its checkpoint.")
+    ] = False,
+) -> None:
+    """Train many SAEs (sites x layers x widths x sparsities) from one read of the activations."""
+    import dataclasses as dc
+
+    import torch
+
+    from gemmascope.activations import parse_count
+    from gemmascope.train import TrainConfig, expand_sweep, load_sweep, parse_width, train
+
+    try:
+        specs, options, source = load_sweep(spec) if spec else ([], {}, {})
+        if layers:
+            from gemmascope.models import parse_layers
+
+            grid_layers = parse_layers(layers, 10**6)
+            specs += expand_sweep(
+                grid_layers, [s.strip() for s in sites.split(",")], [parse_width(w) for w in widths.split(",")],
+                architecture=architecture, target_l0s=_floats(target_l0),
+                l0_coefficients=_floats(l0_coefficient), ks=[int(v) for v in _floats(k)],
+                target_site=target_site,
+            )  # fmt: skip
+        if not specs:
+            fail(
+                "no SAEs to train: pass --spec FILE or --layers with a sparsity (--target-l0, --k, ...)"
+            )
+        flags = {"tokens": parse_count(tokens) if tokens else None, "batch_size": batch_size, "lr": lr,
+                 "matmul_dtype": matmul_dtype}  # fmt: skip
+        options.update({k_: v for k_, v in flags.items() if v is not None}, seed=seed)
+        activations = activations or (
+            Path(source["activations"]) if "activations" in source else None
+        )
+        keys = sorted({key for s in specs for key in (s.source, s.target)})
+        if activations is not None:
+            from gemmascope.loader import CachedActivations
+
+            data = CachedActivations(
+                activations, keys, batch_size=options.get("batch_size", 4096), seed=seed
+            )
+            ident = data.manifest["identity"]
+            options.setdefault("model", ident.get("model", {}).get("name"))
+            options.setdefault("context_size", ident.get("context_size"))
+            options.setdefault("dataset", str(ident.get("corpus", {}).get("source", "")) or None)
+        else:
+            from gemmascope.loader import ModelActivations
+            from gemmascope.models import load_model
+
+            name = source.get("model", model)
+            lm, tok = load_model(name)
+            data = ModelActivations(lm, tok, keys, corpus=source.get("corpus", corpus),
+                                    batch_size=options.get("batch_size", 4096), seed=seed)  # fmt: skip
+            options.setdefault("model", name)
+            options.setdefault("dataset", source.get("corpus", corpus))
+            options.setdefault("context_size", data.context_size)
+        cfg = TrainConfig(**options)
+        typer.echo(
+            f"training {len(specs)} SAE(s) on {cfg.tokens:,} tokens: {dc.asdict(cfg)}", err=True
+        )
+        saes = train(specs, data.batches, cfg, out, resume=resume)
+    except (OSError, ValueError, RuntimeError, KeyError, ImportError) as e:
+        fail(str(e))
+        return
+    for name in saes:
+        typer.echo(f"saved {out / name}")

@@ -71,7 +71,9 @@ class SAEConfig:
                 f"unknown `architecture` {self.architecture!r}; choose one of {list(ARCHITECTURES)}"
             )
         if self.d_in <= 0 or self.d_sae <= 0:
-            raise ValueError(f"`d_in` and `d_sae` must be positive, got {self.d_in} and {self.d_sae}")
+            raise ValueError(
+                f"`d_in` and `d_sae` must be positive, got {self.d_in} and {self.d_sae}"
+            )
         if self.architecture in ("topk", "batchtopk"):
             if self.k is None or not 0 < self.k <= self.d_sae:
                 raise ValueError(
@@ -89,7 +91,9 @@ class SAEConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown SAEConfig fields {unknown}; expected some of {sorted(known)}")
+            raise ValueError(
+                f"unknown SAEConfig fields {unknown}; expected some of {sorted(known)}"
+            )
         return cls(**d)
 
     def to_json(self) -> str:
@@ -204,7 +208,9 @@ class SAE(nn.Module):
 
     def state_arrays(self) -> dict[str, Tensor]:
         """The five weight tensors by their Gemma Scope names."""
-        return {n: getattr(self, n).detach() for n in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")}
+        return {
+            n: getattr(self, n).detach() for n in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
+        }
 
     @classmethod
     def from_arrays(cls, cfg: SAEConfig, arrays: dict[str, Any], *, source: str = "arrays") -> SAE:
@@ -214,7 +220,13 @@ class SAE(nn.Module):
         """
         sae = cls(cfg)
         d, m = cfg.d_in, cfg.d_sae
-        expected = {"W_enc": (d, m), "W_dec": (m, d), "b_enc": (m,), "b_dec": (d,), "threshold": (m,)}
+        expected = {
+            "W_enc": (d, m),
+            "W_dec": (m, d),
+            "b_enc": (m,),
+            "b_dec": (d,),
+            "threshold": (m,),
+        }
         for name, shape in expected.items():
             if name not in arrays:
                 if name == "threshold" and cfg.architecture != "jumprelu":

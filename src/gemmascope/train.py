@@ -1,0 +1,549 @@
+"""Train many SAEs from one stream of activations: the Gemma Scope recipe, sparse and resumable.
+
+The loop reads top to bottom: a batch of activations for every site -> one step of every SAE on its
+site -> log -> checkpoint. Each batch is read once and fed to every SAE that wants it, so a sweep over
+widths and sparsities costs one read of the data. The math of each step lives in `objectives.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from gemmascope.io.atomic import atomic_dir, write_json
+from gemmascope.objectives import Objective, Params, StepStats, forward_backward
+from gemmascope.sae import SAE, SAEConfig
+
+SiteKey = tuple[int, str]
+Batches = Callable[[int], Iterator[dict[SiteKey, Tensor]]]
+"""`batches(start)` yields `{(layer, site): [batch_size, width]}` from batch index `start` on."""
+
+
+@dataclass
+class SAESpec:
+    """One SAE of a sweep."""
+
+    layer: int
+    site: str
+    width: int
+    architecture: Literal["jumprelu", "topk", "batchtopk", "relu"] = "jumprelu"
+    l0_coefficient: float | None = None
+    """lambda of the L0 penalty (jumprelu), the L1 penalty (relu) or the target-L0 penalty."""
+    target_l0: float | None = None
+    """jumprelu: aim for this L0 with a quadratic penalty instead of a fixed lambda."""
+    k: int | None = None
+    """topk/batchtopk: active latents per token."""
+    target_site: str | None = None
+    """Transcoder: reconstruct this site of the same layer (e.g. `mlp_out` from `resid_mid`)."""
+    aux_k: int = 0
+    """topk/batchtopk: dead latents used by the AuxK loss (0 = off)."""
+
+    def __post_init__(self) -> None:
+        if (
+            self.architecture == "jumprelu"
+            and self.l0_coefficient is None
+            and self.target_l0 is None
+        ):
+            raise ValueError(f"{self.name}: jumprelu needs `l0_coefficient` or `target_l0`")
+        if self.architecture in ("topk", "batchtopk") and not self.k:
+            raise ValueError(f"{self.name}: {self.architecture} needs `k`")
+        if self.architecture == "relu" and self.l0_coefficient is None:
+            raise ValueError(f"{self.name}: relu needs `l0_coefficient` (its L1 coefficient)")
+
+    @property
+    def source(self) -> SiteKey:
+        return (self.layer, self.site)
+
+    @property
+    def target(self) -> SiteKey:
+        return (self.layer, self.target_site or self.site)
+
+    @property
+    def name(self) -> str:
+        arch = self.architecture
+        if self.k:
+            sparsity = f"k{self.k}"
+        elif self.target_l0 is not None:
+            sparsity = f"l0_{self.target_l0:g}"
+        else:
+            sparsity = f"lambda{self.l0_coefficient:g}"
+        tc = f"_to_{self.target_site}" if self.target_site else ""
+        return f"layer_{self.layer}_{self.site}{tc}_w{self.width}_{arch}_{sparsity}"
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters shared by every SAE of a run. Defaults are Gemma Scope's (App. B)."""
+
+    tokens: int = 2_000_000
+    """Activation vectors to train on."""
+    batch_size: int = 4096
+    lr: float = 7e-5
+    lr_warmup_steps: int = 1000
+    """Cosine warm-up from 0.1*lr; never longer than 5% of a short run."""
+    l0_warmup_steps: int = 10_000
+    """Linear warm-up of the sparsity coefficient from 0; never longer than 25% of a short run."""
+    beta1: float = 0.0
+    beta2: float = 0.999
+    bandwidth: float = 0.001
+    threshold_init: float = 0.001
+    norm_batches: int = 8
+    """Batches used to estimate the input scale C with E||x/C||^2 = 1 before training."""
+    dead_tokens: int = 10_000_000
+    """A latent that has not fired in this many tokens counts as dead (capped at a quarter of the run)."""
+    matmul_dtype: Literal["float32", "bfloat16"] = "float32"
+    max_density: float = 0.02
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 200
+    dataset: str | None = None
+    context_size: int | None = None
+    model: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.tokens < self.batch_size:
+            raise ValueError(
+                f"`tokens`={self.tokens} is less than one batch (`batch_size`={self.batch_size})"
+            )
+
+    @property
+    def steps(self) -> int:
+        return self.tokens // self.batch_size
+
+    def lr_at(self, step: int) -> float:
+        warm = min(self.lr_warmup_steps, max(1, self.steps // 20))
+        if step >= warm:
+            return self.lr
+        return self.lr * (0.1 + 0.9 * 0.5 * (1 - math.cos(math.pi * step / warm)))
+
+    def coefficient_at(self, step: int, final: float) -> float:
+        warm = min(self.l0_warmup_steps, max(1, self.steps // 4))
+        return final * min(1.0, step / warm)
+
+
+@dataclass
+class Run:
+    """The training state of one SAE."""
+
+    spec: SAESpec
+    params: Params
+    objective: Objective
+    adam_v: dict[str, Tensor]
+    last_fired: Tensor  # (m,) token count when each latent last fired
+    batchtopk_threshold: float = 0.0
+    sums: dict[str, float] = field(default_factory=dict)
+
+
+def _adam(run: Run, lr: float, cfg: TrainConfig, step: int) -> None:
+    """Adam with beta1 = 0 by default (Gemma Scope), after projecting out the decoder-row gradient."""
+    p = run.params
+    W, gW = p.W_dec.data, p.W_dec.grad
+    gW -= (gW * W).sum(1, keepdim=True) * W  # keep only what changes each row's direction
+    bc2 = 1 - cfg.beta2 ** (step + 1)
+    for name, q in p.named_parameters():
+        g = q.grad
+        if cfg.beta1 > 0:
+            m = run.adam_v.setdefault(f"{name}.m", torch.zeros_like(q))
+            m.mul_(cfg.beta1).add_(g, alpha=1 - cfg.beta1)
+            g = m / (1 - cfg.beta1 ** (step + 1))
+        v = run.adam_v[name]
+        v.mul_(cfg.beta2).addcmul_(q.grad, q.grad, value=1 - cfg.beta2)
+        q.data.addcdiv_(g, (v / bc2).sqrt_().add_(1e-8), value=-lr)
+        q.grad = None
+    W /= W.norm(dim=1, keepdim=True)
+
+
+def _new_run(spec: SAESpec, d_in: int, cfg: TrainConfig, index: int) -> Run:
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + index)
+    params = Params(d_in, spec.width, cfg.threshold_init, gen)
+    objective = Objective(
+        architecture=spec.architecture,
+        target_l0=spec.target_l0,
+        k=spec.k,
+        bandwidth=cfg.bandwidth,
+        aux_k=spec.aux_k,
+        max_density=cfg.max_density,
+        matmul_dtype=getattr(torch, cfg.matmul_dtype),
+    )
+    adam_v = {n: torch.zeros_like(q) for n, q in params.named_parameters()}
+    return Run(spec, params, objective, adam_v, torch.zeros(spec.width, dtype=torch.int64))
+
+
+def estimate_scales(first: list[dict[SiteKey, Tensor]]) -> dict[SiteKey, float]:
+    """C per site such that E||x / C||^2 = 1 over the given batches."""
+    keys = first[0].keys()
+    return {
+        k: float(torch.cat([b[k].float() for b in first]).pow(2).sum(-1).mean().sqrt())
+        for k in keys
+    }
+
+
+def train(
+    specs: list[SAESpec],
+    batches: Batches,
+    cfg: TrainConfig,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict[str, SAE]:
+    """Train every SAE in `specs` from one read of `batches`; write them under `out`.
+
+    Args:
+        specs: the SAEs; sites they read and reconstruct must be in every batch.
+        batches: `batches(start)` yields batch dicts from index `start` (deterministic, for resume).
+        cfg: shared hyper-parameters.
+        out: run folder: `metrics.jsonl`, `checkpoint/`, and one SAE folder per spec.
+        resume: continue from `out/checkpoint` if present (same result as an uninterrupted run).
+    Returns:
+        The trained SAEs by spec name, weights folded to take raw activations.
+    """
+    out = Path(out)
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two SAEs in the sweep share a name: {sorted(names)}")
+    ckpt = out / "checkpoint"
+    start, scales, runs = 0, {}, []
+    if resume and (ckpt / "state.json").exists():
+        start, scales, runs = _load_checkpoint(ckpt, specs, cfg)
+    elif not resume and (ckpt / "state.json").exists():
+        raise ValueError(
+            f"{out} already holds a run; pass `resume=True` (--resume) or use another folder"
+        )
+    stream = batches(start)
+    if not runs:
+        first = list(itertools.islice(stream, min(cfg.norm_batches, cfg.steps)))
+        _check_sites(specs, first[0])
+        scales = estimate_scales(first)
+        runs = [_new_run(s, first[0][s.source].shape[-1], cfg, i) for i, s in enumerate(specs)]
+        stream = itertools.chain(first, stream)
+        _write_config(out, specs, cfg)
+
+    log = open(out / "metrics.jsonl", "a")  # noqa: SIM115 - closed in finally
+    bar = tqdm(
+        total=cfg.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True
+    )
+    t0, tokens0 = time.perf_counter(), start * cfg.batch_size
+    try:
+        for step, batch in zip(range(start, cfg.steps), stream, strict=False):
+            lr = cfg.lr_at(step)
+            for run in runs:
+                stats = _train_step(run, batch, scales, cfg, step, lr)
+                _accumulate(run, stats)
+            done = step + 1
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                tok_s = (done * cfg.batch_size - tokens0) / (time.perf_counter() - t0)
+                _log(log, runs, done, cfg, lr, tok_s)
+                first_run = runs[0].sums.get("last", {})
+                bar.set_postfix(
+                    tok_s=f"{tok_s:,.0f}", fvu=first_run.get("fvu"), l0=first_run.get("l0")
+                )
+            if done % cfg.checkpoint_every == 0 and done < cfg.steps:
+                _save_checkpoint(ckpt, runs, scales, done)
+            bar.update(1)
+    finally:
+        bar.close()
+        log.close()
+    saes = {r.spec.name: export(r, scales, cfg) for r in runs}
+    for name, sae in saes.items():
+        sae.save(out / name)
+    return saes
+
+
+def _check_sites(specs: list[SAESpec], batch: dict[SiteKey, Tensor]) -> None:
+    for s in specs:
+        for key in {s.source, s.target}:
+            if key not in batch:
+                raise ValueError(
+                    f"{s.name}: the activations have no layer {key[0]} site {key[1]!r}; "
+                    f"available: {sorted(batch)}"
+                )
+
+
+def _train_step(
+    run: Run, batch: dict[SiteKey, Tensor], scales, cfg: TrainConfig, step: int, lr: float
+):
+    spec = run.spec
+    x = batch[spec.source].float() / scales[spec.source]
+    y = x if spec.target == spec.source else batch[spec.target].float() / scales[spec.target]
+    if spec.l0_coefficient is not None:
+        run.objective.coefficient = cfg.coefficient_at(step, spec.l0_coefficient)
+    elif spec.target_l0 is not None:
+        run.objective.coefficient = cfg.coefficient_at(step, 1.0)
+    dead_after = min(cfg.dead_tokens, cfg.tokens // 4)
+    tokens = step * cfg.batch_size
+    dead = (tokens - run.last_fired) >= dead_after if tokens >= dead_after else None
+    stats = forward_backward(run.params, x, y, run.objective, dead)
+    run.last_fired[stats.fired > 0] = tokens + cfg.batch_size
+    if spec.architecture == "batchtopk":
+        b = run.batchtopk_threshold
+        run.batchtopk_threshold = (
+            stats.min_selected if b == 0 else 0.99 * b + 0.01 * stats.min_selected
+        )
+    _adam(run, lr, cfg, step)
+    return stats
+
+
+def _accumulate(run: Run, stats: StepStats) -> None:
+    s = run.sums
+    for key in ("loss", "mse", "fvu", "l0"):
+        s[key] = s.get(key, 0.0) + getattr(stats, key)
+    s["n"] = s.get("n", 0) + 1
+
+
+def _log(log, runs: list[Run], step: int, cfg: TrainConfig, lr: float, tok_s: float) -> None:
+    tokens = step * cfg.batch_size
+    dead_after = min(cfg.dead_tokens, cfg.tokens // 4)
+    for run in runs:
+        s = run.sums
+        n = max(s.pop("n", 1), 1)
+        rec = {k: s.pop(k) / n for k in ("loss", "mse", "fvu", "l0") if k in s}
+        s.clear()
+        s["last"] = {k: round(v, 4) for k, v in rec.items()}
+        dead = (
+            float(((tokens - run.last_fired) >= dead_after).float().mean())
+            if tokens >= dead_after
+            else 0.0
+        )
+        coefficient = run.objective.coefficient
+        log.write(
+            json.dumps(
+                {
+                    "sae": run.spec.name,
+                    "step": step,
+                    "tokens": tokens,
+                    **rec,
+                    "dead_fraction": dead,
+                    "lr": lr,
+                    "coefficient": coefficient,
+                    "tokens_per_s": tok_s,
+                }
+            )
+            + "\n"
+        )
+    log.flush()
+
+
+def export(run: Run, scales: dict[SiteKey, float], cfg: TrainConfig) -> SAE:
+    """Fold the input scales into the weights so the SAE takes raw activations (encodings unchanged)."""
+    spec, p = run.spec, run.params
+    c_in, c_out = scales[spec.source], scales[spec.target]
+    d_in = p.W_enc.shape[0]
+    sae_cfg = SAEConfig(
+        architecture=spec.architecture,
+        d_in=d_in,
+        d_sae=spec.width,
+        k=spec.k,
+        model=cfg.model,
+        layer=spec.layer,
+        site=spec.site,
+        dataset=cfg.dataset,
+        context_size=cfg.context_size,
+        tokens_trained=cfg.steps * cfg.batch_size,
+        extra={
+            "trainer": "gemmascope",
+            "spec": dataclasses.asdict(spec),
+            "train_config": dataclasses.asdict(cfg),
+            "input_scale_folded": c_in,
+            **(
+                {"target_site": spec.target_site, "target_scale_folded": c_out}
+                if spec.target_site
+                else {}
+            ),
+        },
+    )
+    with torch.no_grad():
+        threshold = p.log_threshold.exp()
+        if spec.architecture == "batchtopk":
+            threshold = torch.full_like(threshold, run.batchtopk_threshold)
+        arrays = {
+            "W_enc": p.W_enc / c_in,
+            "W_dec": p.W_dec * c_out,
+            "b_enc": p.b_enc,
+            "b_dec": p.b_dec * c_out,
+            "threshold": threshold,
+        }
+    return SAE.from_arrays(sae_cfg, arrays, source=spec.name).eval()
+
+
+def _write_config(out: Path, specs: list[SAESpec], cfg: TrainConfig) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(
+        out / "train_config.json",
+        {"train": dataclasses.asdict(cfg), "saes": [dataclasses.asdict(s) for s in specs]},
+    )
+
+
+def _save_checkpoint(ckpt: Path, runs: list[Run], scales: dict[SiteKey, float], step: int) -> None:
+    """Weights, optimizer state and counters of every SAE, written as one atomic folder."""
+    tensors: dict[str, Tensor] = {}
+    extra = {}
+    for i, run in enumerate(runs):
+        for n, q in run.params.named_parameters():
+            tensors[f"{i}.params.{n}"] = q.detach().contiguous()
+        for n, v in run.adam_v.items():
+            tensors[f"{i}.adam.{n}"] = v.contiguous()
+        tensors[f"{i}.last_fired"] = run.last_fired
+        extra[run.spec.name] = {"index": i, "batchtopk_threshold": run.batchtopk_threshold}
+    with atomic_dir(ckpt) as tmp:
+        save_file(tensors, tmp / "state.safetensors")
+        state = {
+            "step": step,
+            "scales": [[k[0], k[1], v] for k, v in scales.items()],
+            "runs": extra,
+        }
+        (tmp / "state.json").write_text(json.dumps(state, indent=2))
+
+
+def _load_checkpoint(ckpt: Path, specs: list[SAESpec], cfg: TrainConfig):
+    state = json.loads((ckpt / "state.json").read_text())
+    tensors = load_file(ckpt / "state.safetensors")
+    scales = {(layer, site): c for layer, site, c in state["scales"]}
+    missing = [s.name for s in specs if s.name not in state["runs"]]
+    if missing:
+        raise ValueError(
+            f"{ckpt}: the checkpoint has no state for {missing}; resume with the same sweep"
+        )
+    runs = []
+    for s in specs:
+        info = state["runs"][s.name]
+        i = info["index"]
+        d_in = tensors[f"{i}.params.W_enc"].shape[0]
+        run = _new_run(s, d_in, cfg, i)
+        with torch.no_grad():
+            for n, q in run.params.named_parameters():
+                q.copy_(tensors[f"{i}.params.{n}"])
+        run.adam_v = {
+            k.split(".", 2)[2]: v.clone() for k, v in tensors.items() if k.startswith(f"{i}.adam.")
+        }
+        run.last_fired = tensors[f"{i}.last_fired"].clone()
+        run.batchtopk_threshold = info["batchtopk_threshold"]
+        runs.append(run)
+    return state["step"], scales, runs
+
+
+def tensor_batches(
+    data: dict[SiteKey, Tensor], batch_size: int, *, seed: int = 0, epochs: int | None = None
+) -> Batches:
+    """`Batches` over activations held in memory, reshuffled each epoch (tests, small runs, benches)."""
+    n = next(iter(data.values())).shape[0]
+    per_epoch = n // batch_size
+    if per_epoch == 0:
+        raise ValueError(f"only {n} activation vectors, fewer than one batch of {batch_size}")
+
+    def batches(start: int) -> Iterator[dict[SiteKey, Tensor]]:
+        for i in itertools.count(start):
+            epoch, j = divmod(i, per_epoch)
+            if epochs is not None and epoch >= epochs:
+                return
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+            idx = perm[j * batch_size : (j + 1) * batch_size]
+            yield {k: v[idx] for k, v in data.items()}
+
+    return batches
+
+
+def expand_sweep(
+    layers: Iterable[int],
+    sites: Iterable[str],
+    widths: Iterable[int],
+    *,
+    architecture: str = "jumprelu",
+    l0_coefficients: Iterable[float] = (),
+    target_l0s: Iterable[float] = (),
+    ks: Iterable[int] = (),
+    target_site: str | None = None,
+    aux_k: int = 0,
+) -> list[SAESpec]:
+    """The grid sites x layers x widths x sparsities as specs."""
+    sparsities = (
+        [{"l0_coefficient": c} for c in l0_coefficients]
+        + [{"target_l0": t} for t in target_l0s]
+        + [{"k": k} for k in ks]
+    )
+    if not sparsities:
+        raise ValueError("give at least one sparsity: l0 coefficients, target L0s or k values")
+    return [
+        SAESpec(
+            layer=layer,
+            site=site,
+            width=w,
+            architecture=architecture,
+            target_site=target_site,
+            aux_k=aux_k,
+            **sp,
+        )
+        for site in sites
+        for layer in layers
+        for w in widths
+        for sp in sparsities
+    ]
+
+
+def parse_width(text: str | int) -> int:
+    """`16k` -> 16384, `1m` -> 2**20 (Gemma Scope's naming), or a plain integer."""
+    if isinstance(text, int):
+        return text
+    t = str(text).strip().lower()
+    mult = {"k": 1 << 10, "m": 1 << 20}.get(t[-1:], 1)
+    try:
+        return int(float(t[:-1] if mult > 1 else t) * mult)
+    except ValueError:
+        raise ValueError(f"cannot read width {text!r}; write e.g. 4096, 16k or 1m") from None
+
+
+def load_sweep(path: str | Path) -> tuple[list[SAESpec], dict, dict]:
+    """Read a sweep file (YAML or TOML): `saes` and/or a `sweep` grid, `train` options, and `source`.
+
+    Returns `(specs, train_options, source_options)`; see docs/train.md for the layout.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"no sweep file at {path}")
+    text = path.read_text()
+    if path.suffix == ".toml":
+        import tomllib
+
+        data = tomllib.loads(text)
+    else:
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    unknown = sorted(set(data) - {"saes", "sweep", "train", "source"})
+    if unknown:
+        raise ValueError(f"{path}: unknown sections {unknown}; expected saes, sweep, train, source")
+    specs = []
+    for i, s in enumerate(data.get("saes", [])):
+        try:
+            specs.append(SAESpec(**{**s, "width": parse_width(s.get("width", 0))}))
+        except TypeError as e:
+            raise ValueError(f"{path}: saes[{i}]: {e}") from None
+    if "sweep" in data:
+        g = dict(data["sweep"])
+        try:
+            specs += expand_sweep(
+                g.pop("layers"), g.pop("sites"), [parse_width(w) for w in g.pop("widths")], **g
+            )
+        except (KeyError, TypeError) as e:
+            raise ValueError(
+                f"{path}: sweep needs layers, sites, widths and a sparsity list ({e})"
+            ) from None
+    if not specs:
+        raise ValueError(f"{path}: no SAEs; add a `saes` list or a `sweep` grid")
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    bad = sorted(set(data.get("train", {})) - fields)
+    if bad:
+        raise ValueError(f"{path}: unknown train options {bad}; valid: {sorted(fields)}")
+    return specs, dict(data.get("train", {})), dict(data.get("source", {}))

@@ -1,0 +1,121 @@
+"""The hand-written sparse gradients equal autograd's, and the STEs equal finite differences."""
+
+import pytest
+import torch
+
+from gemmascope.objectives import Objective, Params, dense_loss, forward_backward
+from gemmascope.sparse import from_topk, pair_dots, select
+
+CASES = [
+    ("jumprelu", {"coefficient": 0.3}),
+    ("jumprelu", {"coefficient": 0.3, "target_l0": 5}),
+    ("relu", {"coefficient": 0.1}),
+    ("topk", {"k": 4}),
+    ("batchtopk", {"k": 4}),
+]
+
+
+def _params(d=16, m=64, seed=0) -> Params:
+    p = Params(d, m, 0.001, torch.Generator().manual_seed(seed)).double()
+    with torch.no_grad():
+        p.log_threshold.copy_(
+            torch.rand(m, generator=torch.Generator().manual_seed(1)).mul(0.5).add(0.05).log()
+        )
+        p.b_enc.normal_(0, 0.1)
+        p.b_dec.normal_(0, 0.1)
+    return p
+
+
+@pytest.mark.parametrize("max_density", [0.0, 0.05, 1.1], ids=["dense", "mixed", "sparse"])
+@pytest.mark.parametrize("arch,kw", CASES, ids=[f"{a}-{i}" for i, (a, _) in enumerate(CASES)])
+def test_sparse_gradients_equal_autograd(arch, kw, max_density):
+    torch.manual_seed(0)
+    p = _params()
+    x = torch.randn(256, 16, dtype=torch.float64)
+    y = x + 0.1 * torch.randn_like(x)  # a transcoder-like target exercises x != y
+    obj = Objective(arch, bandwidth=0.05, max_density=max_density, matmul_dtype=torch.float64, **kw)
+    stats = forward_backward(p, x, y, obj)
+    ours = {n: q.grad.clone() for n, q in p.named_parameters()}
+    for q in p.parameters():
+        q.grad = None
+    loss = dense_loss(p, x, y, obj)
+    loss.backward()
+    assert stats.loss == pytest.approx(float(loss.detach()), rel=1e-12)
+    for n, q in p.named_parameters():
+        ref = q.grad if q.grad is not None else torch.zeros_like(q)
+        torch.testing.assert_close(ours[n], ref, rtol=1e-10, atol=1e-12, msg=n)
+
+
+def test_threshold_ste_equals_finite_difference():
+    """With a rectangle kernel, the STE is exactly a finite difference of width eps of the batch loss.
+
+    d/dt sum_i H(p_i - t) ~ -(1/eps) #{|p_i - t| < eps/2}, and the central difference of step eps/2
+    counts the same points. For JumpReLU the STE weights them by t instead of p_i: error <= eps/(2t).
+    """
+    torch.manual_seed(0)
+    pre = torch.randn(200_000, 1, dtype=torch.float64)
+    t, eps = 0.5, 0.01
+    theta = torch.tensor([t], dtype=torch.float64)
+    act, window = select(pre, theta, eps / 2, max_density=1.1)
+    n_window = window.rows.numel()
+    assert n_window > 500  # enough points for the check to mean something
+    step_ste = -n_window / eps
+    count = lambda th: float((pre > th).sum())  # noqa: E731
+    step_fd = (count(t + eps / 2) - count(t - eps / 2)) / eps
+    assert step_ste == pytest.approx(step_fd, rel=1e-12)
+    jump_ste = -(t / eps) * n_window
+    jsum = lambda th: float((pre * (pre > th)).sum())  # noqa: E731
+    jump_fd = (jsum(t + eps / 2) - jsum(t - eps / 2)) / eps
+    assert jump_ste == pytest.approx(jump_fd, rel=eps / (2 * t))
+    assert act.nnz == int((pre > t).sum())
+
+
+def test_threshold_gradient_matches_finite_difference_of_l0_penalty():
+    """The L0 part of the log-threshold gradient equals a finite difference of lambda * L0."""
+    torch.manual_seed(0)
+    d, m, B, lam, eps = 8, 4, 50_000, 0.7, 0.01
+    p = Params(d, m, 0.2, torch.Generator().manual_seed(0)).double()
+    with torch.no_grad():
+        p.W_dec.zero_()  # no reconstruction term: only the L0 STE moves the threshold
+    x = torch.randn(B, d, dtype=torch.float64) / d**0.5
+    obj = Objective(
+        "jumprelu", coefficient=lam, bandwidth=eps, max_density=1.1, matmul_dtype=torch.float64
+    )
+    forward_backward(p, x, torch.zeros_like(x), obj)
+    theta = p.log_threshold.exp().detach()
+    pre = x @ p.W_enc.detach() + p.b_enc.detach()
+    for c in range(m):
+        t = float(theta[c])
+        l0 = lambda th: lam * float((pre[:, c] > th).sum()) / B  # noqa: E731, B023
+        fd = (l0(t + eps / 2) - l0(t - eps / 2)) / eps * t  # d/dlog t = t d/dt
+        assert float(p.log_threshold.grad[c]) == pytest.approx(fd, rel=1e-9, abs=1e-12)
+
+
+def test_select_and_sparse_products_match_dense():
+    torch.manual_seed(0)
+    pre = torch.randn(64, 300)
+    theta = torch.rand(300) + 1.0
+    act, window = select(pre, theta, 0.05, max_density=1.0)
+    dense = pre * (pre > theta)
+    W = torch.randn(300, 20)
+    g = torch.randn(64, 20)
+    torch.testing.assert_close(act.decode(act.val, W), dense @ W)
+    torch.testing.assert_close(act.left_mul_t(act.val, g), dense.T @ g)
+    full = g @ W.T
+    torch.testing.assert_close(act.sampled(g, W.T), full[act.rows, act.cols])
+    torch.testing.assert_close(act.fired(), (dense != 0).sum(0).float())
+    near = ((pre - theta).abs() < 0.05).nonzero()
+    assert sorted(zip(window.rows.tolist(), window.cols.tolist())) == sorted(
+        map(tuple, near.tolist())
+    )
+    torch.testing.assert_close(
+        pair_dots(window.rows, window.cols, g, W), full[window.rows, window.cols]
+    )
+
+
+def test_from_topk_sorts_columns():
+    idx = torch.tensor([[5, 1, 3], [0, 9, 2]])
+    vals = torch.tensor([[0.5, 0.1, 0.3], [1.0, 9.0, 2.0]])
+    act = from_topk(idx, vals, 10)
+    assert act.cols.tolist() == [1, 3, 5, 0, 2, 9]
+    assert act.val.tolist() == pytest.approx([0.1, 0.3, 0.5, 1.0, 2.0, 9.0])

@@ -1,0 +1,198 @@
+"""The trainer: the recipe's pieces, learning on data with a known dictionary, sweeps and resume."""
+
+import json
+
+import pytest
+import torch
+
+from gemmascope import io
+from gemmascope.objectives import Objective, Params, forward_backward
+from gemmascope.train import Run, SAESpec, TrainConfig, _adam, expand_sweep, tensor_batches, train
+
+SITE = (0, "resid_post")
+
+
+def sparse_data(n=40_000, d=32, features=256, active=4, seed=0, scale=7.0, offset=0.0):
+    """Activations that are sparse sums of unit directions, shifted and scaled like a real site."""
+    g = torch.Generator().manual_seed(seed)
+    D = torch.randn(features, d, generator=g)
+    D /= D.norm(dim=1, keepdim=True)
+    mask = torch.rand(n, features, generator=g) < active / features
+    z = mask * (0.5 + torch.rand(n, features, generator=g))
+    return scale * (z @ D + offset) + 0.01 * torch.randn(n, d, generator=g)
+
+
+def fvu(sae, x):
+    with torch.no_grad():
+        x_hat = sae(x)
+    return float((x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+
+
+def l0(sae, x):
+    with torch.no_grad():
+        return float((sae.encode(x) != 0).sum(-1).float().mean())
+
+
+FAST = dict(batch_size=512, lr=3e-3, log_every=5, checkpoint_every=10**9, threshold_init=0.05)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        SAESpec(0, "resid_post", 256, "jumprelu", target_l0=6),
+        SAESpec(0, "resid_post", 256, "topk", k=6),
+        SAESpec(0, "resid_post", 256, "batchtopk", k=6),
+        SAESpec(0, "resid_post", 256, "relu", l0_coefficient=3e-3),
+    ],
+    ids=lambda s: s.architecture,
+)
+def test_learns_a_known_dictionary(tmp_path, spec):
+    x = sparse_data()
+    cfg = TrainConfig(tokens=400_000, **FAST)
+    saes = train([spec], tensor_batches({SITE: x[:30_000]}, 512), cfg, tmp_path, progress=False)
+    sae = saes[spec.name]
+    held_out = x[30_000:]
+    assert fvu(sae, held_out) < 0.25, fvu(sae, held_out)
+    if spec.architecture != "relu":
+        assert l0(sae, held_out) < 12
+    loaded = io.load(tmp_path / spec.name)  # exported raw-scale SAE round-trips through our format
+    torch.testing.assert_close(loaded.encode(held_out[:100]), sae.encode(held_out[:100]))
+    log = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss", "mse", "fvu", "l0", "dead_fraction", "lr", "coefficient"} <= set(log[-1])
+
+
+def test_decoder_rows_stay_unit_norm_and_gradient_is_projected():
+    torch.manual_seed(0)
+    p = Params(16, 64, 0.001, torch.Generator().manual_seed(0))
+    run = Run(
+        SAESpec(0, "x", 64, target_l0=4),
+        p,
+        Objective("jumprelu", coefficient=0.1),
+        {n: torch.zeros_like(q) for n, q in p.named_parameters()},
+        torch.zeros(64, dtype=torch.int64),
+    )
+    x = torch.randn(128, 16)
+    forward_backward(p, x, x, run.objective)
+    W_before = p.W_dec.detach().clone()
+    _adam(run, 1e-2, TrainConfig(tokens=10_000, batch_size=128), 0)
+    torch.testing.assert_close(p.W_dec.norm(dim=1), torch.ones(64))
+    assert not torch.allclose(p.W_dec, W_before)
+
+
+def test_folding_the_input_scale_leaves_encodings_unchanged(tmp_path):
+    x = sparse_data(n=8192, scale=50.0)
+    spec = SAESpec(0, "resid_post", 128, "jumprelu", l0_coefficient=1e-3)
+    cfg = TrainConfig(tokens=8192 * 2, **FAST)
+    from gemmascope import train as train_mod
+
+    captured = {}
+    real_export = train_mod.export
+
+    def spy(run, scales, cfg):
+        captured["params"], captured["scale"] = run.params, scales[SITE]
+        return real_export(run, scales, cfg)
+
+    train_mod.export = spy
+    try:
+        sae = train([spec], tensor_batches({SITE: x}, 512), cfg, tmp_path, progress=False)[
+            spec.name
+        ]
+    finally:
+        train_mod.export = real_export
+    p, c = captured["params"], captured["scale"]
+    assert c == pytest.approx(float(x[: 8 * 512].pow(2).sum(-1).mean().sqrt()), rel=1e-5)
+    with torch.no_grad():
+        pre = (x / c) @ p.W_enc + p.b_enc
+        z_norm = pre * (pre > p.log_threshold.exp())
+        torch.testing.assert_close(sae.encode(x), z_norm, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            sae.decode(z_norm), (z_norm @ p.W_dec + p.b_dec) * c, rtol=1e-4, atol=1e-4
+        )
+    assert sae.cfg.input_scale == 1.0
+
+
+def test_resume_after_interruption_equals_uninterrupted(tmp_path):
+    x = sparse_data(n=6000)
+    specs = [
+        SAESpec(0, "resid_post", 64, "jumprelu", target_l0=5),
+        SAESpec(0, "resid_post", 64, "topk", k=5),
+    ]
+    cfg = TrainConfig(tokens=512 * 30, **{**FAST, "checkpoint_every": 10})
+    full = train(specs, tensor_batches({SITE: x}, 512), cfg, tmp_path / "full", progress=False)
+
+    class Killed(Exception):
+        pass
+
+    def dying(start):
+        for i, b in enumerate(tensor_batches({SITE: x}, 512)(start)):
+            if start == 0 and i == 25:  # after the checkpoint at step 20
+                raise Killed
+            yield b
+
+    with pytest.raises(Killed):
+        train(specs, dying, cfg, tmp_path / "cut", progress=False)
+    with pytest.raises(ValueError, match="resume"):
+        train(specs, dying, cfg, tmp_path / "cut", progress=False)
+    resumed = train(specs, dying, cfg, tmp_path / "cut", resume=True, progress=False)
+    for name, sae in full.items():
+        for key, value in sae.state_arrays().items():
+            torch.testing.assert_close(
+                resumed[name].state_arrays()[key], value, rtol=1e-5, atol=1e-6, msg=key
+            )
+
+
+def test_transcoder_reconstructs_another_site(tmp_path):
+    x = sparse_data(n=20_000, d=16, features=64)
+    y = torch.tanh(x) @ torch.randn(16, 16, generator=torch.Generator().manual_seed(3))
+    spec = SAESpec(0, "resid_mid", 128, "topk", k=8, target_site="mlp_out")
+    cfg = TrainConfig(tokens=200_000, **FAST)
+    sae = train(
+        [spec],
+        tensor_batches({(0, "resid_mid"): x, (0, "mlp_out"): y}, 512),
+        cfg,
+        tmp_path,
+        progress=False,
+    )[spec.name]
+    with torch.no_grad():
+        err = float((sae(x) - y).pow(2).sum() / (y - y.mean(0)).pow(2).sum())
+    assert err < 0.3
+    assert sae.cfg.extra["target_site"] == "mlp_out"
+
+
+def test_sweep_trains_every_sae_from_one_read(tmp_path):
+    x = sparse_data(n=4096)
+    reads = []
+
+    def counting(start):
+        for b in tensor_batches({SITE: x}, 512)(start):
+            reads.append(1)
+            yield b
+
+    specs = expand_sweep([0], ["resid_post"], [32, 64], target_l0s=[3, 6])
+    assert len(specs) == 4
+    cfg = TrainConfig(tokens=512 * 12, **FAST)
+    saes = train(specs, counting, cfg, tmp_path, progress=False)
+    assert len(saes) == 4 and len(reads) == 12
+    assert sorted(p.name for p in tmp_path.iterdir() if (p / "cfg.json").exists()) == sorted(
+        s.name for s in specs
+    )
+
+
+def test_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="l0_coefficient"):
+        SAESpec(0, "resid_post", 32, "jumprelu")
+    with pytest.raises(ValueError, match="needs `k`"):
+        SAESpec(0, "resid_post", 32, "topk")
+    with pytest.raises(ValueError, match="less than one batch"):
+        TrainConfig(tokens=10, batch_size=512)
+    x = sparse_data(n=2048)
+    with pytest.raises(ValueError, match="no layer 3 site 'mlp_out'"):
+        train(
+            [SAESpec(3, "mlp_out", 32, k=4, architecture="topk")],
+            tensor_batches({SITE: x}, 512),
+            TrainConfig(tokens=2048, **FAST),
+            tmp_path,
+            progress=False,
+        )
+    with pytest.raises(ValueError, match="at least one sparsity"):
+        expand_sweep([0], ["resid_post"], [32])
