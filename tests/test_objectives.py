@@ -105,7 +105,7 @@ def test_select_and_sparse_products_match_dense():
     torch.testing.assert_close(act.sampled(g, W.T), full[act.rows, act.cols])
     torch.testing.assert_close(act.fired(), (dense != 0).sum(0).float())
     near = ((pre - theta).abs() < 0.05).nonzero()
-    assert sorted(zip(window.rows.tolist(), window.cols.tolist())) == sorted(
+    assert sorted(zip(window.rows.tolist(), window.cols.tolist(), strict=True)) == sorted(
         map(tuple, near.tolist())
     )
     torch.testing.assert_close(

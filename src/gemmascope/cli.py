@@ -263,7 +263,7 @@ def train_command(
         str, typer.Option(help="jumprelu, topk, batchtopk or relu.")
     ] = "jumprelu",
     target_l0: Annotated[
-        Optional[str], typer.Option(help="Target L0s (jumprelu): `20,50`.")
+        str | None, typer.Option(help="Target L0s (jumprelu): `20,50`.")
     ] = None,  # noqa: UP007, UP045
     l0_coefficient: Annotated[Optional[str], typer.Option(help="Lambdas: `1e-3,3e-3`.")] = None,  # noqa: UP007, UP045
     k: Annotated[Optional[str], typer.Option(help="k values (topk/batchtopk): `32,64`.")] = None,  # noqa: UP007, UP045
@@ -275,7 +275,7 @@ def train_command(
     batch_size: Annotated[Optional[int], typer.Option(help="Tokens per step (4096).")] = None,  # noqa: UP007, UP045
     lr: Annotated[Optional[float], typer.Option(help="Adam learning rate (7e-5).")] = None,  # noqa: UP007, UP045
     matmul_dtype: Annotated[
-        Optional[str], typer.Option(help="Encoder matmul: float32 or bfloat16.")
+        str | None, typer.Option(help="Encoder matmul: float32 or bfloat16.")
     ] = None,  # noqa: UP007, UP045
     seed: Annotated[int, typer.Option(help="Seed for init and data order.")] = 0,
     resume: Annotated[
@@ -284,8 +284,6 @@ def train_command(
 ) -> None:
     """Train many SAEs (sites x layers x widths x sparsities) from one read of the activations."""
     import dataclasses as dc
-
-    import torch
 
     from gemmascope.activations import parse_count
     from gemmascope.train import TrainConfig, expand_sweep, load_sweep, parse_width, train
