@@ -18,8 +18,21 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
+DEMO_TEXT := Call me Ishmael. Some years ago, never mind how long precisely, I thought I would sail about.
+GS := $(BIN)/gemmascope
+
+# The main job on the embedded default (Gemma 3 270M, the default corpus). Every step resumes.
 demo: $(STAMP)
-	$(BIN)/gemmascope demo --out $(DEMO_OUT)
+	$(GS) model --text "$(DEMO_TEXT)" --layer 6 --site resid_post
+	$(GS) cache --layers 6 --sites resid_post --tokens 200k --out $(DEMO_OUT)/cache
+	$(GS) train --activations $(DEMO_OUT)/cache --layers 6 --sites resid_post --widths 4k --target-l0 50 \
+	    --tokens 800k --batch-size 1024 --lr 2e-3 --threshold-lr-scale 5 --resume --out $(DEMO_OUT)/sae
+	$(GS) eval $(DEMO_OUT)/sae --tokens 10k --out $(DEMO_OUT)/results.json
+	$(GS) report $(DEMO_OUT)/results.json --out $(DEMO_OUT)/report
+	@echo "report: $(DEMO_OUT)/report/index.html"
+	@echo "explore the SAE's features in a browser:"
+	@echo "  $(GS) index $(DEMO_OUT)/sae/layer_6_resid_post_w4096_jumprelu_l0_50 --tokens 250k --out $(DEMO_OUT)/features.sqlite"
+	@echo "  $(GS) explore $(DEMO_OUT)/features.sqlite"
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests bench

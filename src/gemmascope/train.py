@@ -51,16 +51,22 @@ class SAESpec:
     """topk/batchtopk: dead latents used by the AuxK loss (0 = off)."""
 
     def __post_init__(self) -> None:
+        where = f"SAE at layer {self.layer} {self.site} width {self.width}"
+        if self.architecture not in ("jumprelu", "topk", "batchtopk", "relu"):
+            raise ValueError(
+                f"{where}: unknown architecture {self.architecture!r}; "
+                "choose jumprelu, topk, batchtopk or relu"
+            )
         if (
             self.architecture == "jumprelu"
             and self.l0_coefficient is None
             and self.target_l0 is None
         ):
-            raise ValueError(f"{self.name}: jumprelu needs `l0_coefficient` or `target_l0`")
+            raise ValueError(f"{where}: jumprelu needs `l0_coefficient` or `target_l0`")
         if self.architecture in ("topk", "batchtopk") and not self.k:
-            raise ValueError(f"{self.name}: {self.architecture} needs `k`")
+            raise ValueError(f"{where}: {self.architecture} needs `k`")
         if self.architecture == "relu" and self.l0_coefficient is None:
-            raise ValueError(f"{self.name}: relu needs `l0_coefficient` (its L1 coefficient)")
+            raise ValueError(f"{where}: relu needs `l0_coefficient` (its L1 coefficient)")
 
     @property
     def source(self) -> SiteKey:
@@ -99,6 +105,9 @@ class TrainConfig:
     beta2: float = 0.999
     bandwidth: float = 0.001
     threshold_init: float = 0.001
+    threshold_lr_scale: float = 1.0
+    """Multiplies the learning rate of the (log) thresholds. 1 is the recipe; short runs need more,
+    because in log space a threshold moves by about lr per step from its 0.001 start."""
     norm_batches: int = 8
     """Batches used to estimate the input scale C with E||x/C||^2 = 1 before training."""
     dead_tokens: int = 10_000_000
@@ -160,7 +169,8 @@ def _adam(run: Run, lr: float, cfg: TrainConfig, step: int) -> None:
             g = m / (1 - cfg.beta1 ** (step + 1))
         v = run.adam_v[name]
         v.mul_(cfg.beta2).addcmul_(q.grad, q.grad, value=1 - cfg.beta2)
-        q.data.addcdiv_(g, (v / bc2).sqrt_().add_(1e-8), value=-lr)
+        step_lr = lr * cfg.threshold_lr_scale if name == "log_threshold" else lr
+        q.data.addcdiv_(g, (v / bc2).sqrt_().add_(1e-8), value=-step_lr)
         q.grad = None
     W /= W.norm(dim=1, keepdim=True)
 
@@ -216,9 +226,16 @@ def train(
         raise ValueError(f"two SAEs in the sweep share a name: {sorted(names)}")
     ckpt = out / "checkpoint"
     start, scales, runs = 0, {}, []
+    done_marker = out / "complete.json"
+    if resume and done_marker.exists():  # finished before: hand back what was saved
+        from gemmascope.io import load
+
+        saved = json.loads(done_marker.read_text())["saes"]
+        if sorted(saved) == sorted(names):
+            return {name: load(out / name) for name in names}
     if resume and (ckpt / "state.json").exists():
         start, scales, runs = _load_checkpoint(ckpt, specs, cfg)
-    elif not resume and (ckpt / "state.json").exists():
+    elif not resume and ((ckpt / "state.json").exists() or done_marker.exists()):
         raise ValueError(
             f"{out} already holds a run; pass `resume=True` (--resume) or use another folder"
         )
@@ -259,6 +276,7 @@ def train(
     saes = {r.spec.name: export(r, scales, cfg) for r in runs}
     for name, sae in saes.items():
         sae.save(out / name)
+    write_json(done_marker, {"saes": sorted(saes), "steps": cfg.steps})
     return saes
 
 
