@@ -400,3 +400,15 @@ def test_cli_sae_info_and_list_saes(tmp_path: Path) -> None:
     assert "google/gemma-2-2b" in r.output and "resid_post" in r.output and "16384" in r.output
     r = runner.invoke(app, ["sae-info", str(repo)])
     assert r.exit_code == 2 and "pass sae_id" in r.output
+
+
+def test_published_layout_tells_the_site(tmp_path):
+    """`gemmascope publish` writes {site}/layer_L/width_W/average_l0_N/params.npz: the site is read back."""
+    import gemmascope
+    from gemmascope.sae import SAE, SAEConfig
+
+    sae = SAE(SAEConfig("jumprelu", d_in=8, d_sae=16))
+    folder = tmp_path / "mlp_out" / "layer_3" / "width_16" / "average_l0_5"
+    sae.save(folder / "params.npz", format="npz")
+    loaded = gemmascope.load(tmp_path / "mlp_out", sae_id="layer_3/width_16/average_l0_5")
+    assert (loaded.cfg.layer, loaded.cfg.site) == (3, "mlp_out")

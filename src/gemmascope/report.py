@@ -1,0 +1,394 @@
+"""A suite report from evaluation results: one HTML page beside its PNG figures, viewable offline.
+
+Figures (matplotlib, drawn on bare `Figure`s with the Agg canvas, so no global backend is changed):
+- per site, L0 against delta LM loss and against FVU, one panel per layer, one curve per width
+  through that width's Pareto front (points no SAE with lower L0 beats), every SAE as a dot;
+- L0, FVU, delta LM loss and loss recovered by layer, coloured by site (with two layers or more);
+- per site, the log10 feature-density histogram of every SAE, coloured by its L0.
+Every string from the results is HTML-escaped; the page uses inline CSS and a few lines of inline
+script (sorting the table by a column), and refers to the PNGs by relative name.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from gemmascope.evaluate import read_results
+from gemmascope.io.atomic import atomic_dir
+
+Record = dict[str, Any]
+_OURS = re.compile(r"(index\.html|[\w.-]+\.png)")
+_COLUMNS: list[tuple[str, str, Callable[[Record], Any]]] = [
+    ("SAE", "text", lambda r: r["_name"]),
+    ("model", "text", lambda r: r.get("model")),
+    ("layer", "num", lambda r: r.get("layer")),
+    ("site", "text", lambda r: r.get("site")),
+    ("width", "num", lambda r: r.get("width")),
+    ("arch", "text", lambda r: r.get("architecture")),
+    ("L0", "num", lambda r: r.get("l0")),
+    ("FVU", "num", lambda r: r.get("fvu")),
+    ("MSE", "num", lambda r: r.get("mse")),
+    ("cosine", "num", lambda r: r.get("cosine")),
+    ("ΔLM loss", "num", lambda r: r.get("delta_lm_loss")),
+    ("recovered", "num", lambda r: r.get("frac_recovered")),
+    ("dead", "num", lambda r: r.get("dead")),
+    ("dense", "num", lambda r: r.get("dense")),
+    ("tokens", "num", lambda r: r.get("tokens")),
+]
+
+
+def build_report(results: Sequence[str | Path], out: str | Path, *, title: str = "") -> Path:
+    """Write `out/index.html` and its figures from one or more `gemmascope eval` result files.
+
+    Args:
+        results: files written by `gemmascope eval --out` (`evaluate.write_results`).
+        out: the report folder, written atomically; an existing one is replaced only if it holds
+            nothing but a previous report (index.html and PNGs).
+        title: page title (default: the models evaluated).
+    Returns:
+        The path of `index.html`.
+    """
+    plt = _matplotlib()
+    records: list[Record] = []
+    for path in results:
+        for r in read_results(path):
+            records.append({**r, "_name": _name(r, len(records)), "_file": Path(path).name})
+    if not records:
+        raise ValueError(f"{', '.join(map(str, results))}: no results to report")
+    out = Path(out)
+    if out.is_file() or (out.is_dir() and any(not _OURS.fullmatch(p.name) for p in out.iterdir())):
+        raise ValueError(
+            f"{out}: exists and is not a gemmascope report; the report replaces the whole folder, "
+            "so pick a new or empty folder"
+        )
+    models = sorted({str(r.get("model")) for r in records})
+    title = title or f"SAE evaluation: {', '.join(models)}"
+    with atomic_dir(out) as tmp:
+        layers = {r.get("layer") for r in records if r.get("layer") is not None}
+        sections = [
+            ("Sparsity against fidelity", _pareto_figures(plt, records, tmp, len(models) > 1)),
+            ("Metrics by layer", [_layer_figure(plt, records, tmp)] if len(layers) > 1 else []),
+            ("Feature density", _density_figures(plt, records, tmp, len(models) > 1)),
+        ]
+        (tmp / "index.html").write_text(_page(title, records, sections, results), encoding="utf-8")
+    return out / "index.html"
+
+
+def _matplotlib() -> Any:
+    try:
+        import matplotlib.figure
+    except ImportError:
+        raise ImportError(
+            "`gemmascope report` draws with matplotlib: `pip install matplotlib`"
+        ) from None
+    return matplotlib.figure
+
+
+def _name(r: Record, i: int) -> str:
+    sae_id, source = r.get("sae_id"), r.get("source")
+    if sae_id:
+        return str(sae_id)
+    return Path(str(source)).name if source else f"SAE {i}"
+
+
+def width_label(width: int) -> str:
+    """Gemma Scope's width names: 16384 -> `16k`, 2**20 -> `1m`, other sizes as they are."""
+    if width % (1 << 20) == 0:
+        return f"{width >> 20}m"
+    return f"{width >> 10}k" if width % 1024 == 0 else str(width)
+
+
+# ---------------------------------------------------------------- figures
+_STYLE = {"axes.spines.top": False, "axes.spines.right": False, "axes.grid": True,
+          "grid.alpha": 0.3, "font.size": 9, "axes.titlesize": 10, "legend.fontsize": 8}  # fmt: skip
+
+
+def _groups(records: list[Record], with_model: bool) -> dict[str, list[Record]]:
+    groups: dict[str, list[Record]] = {}
+    for r in records:
+        label = f"{r.get('model')} · {r.get('site')}" if with_model else str(r.get("site"))
+        groups.setdefault(label, []).append(r)
+    return dict(sorted(groups.items()))
+
+
+def _save(fig: Any, folder: Path, stem: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", stem) + ".png"
+    fig.savefig(folder / name, dpi=110, bbox_inches="tight", facecolor="white")
+    return name
+
+
+def _front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Points that no point with lower or equal L0 beats (lower metric is better)."""
+    front: list[tuple[float, float]] = []
+    for x, y in sorted(points):
+        if not front or y < front[-1][1]:
+            front.append((x, y))
+    return front
+
+
+def _pareto_figures(
+    plt: Any, records: list[Record], folder: Path, with_model: bool
+) -> list[tuple[str, str]]:
+    import matplotlib
+
+    figures = []
+    for i, (label, group) in enumerate(_groups(records, with_model).items()):
+        layers = sorted({r.get("layer") for r in group}, key=lambda v: (v is None, v))
+        widths = sorted({r["width"] for r in group})
+        colors = {w: matplotlib.colormaps["tab10"](j % 10) for j, w in enumerate(widths)}
+        pairs = min(len(layers), 2)  # each layer gets a (delta LM loss, FVU) pair of panels
+        nrows = math.ceil(len(layers) / pairs)
+        l0s = [r["l0"] for r in group if r.get("l0")]
+        log_x = bool(l0s) and min(l0s) > 0 and max(l0s) / min(l0s) > 20
+        with matplotlib.rc_context(_STYLE):
+            fig = plt.Figure(figsize=(5.6 * pairs + 0.9, 2.7 * nrows + 0.4), layout="constrained")
+            axes = fig.subplots(nrows, 2 * pairs, squeeze=False, sharex=True).ravel()
+            for j, layer in enumerate(layers):
+                for m, (metric, name) in enumerate((("delta_lm_loss", "ΔLM loss"), ("fvu", "FVU"))):
+                    ax = axes[2 * j + m]
+                    _pareto_panel(ax, [r for r in group if r.get("layer") == layer], metric, colors)
+                    ax.set_title(f"layer {layer}: {name}")
+                    if log_x:
+                        ax.set_xscale("log")
+                        _plain_log_ticks(ax.xaxis)
+                    ax.tick_params(labelbottom=True)
+            for ax in axes[2 * len(layers) :]:
+                ax.set_visible(False)
+            for ax in axes[-2 * pairs :]:
+                ax.set_xlabel("L0")
+            fig.suptitle(label, fontsize=11, fontweight="bold", x=0.01, ha="left")
+            handles = [matplotlib.lines.Line2D([], [], color=c, marker="o", label=width_label(w))
+                       for w, c in colors.items()]  # fmt: skip
+            fig.legend(handles=handles, title="width", loc="outside upper right", frameon=False)
+            fig.set_layout_engine("constrained")
+            caption = f"{label}: L0 against ΔLM loss and FVU; lines join each width's Pareto front"
+            figures.append((_save(fig, folder, f"pareto_{i}_{label}"), caption))
+    return figures
+
+
+def _pareto_panel(ax: Any, group: list[Record], metric: str, colors: dict[int, Any]) -> None:
+    for width, color in colors.items():
+        pts = [
+            (r["l0"], r[metric]) for r in group if r["width"] == width and r.get(metric) is not None
+        ]
+        if not pts:
+            continue
+        ax.scatter(*zip(*pts, strict=True), s=16, color=color, alpha=0.45, linewidths=0)
+        front = _front(pts)
+        ax.plot(*zip(*front, strict=True), color=color, marker="o", markersize=4, linewidth=1.6)
+
+
+def _plain_log_ticks(axis: Any) -> None:
+    """Ticks at 1, 2, 5 x 10^k labelled plainly (an L0 reads better as 20 than as 2x10^1)."""
+    import matplotlib.ticker as ticker
+
+    axis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+    axis.set_minor_formatter(ticker.NullFormatter())
+
+
+def _layer_figure(plt: Any, records: list[Record], folder: Path) -> tuple[str, str]:
+    import matplotlib
+
+    sites = sorted({str(r.get("site")) for r in records})
+    colors = {s: matplotlib.colormaps["tab10"](j % 10) for j, s in enumerate(sites)}
+    metrics = (("l0", "L0"), ("fvu", "FVU"), ("delta_lm_loss", "ΔLM loss"),
+               ("frac_recovered", "loss recovered"))  # fmt: skip
+    with matplotlib.rc_context(_STYLE):
+        fig = plt.Figure(figsize=(11, 6.4), layout="constrained")
+        axes = fig.subplots(2, 2).ravel()
+        for ax, (metric, name) in zip(axes, metrics, strict=True):
+            for site, color in colors.items():
+                pts = sorted((r["layer"], r[metric]) for r in records if str(r.get("site")) == site
+                             and r.get(metric) is not None and r.get("layer") is not None)  # fmt: skip
+                if not pts:
+                    continue
+                ax.scatter(*zip(*pts, strict=True), s=18, color=color, alpha=0.6, linewidths=0)
+                by_layer: dict[int, list[float]] = {}
+                for layer, v in pts:
+                    by_layer.setdefault(layer, []).append(v)
+                med = sorted((k, sorted(v)[len(v) // 2]) for k, v in by_layer.items())
+                ax.plot(*zip(*med, strict=True), color=color, linewidth=1.4, label=site)
+            ax.set_title(name)
+            ax.set_xlabel("layer")
+            layers = sorted({r["layer"] for r in records if r.get("layer") is not None})
+            if 0 < len(layers) <= 20:
+                ax.set_xticks(layers)
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, title="site", loc="outside right upper", frameon=False)
+    caption = "Each dot is an SAE; lines join the median per layer of each site"
+    return _save(fig, folder, "by_layer"), caption
+
+
+def _density_figures(
+    plt: Any, records: list[Record], folder: Path, with_model: bool
+) -> list[tuple[str, str]]:
+    import matplotlib
+
+    figures = []
+    for i, (label, group) in enumerate(_groups(records, with_model).items()):
+        hists = [r for r in group if r.get("density_hist") and sum(r["density_hist"]["counts"])]
+        if not hists:
+            continue
+        layers = sorted({r.get("layer") for r in hists}, key=lambda v: (v is None, v))
+        l0s = [max(r["l0"], 1e-3) for r in hists]
+        norm = matplotlib.colors.LogNorm(min(l0s), max(l0s) * 1.0001)
+        cmap = matplotlib.colormaps["viridis"]
+        lo = min(_first_bin(r) for r in hists)
+        ncols = min(len(layers), 4)
+        nrows = math.ceil(len(layers) / ncols)
+        with matplotlib.rc_context(_STYLE):
+            fig = plt.Figure(figsize=(2.8 * ncols + 1.2, 2.3 * nrows + 0.5), layout="constrained")
+            axes = fig.subplots(nrows, ncols, squeeze=False, sharex=True).ravel()
+            for ax, layer in zip(axes, layers, strict=False):
+                for r in (r for r in hists if r.get("layer") == layer):
+                    edges, counts = r["density_hist"]["log10_edges"], r["density_hist"]["counts"]
+                    share = [c / r["width"] for c in counts[lo:]]
+                    ax.stairs(
+                        share, edges[lo:], color=cmap(norm(max(r["l0"], 1e-3))), linewidth=1.1
+                    )
+                ax.set_title(f"layer {layer}")
+            for ax in axes[len(layers) :]:
+                ax.set_visible(False)
+            for ax in axes[::ncols]:
+                ax.set_ylabel("share of latents")
+            fig.supxlabel(
+                "log10 feature density (share of tokens a latent is active on)", fontsize=9
+            )
+            fig.suptitle(label, fontsize=11, fontweight="bold", x=0.01, ha="left")
+            bar = fig.colorbar(
+                matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes.tolist(), label="L0"
+            )
+            _plain_log_ticks(bar.ax.yaxis)
+        caption = f"{label}: how often latents fire, one line per SAE (dead latents left out); mass near 0 means dense latents"
+        figures.append((_save(fig, folder, f"density_{i}_{label}"), caption))
+    return figures
+
+
+def _first_bin(r: Record) -> int:
+    counts = r["density_hist"]["counts"]
+    return next((j for j, c in enumerate(counts) if c), 0)
+
+
+# ---------------------------------------------------------------- page
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _table(records: list[Record]) -> str:
+    """Every SAE a row; text columns equal on every row (model, architecture) are left out."""
+    columns = [c for c in _COLUMNS if c[1] == "num" or c[0] == "SAE"
+               or len({str(c[2](r)) for r in records}) > 1]  # fmt: skip
+    head = "".join(
+        f'<th data-kind="{kind}" class="{kind}" onclick="sortBy(this)">{html.escape(name)}'
+        "<span></span></th>"
+        for name, kind, _ in columns
+    )
+    rows = []
+    for r in records:
+        title = html.escape(f"{r.get('source')} [{r.get('sae_id')}] in {r['_file']}")
+        cells = [f'<td class=text title="{title}">{html.escape(_fmt(r["_name"]))}</td>']
+        for _, kind, get in columns[1:]:
+            v = get(r)
+            key = "" if v is None else str(v)
+            cells.append(
+                f'<td class={kind} data-v="{html.escape(key)}">{html.escape(_fmt(v))}</td>'
+            )
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    return f'<table id="saes"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+
+
+def _page(
+    title: str, records: list[Record], sections: list[tuple[str, list[tuple[str, str]]]],
+    results: Sequence[str | Path],
+) -> str:  # fmt: skip
+    e = html.escape
+    tokens = sorted({r.get("tokens") for r in records if r.get("tokens")})
+    facts = [
+        ("SAEs", f"{len(records)}"),
+        ("sites", ", ".join(sorted({str(r.get("site")) for r in records}))),
+        ("layers", ", ".join(str(v) for v in sorted({r["layer"] for r in records if r.get("layer") is not None}))),
+        ("widths", ", ".join(width_label(w) for w in sorted({r["width"] for r in records}))),
+        ("eval tokens", ", ".join(f"{t:,}" for t in tokens)),
+        ("results", ", ".join(Path(p).name for p in results)),
+    ]  # fmt: skip
+    cards = "".join(f"<div class=card><b>{e(v)}</b><span>{e(k)}</span></div>" for k, v in facts)
+    body = []
+    for heading, figures in sections:
+        if not figures:
+            continue
+        body.append(f"<h2>{e(heading)}</h2>")
+        for name, caption in figures:
+            body.append(f'<figure><img src="{e(name)}" alt="{e(caption)}"><figcaption>{e(caption)}'
+                        "</figcaption></figure>")  # fmt: skip
+    return _TEMPLATE.format(
+        title=e(title), cards=cards, figures="\n".join(body), table=_table(records),
+        css=_CSS, script=_SCRIPT,
+    )  # fmt: skip
+
+
+_TEMPLATE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<meta name="viewport" content="width=device-width, initial-scale=1"><style>{css}</style></head>
+<body><main>
+<h1>{title}</h1>
+<div class=cards>{cards}</div>
+<p class=note><b>L0</b>: mean latents active per token. <b>FVU</b>: Σ‖x − x̂‖² / Σ‖x − mean x‖².
+<b>ΔLM loss</b>: next-token cross-entropy with the reconstruction spliced in, minus the clean one
+(nats). <b>recovered</b>: (CE<sub>zero</sub> − CE<sub>spliced</sub>) / (CE<sub>zero</sub> − CE<sub>clean</sub>).
+<b>dead</b>: latents never active; <b>dense</b>: active on more than 10% of tokens.
+BOS, EOS and padding are left out of every metric.</p>
+{figures}
+<h2>All SAEs</h2>
+<p class=note>Click a column to sort; hover a name for its source.</p>
+<div class=scroll>{table}</div>
+</main><script>{script}</script></body></html>
+"""
+
+_CSS = """
+body{margin:0;background:#f6f7f9;color:#1d2330;font:14px/1.5 -apple-system,BlinkMacSystemFont,
+"Segoe UI",Roboto,Helvetica,Arial,sans-serif}
+main{max-width:1180px;margin:0 auto;padding:28px 28px 60px}
+h1{font-size:24px;margin:0 0 16px}h2{font-size:18px;margin:36px 0 12px;padding-bottom:6px;
+border-bottom:1px solid #dde1e8}
+.cards{display:flex;flex-wrap:wrap;gap:12px;margin-bottom:14px}
+.card{background:#fff;border:1px solid #e1e5ec;border-radius:8px;padding:10px 16px;min-width:110px}
+.card b{display:block;font-size:17px}.card span{color:#667085;font-size:12px}
+.note{color:#475467;font-size:13px;max-width:900px}
+figure{background:#fff;border:1px solid #e1e5ec;border-radius:8px;margin:0 0 16px;padding:12px}
+figure img{max-width:100%;display:block;margin:0 auto}
+figcaption{color:#667085;font-size:12px;margin-top:6px;text-align:center}
+.scroll{overflow-x:auto;background:#fff;border:1px solid #e1e5ec;border-radius:8px}
+table{border-collapse:collapse;width:100%;font-size:12.5px;font-variant-numeric:tabular-nums}
+th,td{padding:6px 9px;border-bottom:1px solid #eef0f4;white-space:nowrap}
+.num{text-align:right}.text{text-align:left}
+th{position:sticky;top:0;background:#f0f2f6;cursor:pointer;user-select:none}
+th span{color:#98a2b3;margin-left:4px}th span:after{content:"↕"}
+th.asc span:after{content:"▲"}th.desc span:after{content:"▼"}
+tbody tr:nth-child(even){background:#fafbfc}tbody tr:hover{background:#eef4ff}
+td:first-child{max-width:300px;overflow:hidden;text-overflow:ellipsis}
+"""
+
+_SCRIPT = """
+function sortBy(th){
+  const table=th.closest('table'), body=table.tBodies[0], i=[...th.parentNode.children].indexOf(th);
+  const num=th.dataset.kind==='num', asc=!th.classList.contains('asc');
+  [...th.parentNode.children].forEach(h=>h.classList.remove('asc','desc'));
+  th.classList.add(asc?'asc':'desc');
+  const key=r=>{const c=r.children[i], v=c.dataset.v??c.textContent;
+    return num?(v===''?Infinity:parseFloat(v)):v;};
+  [...body.rows].sort((a,b)=>{const x=key(a),y=key(b); return (x<y?-1:x>y?1:0)*(asc?1:-1);})
+    .forEach(r=>body.appendChild(r));
+}
+"""
