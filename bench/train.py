@@ -71,7 +71,7 @@ def ours(train_x, test_x, args, lam) -> dict:
         _adam(run, cfg.lr_at(step), cfg, step)
     whole = args.steps * args.batch / (time.perf_counter() - t)
     fvu, l0 = held_out_metrics(
-        lambda x: (lambda pre: pre * (pre > p.log_threshold.exp()))(x @ p.W_enc + p.b_enc),
+        lambda x: (lambda pre: pre * (pre > p.threshold))(x @ p.W_enc + p.b_enc),
         lambda z: z @ p.W_dec + p.b_dec,
         test_x,
     )
@@ -79,7 +79,7 @@ def ours(train_x, test_x, args, lam) -> dict:
     with torch.no_grad():
         pre = train_x[: args.batch] @ p.W_enc + p.b_enc
         q = 1 - 50 / args.width
-        p.log_threshold.copy_(pre.quantile(q, dim=0).clamp_min(1e-4).log())
+        p.threshold.copy_(pre.quantile(q, dim=0).clamp_min(1e-4))
     n = max(3, args.steps // 5)
     t = time.perf_counter()
     for step in range(n):

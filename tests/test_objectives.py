@@ -18,8 +18,8 @@ CASES = [
 def _params(d=16, m=64, seed=0) -> Params:
     p = Params(d, m, 0.001, torch.Generator().manual_seed(seed)).double()
     with torch.no_grad():
-        p.log_threshold.copy_(
-            torch.rand(m, generator=torch.Generator().manual_seed(1)).mul(0.5).add(0.05).log()
+        p.threshold.copy_(
+            torch.rand(m, generator=torch.Generator().manual_seed(1)).mul(0.5).add(0.05)
         )
         p.b_enc.normal_(0, 0.1)
         p.b_dec.normal_(0, 0.1)
@@ -71,7 +71,7 @@ def test_threshold_ste_equals_finite_difference():
 
 
 def test_threshold_gradient_matches_finite_difference_of_l0_penalty():
-    """The L0 part of the log-threshold gradient equals a finite difference of lambda * L0."""
+    """The L0 part of the threshold gradient equals a finite difference of lambda * L0."""
     torch.manual_seed(0)
     d, m, B, lam, eps = 8, 4, 50_000, 0.7, 0.01
     p = Params(d, m, 0.2, torch.Generator().manual_seed(0)).double()
@@ -82,13 +82,13 @@ def test_threshold_gradient_matches_finite_difference_of_l0_penalty():
         "jumprelu", coefficient=lam, bandwidth=eps, max_density=1.1, matmul_dtype=torch.float64
     )
     forward_backward(p, x, torch.zeros_like(x), obj)
-    theta = p.log_threshold.exp().detach()
+    theta = p.threshold.detach()
     pre = x @ p.W_enc.detach() + p.b_enc.detach()
     for c in range(m):
         t = float(theta[c])
         l0 = lambda th: lam * float((pre[:, c] > th).sum()) / B  # noqa: E731, B023
-        fd = (l0(t + eps / 2) - l0(t - eps / 2)) / eps * t  # d/dlog t = t d/dt
-        assert float(p.log_threshold.grad[c]) == pytest.approx(fd, rel=1e-9, abs=1e-12)
+        fd = (l0(t + eps / 2) - l0(t - eps / 2)) / eps
+        assert float(p.threshold.grad[c]) == pytest.approx(fd, rel=1e-9, abs=1e-12)
 
 
 def test_select_and_sparse_products_match_dense():

@@ -33,7 +33,7 @@ def l0(sae, x):
         return float((sae.encode(x) != 0).sum(-1).float().mean())
 
 
-FAST = dict(batch_size=512, lr=3e-3, log_every=5, checkpoint_every=10**9, threshold_lr_scale=5.0)
+FAST = dict(batch_size=512, lr=3e-3, log_every=5, checkpoint_every=10**9)
 
 
 @pytest.mark.parametrize(
@@ -107,7 +107,7 @@ def test_folding_the_input_scale_leaves_encodings_unchanged(tmp_path):
     assert c == pytest.approx(float(first.pow(2).sum(-1).mean().sqrt()), rel=1e-5)
     with torch.no_grad():
         pre = (x / c) @ p.W_enc + p.b_enc
-        z_norm = pre * (pre > p.log_threshold.exp())
+        z_norm = pre * (pre > p.threshold)
         torch.testing.assert_close(sae.encode(x), z_norm, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(
             sae.decode(z_norm), (z_norm @ p.W_dec + p.b_dec) * c, rtol=1e-4, atol=1e-4
@@ -222,7 +222,7 @@ def test_jumprelu_on_real_gemma3_activations(tmp_path):
         batches = CachedActivations(path, key, batch_size=4096, epochs=1).batches()
         data[split] = torch.cat([b[key] for b in batches])
     spec = SAESpec(6, "resid_post", 1024, "jumprelu", target_l0=30)
-    cfg = TrainConfig(tokens=240_000, batch_size=1024, lr=2e-3, threshold_lr_scale=5.0, log_every=20,
+    cfg = TrainConfig(tokens=240_000, batch_size=1024, lr=2e-3, log_every=20,
                       model="gemma-3-270m")  # fmt: skip
     sae = train(
         [spec], tensor_batches({key: data["train"]}, 1024), cfg, tmp_path / "run", progress=False

@@ -262,9 +262,7 @@ def train_command(
     architecture: Annotated[
         str, typer.Option(help="jumprelu, topk, batchtopk or relu.")
     ] = "jumprelu",
-    target_l0: Annotated[
-        str | None, typer.Option(help="Target L0s (jumprelu): `20,50`.")
-    ] = None,  # noqa: UP007, UP045
+    target_l0: Annotated[str | None, typer.Option(help="Target L0s (jumprelu): `20,50`.")] = None,  # noqa: UP007, UP045
     l0_coefficient: Annotated[Optional[str], typer.Option(help="Lambdas: `1e-3,3e-3`.")] = None,  # noqa: UP007, UP045
     k: Annotated[Optional[str], typer.Option(help="k values (topk/batchtopk): `32,64`.")] = None,  # noqa: UP007, UP045
     target_site: Annotated[
@@ -342,3 +340,259 @@ def train_command(
         return
     for name in saes:
         typer.echo(f"saved {out / name}")
+
+
+# --- eval: metrics of many SAEs on held-out tokens, one clean forward per batch (gemmascope.evaluate) ---
+@app.command("eval")
+def eval_command(
+    sources: Annotated[
+        list[str],
+        typer.Argument(
+            help="params.npz files, SAE folders, folders of SAEs (a training run) or hub repos."
+        ),
+    ],
+    out: Annotated[Path, typer.Option(help="Results file (JSON), written atomically.")],
+    sae_id: Annotated[
+        Optional[list[str]],  # noqa: UP007, UP045 - typer needs Optional on 3.10
+        typer.Option(
+            "--sae-id",
+            help="Which SAE of each source (repeat for several); default: all of a folder.",
+        ),
+    ] = None,
+    model: Annotated[
+        str, typer.Option(help="`gemma-3-270m` (embedded), a hub name or a local folder.")
+    ] = "gemma-3-270m",
+    corpus: Annotated[
+        str,
+        typer.Option(
+            help="`default`, a .txt/.jsonl/.parquet file, folder or glob, or a HF dataset."
+        ),
+    ] = "default",
+    text_column: Annotated[
+        str, typer.Option(help="Text field of .jsonl/.parquet/HF rows.")
+    ] = "text",
+    split: Annotated[
+        str, typer.Option(help="`eval` (held-out documents), `train` or `all`.")
+    ] = "eval",
+    eval_fraction: Annotated[float, typer.Option(help="Share of documents held out.")] = 0.02,
+    tokens: Annotated[
+        str, typer.Option(help="Tokens to forward, e.g. 100k (whole sequences).")
+    ] = "100k",
+    context_size: Annotated[int, typer.Option(help="Tokens per sequence, BOS included.")] = 1024,
+    batch_size: Annotated[int, typer.Option(help="Sequences per forward.")] = 8,
+    ablations: Annotated[
+        bool, typer.Option(help="Run zero and mean ablation (for the fraction of loss recovered).")
+    ] = True,
+    ce_chunk: Annotated[
+        int,
+        typer.Option(help="Positions per cross-entropy chunk (memory ~ 2 x chunk x vocab x 4 B)."),
+    ] = 512,
+    device: Annotated[str, typer.Option(help="Torch device: cpu, cuda, cuda:N, mps.")] = "cpu",
+) -> None:
+    """Score SAEs on held-out tokens: L0, FVU, MSE, cosine, delta LM loss, loss recovered, dead/dense."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from gemmascope import io
+    from gemmascope.activations import parse_count
+    from gemmascope.evaluate import evaluate, expand_sources, write_results
+    from gemmascope.models import load_model
+
+    settings = {"model": model, "corpus": corpus, "text_column": text_column, "split": split,
+                "eval_fraction": eval_fraction, "tokens": tokens, "context_size": context_size,
+                "batch_size": batch_size, "ablations": ablations}  # fmt: skip
+    try:
+        pairs = expand_sources(sources, sae_id or [])
+        saes = [io.load(src, sid, device=device) for src, sid in pairs]
+        lm, tokenizer = load_model(model, device=device)
+        typer.echo(f"evaluating {len(saes)} SAE(s): {settings}", err=True)
+        records = evaluate(
+            lm, tokenizer, saes, corpus=corpus, split=split, tokens=parse_count(tokens),  # type: ignore[arg-type]
+            context_size=context_size, batch_size=batch_size, text_column=text_column,
+            eval_fraction=eval_fraction, ablations=ablations, ce_chunk=ce_chunk, model_name=model,
+        )  # fmt: skip
+        for record, (src, sid) in zip(records, pairs, strict=True):
+            record.update(source=src, sae_id=sid)
+        write_results(out, records, settings)
+    except (OSError, ValueError, RuntimeError, ImportError) as e:
+        fail(str(e))
+        return
+    table = Table("sae", "layer", "site", "width", "L0", "FVU", "dLM loss", "recovered", "dead",
+                  title=f"{records[0]['tokens']:,} tokens; written to {out}")  # fmt: skip
+    for r in records:
+        rec = r["frac_recovered"]
+        table.add_row(
+            f"{r['source']}" + (f" [{r['sae_id']}]" if r["sae_id"] else ""), str(r["layer"]),
+            r["site"], str(r["width"]), f"{r['l0']:.1f}", f"{r['fvu']:.4f}",
+            f"{r['delta_lm_loss']:.4f}", "-" if rec is None else f"{rec:.3f}", str(r["dead"]),
+        )  # fmt: skip
+    Console().print(table)
+
+
+# --- index, explore: what every latent means, in a local browser (gemmascope.explore) ---
+@app.command("index")
+def index_command(
+    sae_source: Annotated[
+        str, typer.Argument(help="params.npz, SAE folder or Hugging Face repo id.")
+    ],
+    out: Annotated[
+        Path, typer.Option(help="The .sqlite index to write; rerun the same command to resume.")
+    ],
+    sae_id: Annotated[
+        Optional[str],  # noqa: UP007, UP045 - typer needs Optional on 3.10
+        typer.Option("--sae-id", help="Which SAE of a folder or repo holding several."),
+    ] = None,
+    model: Annotated[
+        str, typer.Option(help="`gemma-3-270m` (embedded), a hub name or a local folder.")
+    ] = "gemma-3-270m",
+    layer: Annotated[
+        Optional[int],  # noqa: UP007, UP045
+        typer.Option(help="Layer the SAE reads (default: from its config)."),
+    ] = None,
+    site: Annotated[
+        Optional[str],  # noqa: UP007, UP045
+        typer.Option(help="Site the SAE reads (default: from its config)."),
+    ] = None,
+    corpus: Annotated[
+        str,
+        typer.Option(
+            help="`default`, a .txt/.jsonl/.parquet file, folder or glob, or a HF dataset."
+        ),
+    ] = "default",
+    split: Annotated[str, typer.Option(help="`train`, `eval` or `all` documents.")] = "train",
+    text_column: Annotated[
+        str, typer.Option(help="Text field of .jsonl/.parquet/HF rows.")
+    ] = "text",
+    tokens: Annotated[str, typer.Option(help="Positions to run over, e.g. 250k, 1M.")] = "1M",
+    context_size: Annotated[int, typer.Option(help="Tokens per sequence, BOS included.")] = 1024,
+    batch_size: Annotated[int, typer.Option(help="Sequences per chunk.")] = 4,
+    top_k: Annotated[int, typer.Option(help="Top activating contexts kept per latent.")] = 20,
+    window: Annotated[int, typer.Option(help="Tokens kept each side of an activation.")] = 16,
+    bands: Annotated[int, typer.Option(help="Octave bands below the top that are sampled.")] = 4,
+    samples: Annotated[int, typer.Option(help="Contexts sampled per band.")] = 3,
+    bins: Annotated[int, typer.Option(help="Histogram bins (a power of two).")] = 64,
+    lens_k: Annotated[int, typer.Option(help="Logit-lens tokens kept at each end.")] = 10,
+    seed: Annotated[int, typer.Option(help="Seed of the band sampling.")] = 0,
+    checkpoint_seconds: Annotated[
+        float, typer.Option(help="Save progress at most this often (seconds).")
+    ] = 60.0,
+    device: Annotated[str, typer.Option(help="Torch device for the model and SAE.")] = "cpu",
+) -> None:
+    """Run an SAE over a corpus and write a feature index for `gemmascope explore`."""
+    import dataclasses as dc
+    import json
+
+    from gemmascope.activations import parse_count
+    from gemmascope.explore.index import IndexConfig, build_index
+
+    try:
+        cfg = IndexConfig(
+            sae_source=sae_source, out=out, sae_id=sae_id, model=model, layer=layer, site=site,
+            corpus=corpus, split=split, text_column=text_column, tokens=parse_count(tokens),  # type: ignore[arg-type]
+            context_size=context_size, batch_size=batch_size, top_k=top_k, window=window,
+            bands=bands, samples=samples, bins=bins, lens_k=lens_k, seed=seed,
+            checkpoint_seconds=checkpoint_seconds, device=device,
+        )  # fmt: skip
+        typer.echo(json.dumps(dc.asdict(cfg), default=str), err=True)
+        build_index(cfg)
+    except (OSError, ValueError, RuntimeError, KeyError, ImportError) as e:
+        fail(str(e))
+        return
+    typer.echo(f"index written: {out} (open it with `gemmascope explore {out}`)")
+
+
+@app.command("explore")
+def explore_command(
+    index: Annotated[Path, typer.Argument(help="An index written by `gemmascope index`.")],
+    host: Annotated[
+        str, typer.Option(help="Address to bind; anything but localhost exposes it to others.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    device: Annotated[
+        str, typer.Option(help="Torch device for the model and SAE, loaded on first use.")
+    ] = "cpu",
+) -> None:
+    """Browse an index in a local web app: features, "what fires here" and steering."""
+    try:
+        import uvicorn
+
+        from gemmascope.explore.app import create_app
+    except ImportError as e:
+        fail(f"the explorer needs fastapi, uvicorn and jinja2 ({e}); pip install them")
+        return
+    try:
+        web = create_app(index, device=device)
+    except (OSError, ValueError) as e:
+        fail(str(e))
+        return
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        typer.secho(
+            f"warning: serving on {host}: the explorer has no login, so anyone who can reach "
+            f"{host}:{port} can read the index and run the model",
+            err=True,
+            fg=typer.colors.YELLOW,
+        )
+    typer.echo(f"gemmascope explorer on http://{host}:{port}/ (Ctrl+C to stop)")
+    uvicorn.run(web, host=host, port=port, log_level="warning")
+
+
+# --- report: an HTML page with Pareto fronts, metrics by layer and feature density (gemmascope.report) ---
+@app.command("report")
+def report_command(
+    results: Annotated[
+        list[Path], typer.Argument(help="Results files written by `gemmascope eval --out`.")
+    ],
+    out: Annotated[Path, typer.Option(help="Report folder: index.html and its PNG figures.")],
+    title: Annotated[str, typer.Option(help="Page title (default: the models evaluated).")] = "",
+) -> None:
+    """Draw evaluation results as one HTML page with figures, viewable offline."""
+    from gemmascope.report import build_report
+
+    try:
+        index = build_report(results, out, title=title)
+    except (OSError, ValueError, ImportError) as e:
+        fail(str(e))
+        return
+    typer.echo(f"report written: {index}")
+
+
+# --- publish: Gemma Scope's layout, a model card, optionally the hub (gemmascope.publish) ---
+@app.command("publish")
+def publish_command(
+    suite: Annotated[
+        Path, typer.Argument(help="Folder of trained SAEs, e.g. a `gemmascope train` run.")
+    ],
+    out: Annotated[
+        Path, typer.Argument(help="Folder to write: {site}/layer_L/width_W/average_l0_N/.")
+    ],
+    results: Annotated[
+        Path, typer.Option(help="`gemmascope eval` results of the suite (measured L0 and metrics).")
+    ],
+    saelens: Annotated[
+        bool, typer.Option(help="Also write a SAELens-format copy under saelens/.")
+    ] = False,
+    repo_id: Annotated[
+        Optional[str],  # noqa: UP007, UP045 - typer needs Optional on 3.10
+        typer.Option(help="Upload the folder to this Hugging Face repo (`org/name`)."),
+    ] = None,
+    license: Annotated[str, typer.Option(help="Licence id for the model card.")] = "apache-2.0",
+    base_model: Annotated[
+        Optional[str],  # noqa: UP007, UP045 - typer needs Optional on 3.10
+        typer.Option(help="Hub id of the model the SAEs read (default: from the SAEs' config)."),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace OUT if it exists and is not empty.")
+    ] = False,
+) -> None:
+    """Lay out a suite of SAEs as Gemma Scope did, with a model card; --repo-id uploads it."""
+    from gemmascope.publish import publish
+
+    try:
+        folder = publish(
+            suite, out, results=results, saelens=saelens, repo_id=repo_id, license=license,
+            base_model=base_model, overwrite=overwrite,
+        )  # fmt: skip
+    except (OSError, ValueError, RuntimeError, ImportError) as e:
+        fail(str(e))
+        return
+    typer.echo(f"published {folder}" + (f" and uploaded to {repo_id}" if repo_id else ""))

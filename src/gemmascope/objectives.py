@@ -5,7 +5,9 @@ loss = ||y - y_hat||^2 + lambda * L0, with straight-through estimators for the t
 rectangle kernel of bandwidth eps:
     d JumpReLU(p; t) / dt = -(t / eps) * K((p - t) / eps)
     d H(p - t) / dt       = -(1 / eps) * K((p - t) / eps),   K(u) = 1[|u| < 1/2]
-The threshold is trained in log space (t = exp(log_t)) as in that paper's reference code.
+The threshold is trained directly (not as exp(log_t)), clamped at 0 after each step, as SAELens 6 does:
+in log space Adam moves it by a factor ~(1 + lr) per step, so from its 0.001 start a short run never
+reaches the ~0.1 thresholds that L0 ~ 50 needs.
 `dense_loss` is the plain autograd version of the same objective; tests check one against the other.
 """
 
@@ -52,7 +54,7 @@ class StepStats:
 
 
 class Params(nn.Module):
-    """Training parameters in normalised units: Gemma Scope's weights with the threshold in log space."""
+    """Training parameters in normalised units, named as Gemma Scope's weights."""
 
     def __init__(self, d_in: int, d_sae: int, threshold: float, generator: torch.Generator) -> None:
         super().__init__()
@@ -65,7 +67,7 @@ class Params(nn.Module):
         self.W_enc = nn.Parameter(w.T.clone())
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
-        self.log_threshold = nn.Parameter(torch.full((d_sae,), float(threshold)).log())
+        self.threshold = nn.Parameter(torch.full((d_sae,), float(threshold)))
 
 
 def encoder_pre(x: Tensor, p: Params, dtype: torch.dtype) -> Tensor:
@@ -86,7 +88,7 @@ def forward_backward(
     window: Window | None = None
     min_selected = 0.0
     if arch in ("jumprelu", "relu"):
-        theta = p.log_threshold.exp() if arch == "jumprelu" else torch.zeros_like(p.b_enc)
+        theta = p.threshold if arch == "jumprelu" else torch.zeros_like(p.b_enc)
         half = obj.bandwidth / 2 if arch == "jumprelu" else 0.0
         act, window = select(pre, theta, half, obj.max_density)
     elif arch == "topk":
@@ -122,7 +124,7 @@ def forward_backward(
     p.W_enc.grad = act.left_mul_t(dz, x).T  # (d, m)
     p.b_enc.grad = act.col_sum(dz)
     if arch != "jumprelu":
-        p.log_threshold.grad = torch.zeros_like(p.log_threshold)
+        p.threshold.grad = torch.zeros_like(p.threshold)
 
     aux = 0.0
     if arch in ("topk", "batchtopk") and obj.aux_k and dead is not None and bool(dead.any()):
@@ -142,7 +144,7 @@ def _jumprelu_threshold_grad(
     p: Params, g: Tensor, window: Window, obj: Objective, l0: float, B: int
 ) -> float:
     """Threshold gradient from both STEs over the window; returns the penalty's value."""
-    theta = p.log_threshold.detach().exp()
+    theta = p.threshold.detach()
     eps = obj.bandwidth
     r, c = window.rows, window.cols
     dz_w = pair_dots(r, c, g, p.W_dec)  # dL/dz at window entries, (n_window,)
@@ -157,7 +159,7 @@ def _jumprelu_threshold_grad(
         penalty = obj.coefficient * ratio**2
     per_entry = dz_w * (-t_w / eps) - dpen_dl0 / (eps * B)
     d_theta = torch.zeros_like(theta).index_add_(0, c, per_entry)
-    p.log_threshold.grad = d_theta * theta  # chain rule through t = exp(log_t)
+    p.threshold.grad = d_theta
     return penalty
 
 
@@ -246,7 +248,7 @@ def dense_loss(p: Params, x: Tensor, y: Tensor, obj: Objective) -> Tensor:
     """The same objective as `forward_backward` (without AuxK) through autograd: the reference."""
     pre = x @ p.W_enc + p.b_enc
     if obj.architecture == "jumprelu":
-        theta = p.log_threshold.exp()
+        theta = p.threshold
         z = JumpReLU.apply(pre, theta, obj.bandwidth)
         l0 = Step.apply(pre, theta, obj.bandwidth).sum(-1).mean()
         if obj.target_l0 is None:

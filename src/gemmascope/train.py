@@ -105,9 +105,6 @@ class TrainConfig:
     beta2: float = 0.999
     bandwidth: float = 0.001
     threshold_init: float = 0.001
-    threshold_lr_scale: float = 1.0
-    """Multiplies the learning rate of the (log) thresholds. 1 is the recipe; short runs need more,
-    because in log space a threshold moves by about lr per step from its 0.001 start."""
     norm_batches: int = 8
     """Batches used to estimate the input scale C with E||x/C||^2 = 1 before training."""
     dead_tokens: int = 10_000_000
@@ -169,10 +166,10 @@ def _adam(run: Run, lr: float, cfg: TrainConfig, step: int) -> None:
             g = m / (1 - cfg.beta1 ** (step + 1))
         v = run.adam_v[name]
         v.mul_(cfg.beta2).addcmul_(q.grad, q.grad, value=1 - cfg.beta2)
-        step_lr = lr * cfg.threshold_lr_scale if name == "log_threshold" else lr
-        q.data.addcdiv_(g, (v / bc2).sqrt_().add_(1e-8), value=-step_lr)
+        q.data.addcdiv_(g, (v / bc2).sqrt_().add_(1e-8), value=-lr)
         q.grad = None
     W /= W.norm(dim=1, keepdim=True)
+    p.threshold.data.clamp_(min=0.0)
 
 
 def _new_run(spec: SAESpec, d_in: int, cfg: TrainConfig, index: int) -> Run:
@@ -383,7 +380,7 @@ def export(run: Run, scales: dict[SiteKey, float], cfg: TrainConfig) -> SAE:
         },
     )
     with torch.no_grad():
-        threshold = p.log_threshold.exp()
+        threshold = p.threshold.clone()
         if spec.architecture == "batchtopk":
             threshold = torch.full_like(threshold, run.batchtopk_threshold)
         arrays = {
