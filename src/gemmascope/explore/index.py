@@ -1,0 +1,307 @@
+"""Build a feature index: run an SAE over a corpus and keep, per latent, what the explorer shows.
+
+The corpus is packed into BOS-led sequences (as for training) and processed in chunks of
+`batch_size` sequences: one forward to the SAE's site, one encode, one merge into `FeatureStats`.
+BOS, EOS and padding positions never count (Gemma Scope skipped them too). Every
+`checkpoint_seconds` the statistics are saved to `OUT.partial` (atomically, with the number of chunks
+done); a killed run started again with the same settings continues from there. At the end the logit
+lens is computed and the SQLite file is written through a temp file and one rename (see `store`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import gemmascope
+from gemmascope.corpus import Split, fingerprint, iter_documents, pack_sequences, special_ids
+from gemmascope.explore.lens import logit_lens
+from gemmascope.explore.stats import FeatureStats
+from gemmascope.explore.store import write_index
+from gemmascope.io.atomic import atomic_file
+from gemmascope.sae import SAE
+
+
+@dataclass
+class IndexConfig:
+    """One index run; every field but `out`, `device` and `checkpoint_seconds` must match to resume."""
+
+    sae_source: str
+    """params.npz, SAE folder or Hugging Face repo id (as `gemmascope.io.load` takes)."""
+    out: Path
+    """The `.sqlite` file to write; `OUT.partial` holds the checkpoint while it runs."""
+    sae_id: str | None = None
+    """Which SAE of a folder or repo holding several."""
+    model: str = "gemma-3-270m"
+    """The model the SAE reads: `gemma-3-270m` (embedded), a hub name or a local folder."""
+    layer: int | None = None
+    """Layer of the SAE's site; default the SAE config's `layer`."""
+    site: str | None = None
+    """Site the SAE reads; default the SAE config's `site`."""
+    corpus: str = "default"
+    """Text source (see `gemmascope.corpus`)."""
+    split: Split = "train"
+    """`train`, `eval` or `all` documents of the corpus."""
+    text_column: str = "text"
+    """Text field of .jsonl/.parquet/HF rows."""
+    tokens: int = 1_000_000
+    """Positions to forward (rounded up to whole sequences); BOS/EOS/pad among them do not count."""
+    context_size: int = 1024
+    """Tokens per sequence, BOS included."""
+    batch_size: int = 4
+    """Sequences per chunk (one forward, one merge)."""
+    top_k: int = 20
+    """Top activating contexts kept per latent."""
+    window: int = 16
+    """Tokens kept on each side of an activating token."""
+    bands: int = 4
+    """Octave bands below the top that are sampled (see `FeatureStats`)."""
+    samples: int = 3
+    """Contexts sampled per band."""
+    bins: int = 64
+    """Histogram bins (a power of two)."""
+    lens_k: int = 10
+    """Logit-lens tokens kept at each end."""
+    seed: int = 0
+    """Seeds the band sampling."""
+    checkpoint_seconds: float = 60.0
+    """Save the running statistics at most this often (0: after every chunk)."""
+    device: str = "cpu"
+    """Torch device for the model and the SAE."""
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        for name in ("tokens", "context_size", "batch_size", "lens_k"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be at least 1, got {getattr(self, name)}")
+        if self.context_size < 2:
+            raise ValueError(
+                f"`context_size` must be at least 2 (BOS + one token), got {self.context_size}"
+            )
+        if self.split not in ("train", "eval", "all"):
+            raise ValueError(f"unknown `split` {self.split!r}; choose `train`, `eval` or `all`")
+        if self.bins < 2 or self.bins & (self.bins - 1):
+            raise ValueError(f"`bins` must be a power of two >= 2, got {self.bins}")
+        for name in ("top_k", "bands", "samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be at least 1, got {getattr(self, name)}")
+        if self.window < 0:
+            raise ValueError(f"`window` must be >= 0, got {self.window}")
+        if self.checkpoint_seconds < 0:
+            raise ValueError(f"`checkpoint_seconds` must be >= 0, got {self.checkpoint_seconds}")
+
+
+def checkpoint_path(out: Path) -> Path:
+    """Where a run writing `out` keeps its checkpoint."""
+    return out.with_name(out.name + ".partial")
+
+
+def build_index(
+    cfg: IndexConfig,
+    *,
+    model: Any = None,
+    tokenizer: Any = None,
+    sae: SAE | None = None,
+    progress: bool = True,
+    on_chunk: Callable[[int], None] | None = None,
+) -> Path:
+    """Index an SAE over a corpus (or resume an interrupted run) and write `cfg.out`.
+
+    Args:
+        cfg: the run (see `IndexConfig`).
+        model, tokenizer: an already loaded model (tests, benchmarks); default `load_model(cfg.model)`.
+        sae: an already loaded SAE; default `io.load(cfg.sae_source, cfg.sae_id)`.
+        progress: show a progress bar on stderr.
+        on_chunk: called with each chunk's index after it is merged (and checkpointed, if due).
+    Returns:
+        `cfg.out`.
+    """
+    model, tokenizer, sae = _load(cfg, model, tokenizer, sae)
+    layer, site = _where(cfg, sae, model)
+    identity = _identity(cfg, sae, layer, site)
+    stats = FeatureStats(sae.cfg.d_sae, top_k=cfg.top_k, window=cfg.window, bands=cfg.bands,
+                         samples=cfg.samples, bins=cfg.bins, seed=cfg.seed, device=sae.device)  # fmt: skip
+    partial = checkpoint_path(cfg.out)
+    done = _resume(partial, identity, stats)
+    n_seq = math.ceil(cfg.tokens / cfg.context_size)
+    skip = special_ids(tokenizer)
+    docs = iter_documents(cfg.corpus, cfg.split, text_column=cfg.text_column)
+    sequences = itertools.islice(pack_sequences(docs, tokenizer, cfg.context_size), n_seq)
+    bar = _progress_bar(math.ceil(n_seq / cfg.batch_size), done, progress)
+    saved_at, saved, seen = time.monotonic(), done, 0
+    try:
+        for chunk, batch in enumerate(_batched(sequences, cfg.batch_size)):
+            seen += len(batch)
+            if chunk < done:
+                continue  # merged before the interruption: tokenised again, not forwarded
+            _index_chunk(model, sae, stats, batch, layer, site, skip, chunk, cfg.batch_size)
+            done = chunk + 1
+            if time.monotonic() - saved_at >= cfg.checkpoint_seconds:
+                _save_checkpoint(partial, identity, stats, done)
+                saved_at, saved = time.monotonic(), done
+            bar.update(1)
+            if on_chunk is not None:
+                on_chunk(chunk)
+    finally:
+        bar.close()
+    if seen < n_seq:
+        print(f"warning: corpus {cfg.corpus!r} ({cfg.split} split) ran out after {seen:,} of "
+              f"{n_seq:,} sequences; indexing those", file=sys.stderr)  # fmt: skip
+    if saved < done:  # the lens and the write may take a minute: keep the chunks safe meanwhile
+        _save_checkpoint(partial, identity, stats, done)
+    lens = logit_lens(model, sae, layer, site, k=cfg.lens_k)
+    meta = {**identity, "sae_source": _portable(cfg.sae_source), "model": _portable(cfg.model),
+            "sequences": seen, "positions": seen * cfg.context_size,
+            "tokens_indexed": int(stats.n_tokens), "special_ids": skip,
+            "gemmascope_version": gemmascope.__version__,
+            "lens": "W_dec -> residual stream -> final-norm scale -> W_U (gemmascope.explore.lens)"}  # fmt: skip
+    write_index(cfg.out, meta, stats, lens, _decoder(tokenizer), cfg.context_size)
+    partial.unlink(missing_ok=True)
+    return cfg.out
+
+
+def _index_chunk(
+    model: Any,
+    sae: SAE,
+    stats: FeatureStats,
+    batch: list[np.ndarray],
+    layer: int,
+    site: str,
+    skip: list[int],
+    chunk: int,
+    batch_size: int,
+) -> None:
+    """One forward to the site, one encode, one merge."""
+    from gemmascope.hooks import collect
+
+    tokens = torch.from_numpy(np.stack(batch)).long()  # (B, T)
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        x = collect(model, tokens.to(device), [(layer, site)])[layer, site]  # (B, T, width)
+        z = sae.encode(x.to(sae.device)).float()  # (B, T, d_sae)
+        tokens = tokens.to(z.device)
+        counted = ~torch.isin(tokens, torch.tensor(skip, dtype=tokens.dtype, device=z.device))
+        stats.update(z, tokens, counted, first_sequence=chunk * batch_size, chunk=chunk)
+
+
+def _load(cfg: IndexConfig, model: Any, tokenizer: Any, sae: SAE | None) -> tuple[Any, Any, SAE]:
+    if (model is None) != (tokenizer is None):
+        raise ValueError(
+            "build_index got only one of `model` and `tokenizer`; pass both, or neither"
+        )
+    if sae is None:
+        from gemmascope import io
+
+        sae = io.load(cfg.sae_source, cfg.sae_id, device=cfg.device)
+    if model is None:
+        from gemmascope.models import load_model
+
+        model, tokenizer = load_model(cfg.model, device=cfg.device)
+    return model, tokenizer, sae.eval()
+
+
+def _where(cfg: IndexConfig, sae: SAE, model: Any) -> tuple[int, str]:
+    """The (layer, site) to read: the flags, else the SAE's config; widths must agree."""
+    from gemmascope.models import check_site, model_info
+
+    layer = cfg.layer if cfg.layer is not None else sae.cfg.layer
+    site = cfg.site or sae.cfg.site
+    if layer is None or site is None:
+        raise ValueError(
+            f"the SAE {cfg.sae_source!r} does not say where it reads (layer {layer}, site {site}); "
+            "pass `--layer` and `--site`"
+        )
+    info = model_info(model)
+    check_site(info, layer, site)
+    if info.site_width(site) != sae.cfg.d_in:
+        raise ValueError(
+            f"layer {layer} {site} of model {cfg.model!r} is {info.site_width(site)} wide but the SAE "
+            f"reads d_in={sae.cfg.d_in}; pass the model the SAE was trained on (`--model`)"
+        )
+    return layer, site
+
+
+def _identity(cfg: IndexConfig, sae: SAE, layer: int, site: str) -> dict[str, Any]:
+    """What a resumed run must share with the interrupted one (also the index's meta)."""
+    h = hashlib.sha256()
+    for name, t in sae.state_arrays().items():
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().numpy().tobytes())
+    fields = dataclasses.asdict(cfg)
+    for name in ("out", "device", "checkpoint_seconds", "layer", "site", "sae_source", "model"):
+        fields.pop(name)
+    return {**fields, "sae_source_given": cfg.sae_source, "model_given": cfg.model,
+            "layer": layer, "site": site, "d_sae": sae.cfg.d_sae, "d_in": sae.cfg.d_in,
+            "architecture": sae.cfg.architecture, "sae_sha256": h.hexdigest(),
+            "corpus_fingerprint": fingerprint(cfg.corpus, text_column=cfg.text_column)}  # fmt: skip
+
+
+def _resume(partial: Path, identity: dict[str, Any], stats: FeatureStats) -> int:
+    """Load the checkpoint if there is one for this run; return the chunks it covers."""
+    if not partial.exists():
+        return 0
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(partial), framework="pt") as f:
+        info = f.metadata() or {}
+    saved = json.loads(info.get("identity", "null"))
+    if saved != json.loads(json.dumps(identity)):
+        diff = sorted(k for k in {*identity, *(saved or {})}
+                      if (saved or {}).get(k) != json.loads(json.dumps(identity)).get(k))  # fmt: skip
+        raise ValueError(
+            f"{partial} is the checkpoint of another index run (differs in {diff}); rerun with the "
+            "same settings to resume it, or delete it to start afresh"
+        )
+    stats.load_state_dict(load_file(str(partial)))
+    return int(info["chunks_done"])
+
+
+def _save_checkpoint(
+    partial: Path, identity: dict[str, Any], stats: FeatureStats, done: int
+) -> None:
+    from safetensors.torch import save_file
+
+    meta = {"identity": json.dumps(identity), "chunks_done": str(done)}
+    with atomic_file(partial) as tmp:
+        save_file(
+            {k: v.contiguous() for k, v in stats.state_dict().items()}, str(tmp), metadata=meta
+        )
+
+
+def _portable(source: str) -> str:
+    """A local path made absolute (the explorer may start elsewhere); names and repo ids unchanged."""
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.exists() else source
+
+
+def _decoder(tokenizer: Any) -> Callable[[list[int]], list[str]]:
+    def decode(ids: list[int]) -> list[str]:
+        return [tokenizer.decode([i]) for i in ids]
+
+    return decode
+
+
+def _batched(items: Iterable[np.ndarray], n: int) -> Iterator[list[np.ndarray]]:
+    it = iter(items)
+    while batch := list(itertools.islice(it, n)):
+        yield batch
+
+
+def _progress_bar(total: int, done: int, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=done, unit="chunk", desc="index", disable=not enabled,
+                file=sys.stderr, dynamic_ncols=True)  # fmt: skip

@@ -1,0 +1,81 @@
+"""Small presentation helpers for the explorer's templates: number formats, token display, histogram bars."""
+
+from __future__ import annotations
+
+from typing import Any
+
+WIDTH, HEIGHT, PAD_LEFT, PAD_BOTTOM = 640, 220, 44, 24
+
+
+def num(x: float | None) -> str:
+    """Three significant digits, no exponent for everyday magnitudes."""
+    if x is None:
+        return "–"
+    return f"{x:.3g}" if x == 0 or 1e-3 <= abs(x) < 1e5 else f"{x:.2e}"
+
+
+def pct(density: float) -> str:
+    """A firing density as a percentage with sensible precision."""
+    p = density * 100
+    if p == 0:
+        return "0%"
+    return f"{p:.3g}%" if p >= 0.01 else f"{p:.1e}%"
+
+
+def alpha(act: float, scale: float) -> str:
+    """Highlight strength of a token: its activation over the scale, clipped to [0, 1]."""
+    if scale <= 0 or act <= 0:
+        return "0"
+    return f"{min(act / scale, 1.0):.3f}"
+
+
+def tok(text: str) -> str:
+    """A token's text made visible: newlines and tabs as symbols, an empty token as a dot sign."""
+    if text == "":
+        return "∅"
+    return text.replace("\r", "␍").replace("\n", "↵").replace("\t", "⇥")
+
+
+def short(source: Any) -> str:
+    """The last part of a path or repo id, for headers; the full name goes in a tooltip."""
+    text = str(source or "")
+    return text.rstrip("/").rsplit("/", 1)[-1] or text
+
+
+def register_filters(env: Any) -> None:
+    """Make the helpers available to the templates (autoescaping still applies to their output)."""
+    env.filters.update(num=num, pct=pct, tok=tok, short=short)
+    env.globals.update(alpha=alpha)
+
+
+def histogram_bars(histogram: dict[str, Any], max_act: float) -> dict[str, Any]:
+    """Geometry of an SVG bar chart of the activation histogram, bins up to the maximum only.
+
+    Returns:
+        `width`, `height`, `bars` (x, y, w, h, title), `x_ticks` (x, label, anchor), `y_max` and `plot`
+        (the plot area's left, top, right, bottom), or an empty `bars` list for a dead latent.
+    """
+    counts, hi = list(histogram["counts"]), float(histogram["hi"])
+    out: dict[str, Any] = {"width": WIDTH, "height": HEIGHT, "bars": [], "x_ticks": [], "y_max": 0}
+    if hi <= 0 or not any(counts):
+        return out
+    last = max(i for i, c in enumerate(counts) if c)
+    counts = counts[: last + 1]
+    bin_width = hi / len(histogram["counts"])
+    left, right, top, bottom = PAD_LEFT, WIDTH - 8, 8, HEIGHT - PAD_BOTTOM
+    step = (right - left) / len(counts)
+    y_max = max(counts)
+    for i, c in enumerate(counts):
+        h = (bottom - top) * c / y_max
+        lo, up = i * bin_width, (i + 1) * bin_width
+        out["bars"].append({"x": round(left + i * step + 0.5, 2), "w": round(max(step - 1, 0.5), 2),
+                            "y": round(bottom - h, 2), "h": round(h, 2),
+                            "title": f"{num(lo)} – {num(up)}: {c:,} tokens"})  # fmt: skip
+    span = len(counts) * bin_width
+    for frac, anchor in ((0.0, "start"), (0.25, "middle"), (0.5, "middle"), (0.75, "middle"),
+                         (1.0, "end")):  # fmt: skip
+        x = round(left + frac * (right - left), 2)
+        out["x_ticks"].append({"x": x, "label": num(frac * span), "anchor": anchor})
+    out.update(y_max=y_max, plot={"left": left, "top": top, "right": right, "bottom": bottom},
+               max_x=round(left + min(max_act / span, 1.0) * (right - left), 2))  # fmt: skip
+    return out

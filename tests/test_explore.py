@@ -1,0 +1,178 @@
+"""Explorer API and pages (FastAPI TestClient) on an index of a tiny model over a corpus with `<script>`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from test_index import D_SAE, SCRIPT, build, index_config, make_assets
+
+from gemmascope.explore.app import MAX_BODY, MAX_NEW_TOKENS, create_app
+from gemmascope.explore.live import MAX_TOKENS
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory: pytest.TempPathFactory) -> TestClient:
+    """An explorer that loads the model and SAE lazily from the folders its index names."""
+    assets = make_assets(tmp_path_factory.mktemp("explore-api"))
+    out = build(assets, index_config(assets, assets["dir"] / "index.sqlite"))
+    return TestClient(create_app(out))
+
+
+def script_feature(client: TestClient) -> dict[str, Any]:
+    """A feature whose top contexts contain the `<script>` token."""
+    for f in client.get("/api/features", params={"per_page": 200}).json()["features"]:
+        full = client.get(f"/api/features/{f['id']}").json()
+        if any(t["text"] == SCRIPT for c in full["top_contexts"] for t in c["tokens"]):
+            return full
+    raise AssertionError("no feature has the <script> token in its top contexts")
+
+
+def test_list_sorts_pages_and_searches(client: TestClient) -> None:
+    body = client.get("/api/features", params={"sort": "density", "per_page": 10}).json()
+    assert body["total"] == D_SAE and len(body["features"]) == 10
+    densities = [f["density"] for f in body["features"]]
+    assert densities == sorted(densities, reverse=True)
+    acts = [
+        f["max_act"] for f in client.get("/api/features?sort=max_act&order=asc").json()["features"]
+    ]
+    assert acts == sorted(acts)
+    page2 = client.get(
+        "/api/features", params={"sort": "id", "order": "asc", "page": 2, "per_page": 10}
+    )
+    assert [f["id"] for f in page2.json()["features"]] == list(range(10, 20))
+    assert [f["id"] for f in client.get("/api/features?q=%237").json()["features"]] == [7]
+    # search by logit-lens token: every hit has the word among its top tokens
+    hits = client.get("/api/features", params={"q": "w12"}).json()
+    assert hits["total"] > 0
+    for f in hits["features"]:
+        lens = client.get(f"/api/features/{f['id']}").json()["logit_lens"]["top"]
+        assert any("w12" in t["text"] for t in lens)
+
+
+def test_feature_detail_and_404(client: TestClient) -> None:
+    f = client.get("/api/features/5").json()
+    assert f["id"] == 5 and 0 < f["density"] < 1 and f["max_act"] > 0
+    assert f["top_contexts"][0]["value"] == pytest.approx(f["max_act"])
+    assert len(f["logit_lens"]["top"]) == 5 and f["bands"]
+    r = client.get(f"/api/features/{D_SAE}")
+    assert r.status_code == 404
+    assert (
+        r.json()["detail"]
+        == f"feature {D_SAE} does not exist; this index has features 0..{D_SAE - 1}"
+    )
+    assert client.get("/api/features/-1").status_code == 404
+    page = client.get(f"/features/{D_SAE + 5}")
+    assert page.status_code == 404 and "does not exist" in page.text
+
+
+def test_token_text_is_escaped_in_pages(client: TestClient) -> None:
+    f = script_feature(client)
+    assert client.get("/api/features?q=script").json()["total"] > 0  # it is a logit-lens chip too
+    for url in (f"/features/{f['id']}", "/?q=script"):
+        html = client.get(url).text
+        assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+        assert "<script>alert" not in html and "<img src=x" not in html
+    r = client.get("/")
+    assert "script-src 'self'" in r.headers["content-security-policy"]
+    assert "cdn" not in r.text.lower() and "https://" not in r.text
+
+
+def test_fires_per_token(client: TestClient) -> None:
+    r = client.post("/api/fires", json={"text": f"w10 w11 {SCRIPT} w12"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    texts = [t["text"] for t in body["tokens"]]
+    assert texts == ["<bos>", "w10", "w11", SCRIPT, "w12"]
+    assert body["tokens"][0]["special"] and body["tokens"][0]["latents"] == []
+    assert any(t["latents"] for t in body["tokens"][1:])
+    top = body["features"][0]
+    assert top["max_act"] == max(top["acts"]) > 0 and "lens_top" in top
+    for t in body["tokens"]:
+        acts = [lat["act"] for lat in t["latents"]]
+        assert acts == sorted(acts, reverse=True) and all(a > 0 for a in acts)
+
+
+def test_steer_changes_generation_and_zero_strength_does_not(client: TestClient) -> None:
+    req = {"prompt": "w10 w11", "feature": 3, "max_new_tokens": 8}
+    zero = client.post("/api/steer", json={**req, "strength": 0}).json()
+    assert zero["steered"] == zero["unsteered"] and len(zero["unsteered"].split()) == 8
+    strong = client.post("/api/steer", json={**req, "strength": 40}).json()
+    assert strong["unsteered"] == zero["unsteered"] and strong["steered"] != strong["unsteered"]
+
+
+def test_requests_are_bounded(client: TestClient) -> None:
+    too_many = client.post("/api/steer", json={"prompt": "w10", "feature": 1, "strength": 1,
+                                               "max_new_tokens": MAX_NEW_TOKENS + 1})  # fmt: skip
+    assert too_many.status_code == 422 and "max_new_tokens" in str(too_many.json()["detail"])
+    nan = client.post("/api/steer", content=b'{"prompt": "w", "feature": 1, "strength": NaN}',
+                      headers={"content-type": "application/json"})  # fmt: skip
+    assert nan.status_code == 422
+    missing = client.post("/api/steer", json={"prompt": "w10", "feature": D_SAE, "strength": 1})
+    assert missing.status_code == 404 and "does not exist" in missing.json()["detail"]
+    long_text = " ".join(["w10"] * (MAX_TOKENS + 10))
+    r = client.post("/api/fires", json={"text": long_text})
+    assert r.status_code == 422 and "tokens long" in r.json()["detail"]
+    big = client.post("/api/fires", content=b"x" * (MAX_BODY + 1),
+                      headers={"content-type": "application/json"})  # fmt: skip
+    assert big.status_code == 413 and "request body over" in big.json()["detail"]
+    chunks = (b"x" * 1024 for _ in range(MAX_BODY // 1024 + 2))  # streamed: no Content-Length
+    streamed = client.post(
+        "/api/fires", content=chunks, headers={"content-type": "application/json"}
+    )
+    assert streamed.status_code == 413 and "request body over" in streamed.json()["detail"]
+    assert client.post("/api/fires", json={"text": ""}).status_code == 422
+    assert client.post("/api/fires", json={"text": "w1", "path": "/etc"}).status_code == 422
+    assert client.get("/api/features?sort=nope").status_code == 422
+
+
+def test_pages_render(client: TestClient) -> None:
+    for url in ("/", "/fires", "/steer?feature=3", "/features/0", "/static/style.css",
+                "/static/explore.js"):  # fmt: skip
+        assert client.get(url).status_code == 200, url
+    assert client.get("/docs").status_code == 404  # Swagger UI would pull a CDN
+
+
+def test_create_app_rejects_a_non_index(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no such index"):
+        create_app(tmp_path / "missing.sqlite")
+    (tmp_path / "junk.sqlite").write_bytes(b"not sqlite at all" * 100)
+    with pytest.raises(ValueError, match="not a gemmascope index"):
+        create_app(tmp_path / "junk.sqlite")
+
+
+@pytest.mark.slow
+def test_real_gemma_index_lens_and_explorer(tmp_path: Path) -> None:
+    """Gemma 3 270M: the lens applies the final RMSNorm's (1 + w); fires and steering run lazily."""
+    import torch
+
+    from gemmascope.explore.index import IndexConfig, build_index
+    from gemmascope.models import load_model
+    from gemmascope.sae import SAE, SAEConfig
+
+    model, tok = load_model("gemma-3-270m")
+    g = torch.Generator().manual_seed(0)
+    w_dec = torch.randn(256, 640, generator=g)
+    w_dec /= w_dec.norm(dim=1, keepdim=True)
+    cfg = SAEConfig("jumprelu", 640, 256, layer=6, site="resid_post", model="gemma-3-270m")
+    sae = SAE.from_arrays(cfg, {"W_enc": w_dec.T.clone(), "W_dec": w_dec, "b_enc": torch.zeros(256),
+                                "b_dec": torch.zeros(640), "threshold": torch.full((256,), 20.0)})  # fmt: skip
+    sae.save(tmp_path / "sae")
+    index = IndexConfig(sae_source=str(tmp_path / "sae"), out=tmp_path / "g.sqlite", tokens=2048)
+    build_index(index, model=model, tokenizer=tok, sae=sae, progress=False)
+    with torch.no_grad():
+        norm = model.model.norm
+        direct = model.lm_head(norm(w_dec[:8]))  # the model's own norm also divides by the RMS
+    client = TestClient(create_app(index.out))
+    for fid in range(8):
+        lens = client.get(f"/api/features/{fid}").json()["logit_lens"]["top"]
+        assert [t["id"] for t in lens] == direct[fid].topk(10).indices.tolist()
+    fires = client.post("/api/fires", json={"text": "The cat sat on the mat."}).json()
+    assert fires["tokens"][0]["text"] == "<bos>" and "".join(
+        t["text"] for t in fires["tokens"][1:]
+    ) == ("The cat sat on the mat.")
+    steer = client.post("/api/steer", json={"prompt": "I think", "feature": 0, "strength": 0,
+                                            "max_new_tokens": 6}).json()  # fmt: skip
+    assert steer["steered"] == steer["unsteered"] and steer["unsteered"]
