@@ -406,3 +406,26 @@ def test_gemma_3_270m_cache_matches_direct_forward(tmp_path: Path) -> None:
     # sequence 0 opens with the first training document: the stored tokens decode back to its text
     first = next(iter(iter_documents("default")))
     assert first.startswith(tok.decode(t["sequences"][0, 1:40].tolist()))
+
+
+def test_trainer_reads_from_the_model_or_the_cache_alike(
+    cache: Path, corpus: Path, lm: tuple[Any, Any], tmp_path: Path
+) -> None:
+    """One sweep over two sites: streamed from the model (no disk) or read from the cache."""
+    from gemmascope.train import SAESpec, TrainConfig, train
+
+    model, tok = lm
+    specs = [
+        SAESpec(0, "resid_post", 64, "topk", k=4),
+        SAESpec(2, "attn_z", 64, "jumprelu", target_l0=4),
+    ]
+    cfg = TrainConfig(tokens=250 * 6, batch_size=250, lr=1e-3, log_every=2)
+    keys = [(0, "resid_post"), (2, "attn_z")]
+    streamed = ModelActivations(model, tok, keys, corpus=str(corpus), context_size=T, batch_size=250,
+                                model_batch_size=4, buffer_size=3000)  # fmt: skip
+    cached = CachedActivations(cache, keys, batch_size=250)
+    for name, source in (("stream", streamed), ("cache", cached)):
+        saes = train(specs, source.batches, cfg, tmp_path / name, progress=False)
+        assert {s.name for s in specs} == set(saes)
+        assert saes[specs[1].name].cfg.d_in == 64 and saes[specs[0].name].cfg.d_in == 32
+        assert (tmp_path / name / "complete.json").exists()

@@ -246,6 +246,7 @@ def train(
         _write_config(out, specs, cfg)
 
     log = open(out / "metrics.jsonl", "a")  # noqa: SIM115 - closed in finally
+    board = _tensorboard(out)
     bar = tqdm(
         total=cfg.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True
     )
@@ -259,7 +260,7 @@ def train(
             done = step + 1
             if done % cfg.log_every == 0 or done == cfg.steps:
                 tok_s = (done * cfg.batch_size - tokens0) / (time.perf_counter() - t0)
-                _log(log, runs, done, cfg, lr, tok_s)
+                _log(log, board, runs, done, cfg, lr, tok_s)
                 first_run = runs[0].sums.get("last", {})
                 bar.set_postfix(
                     tok_s=f"{tok_s:,.0f}", fvu=first_run.get("fvu"), l0=first_run.get("l0")
@@ -270,6 +271,8 @@ def train(
     finally:
         bar.close()
         log.close()
+        if board is not None:
+            board.close()
     saes = {r.spec.name: export(r, scales, cfg) for r in runs}
     for name, sae in saes.items():
         sae.save(out / name)
@@ -318,7 +321,16 @@ def _accumulate(run: Run, stats: StepStats) -> None:
     s["n"] = s.get("n", 0) + 1
 
 
-def _log(log, runs: list[Run], step: int, cfg: TrainConfig, lr: float, tok_s: float) -> None:
+def _tensorboard(out: Path):
+    """A TensorBoard writer under `out/tensorboard` when the `tensorboard` package is installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def _log(log, board, runs: list[Run], step: int, cfg: TrainConfig, lr: float, tok_s: float) -> None:
     tokens = step * cfg.batch_size
     dead_after = min(cfg.dead_tokens, cfg.tokens // 4)
     for run in runs:
@@ -348,6 +360,14 @@ def _log(log, runs: list[Run], step: int, cfg: TrainConfig, lr: float, tok_s: fl
             )
             + "\n"
         )
+        if board is not None:
+            for key, value in {
+                **rec,
+                "dead_fraction": dead,
+                "lr": lr,
+                "coefficient": coefficient,
+            }.items():
+                board.add_scalar(f"{run.spec.name}/{key}", value, tokens)
     log.flush()
 
 
