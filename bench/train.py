@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from gemmascope.objectives import Objective, Params, forward_backward
-from gemmascope.train import Run, SAESpec, TrainConfig, _adam
+from gemmascope.objectives import forward_backward
+from gemmascope.train import SAESpec, TrainConfig, _adam, _new_run
 
 
 def activations(cache: Path | None, tokens: int) -> torch.Tensor:
@@ -60,9 +60,8 @@ def ours(train_x, test_x, args, lam) -> dict:
         l0_warmup_steps=args.warmup, matmul_dtype=args.matmul_dtype, log_every=10**9,
     )  # fmt: skip
     spec = SAESpec(6, "resid_post", args.width, "jumprelu", l0_coefficient=lam)
-    p = Params(train_x.shape[1], args.width, cfg.threshold_init, torch.Generator().manual_seed(0))
-    run = Run(spec, p, Objective("jumprelu", bandwidth=cfg.bandwidth, matmul_dtype=getattr(torch, args.matmul_dtype)),
-              {n: torch.zeros_like(q) for n, q in p.named_parameters()}, torch.zeros(args.width, dtype=torch.int64))  # fmt: skip
+    run = _new_run(spec, train_x.shape[1], cfg, 0)
+    p = run.params
     t = time.perf_counter()
     for step in range(args.steps):
         x = train_x[(step * args.batch) % len(train_x) :][: args.batch]

@@ -36,6 +36,19 @@ def main(
     """gemmascope: sparse autoencoders for every layer and site of a language model."""
 
 
+# Options that several subcommands share, declared once.
+ModelOption = Annotated[
+    str, typer.Option(help="`gemma-3-270m` (embedded), a hub name or a local folder.")
+]
+CorpusOption = Annotated[
+    str,
+    typer.Option(help="`default`, a .txt/.jsonl/.parquet file, folder or glob, or a HF dataset."),
+]
+TextColumnOption = Annotated[str, typer.Option(help="Text field of .jsonl/.parquet/HF rows.")]
+EvalFractionOption = Annotated[float, typer.Option(help="Share of documents held out.")]
+ContextSizeOption = Annotated[int, typer.Option(help="Tokens per sequence, BOS included.")]
+
+
 def fail(message: str) -> None:
     """Print a clear error (no traceback) and exit with status 2."""
     typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
@@ -170,9 +183,7 @@ def model_command(
 @app.command("cache")
 def cache_command(
     out: Annotated[Path, typer.Option(help="Cache folder; rerun the same command to resume it.")],
-    model: Annotated[
-        str, typer.Option(help="`gemma-3-270m` (embedded), a hub name or a local folder.")
-    ] = "gemma-3-270m",
+    model: ModelOption = "gemma-3-270m",
     layers: Annotated[str, typer.Option(help="Layers: `all`, `0-17`, `3,6,9`.")] = "all",
     sites: Annotated[
         str,
@@ -181,20 +192,13 @@ def cache_command(
         ),
     ] = "resid_post",
     tokens: Annotated[str, typer.Option(help="Vectors per (layer, site), e.g. 250k, 5M.")] = "1M",
-    corpus: Annotated[
-        str,
-        typer.Option(
-            help="`default`, a .txt/.jsonl/.parquet file, folder or glob, or a HF dataset."
-        ),
-    ] = "default",
-    text_column: Annotated[
-        str, typer.Option(help="Text field of .jsonl/.parquet/HF rows.")
-    ] = "text",
+    corpus: CorpusOption = "default",
+    text_column: TextColumnOption = "text",
     split: Annotated[
         str, typer.Option(help="`train`, or `eval` (the held-out documents).")
     ] = "train",
-    eval_fraction: Annotated[float, typer.Option(help="Share of documents held out.")] = 0.02,
-    context_size: Annotated[int, typer.Option(help="Tokens per sequence, BOS included.")] = 1024,
+    eval_fraction: EvalFractionOption = 0.02,
+    context_size: ContextSizeOption = 1024,
     batch_size: Annotated[int, typer.Option(help="Sequences per forward.")] = 8,
     dtype: Annotated[
         str, typer.Option(help="Storage dtype: float32, bfloat16, float16.")
@@ -359,26 +363,17 @@ def eval_command(
             help="Which SAE of each source (repeat for several); default: all of a folder.",
         ),
     ] = None,
-    model: Annotated[
-        str, typer.Option(help="`gemma-3-270m` (embedded), a hub name or a local folder.")
-    ] = "gemma-3-270m",
-    corpus: Annotated[
-        str,
-        typer.Option(
-            help="`default`, a .txt/.jsonl/.parquet file, folder or glob, or a HF dataset."
-        ),
-    ] = "default",
-    text_column: Annotated[
-        str, typer.Option(help="Text field of .jsonl/.parquet/HF rows.")
-    ] = "text",
+    model: ModelOption = "gemma-3-270m",
+    corpus: CorpusOption = "default",
+    text_column: TextColumnOption = "text",
     split: Annotated[
         str, typer.Option(help="`eval` (held-out documents), `train` or `all`.")
     ] = "eval",
-    eval_fraction: Annotated[float, typer.Option(help="Share of documents held out.")] = 0.02,
+    eval_fraction: EvalFractionOption = 0.02,
     tokens: Annotated[
         str, typer.Option(help="Tokens to forward, e.g. 100k (whole sequences).")
     ] = "100k",
-    context_size: Annotated[int, typer.Option(help="Tokens per sequence, BOS included.")] = 1024,
+    context_size: ContextSizeOption = 1024,
     batch_size: Annotated[int, typer.Option(help="Sequences per forward.")] = 8,
     ablations: Annotated[
         bool, typer.Option(help="Run zero and mean ablation (for the fraction of loss recovered).")
@@ -442,9 +437,7 @@ def index_command(
         Optional[str],  # noqa: UP007, UP045 - typer needs Optional on 3.10
         typer.Option("--sae-id", help="Which SAE of a folder or repo holding several."),
     ] = None,
-    model: Annotated[
-        str, typer.Option(help="`gemma-3-270m` (embedded), a hub name or a local folder.")
-    ] = "gemma-3-270m",
+    model: ModelOption = "gemma-3-270m",
     layer: Annotated[
         Optional[int],  # noqa: UP007, UP045
         typer.Option(help="Layer the SAE reads (default: from its config)."),
@@ -453,18 +446,11 @@ def index_command(
         Optional[str],  # noqa: UP007, UP045
         typer.Option(help="Site the SAE reads (default: from its config)."),
     ] = None,
-    corpus: Annotated[
-        str,
-        typer.Option(
-            help="`default`, a .txt/.jsonl/.parquet file, folder or glob, or a HF dataset."
-        ),
-    ] = "default",
+    corpus: CorpusOption = "default",
     split: Annotated[str, typer.Option(help="`train`, `eval` or `all` documents.")] = "train",
-    text_column: Annotated[
-        str, typer.Option(help="Text field of .jsonl/.parquet/HF rows.")
-    ] = "text",
+    text_column: TextColumnOption = "text",
     tokens: Annotated[str, typer.Option(help="Positions to run over, e.g. 250k, 1M.")] = "1M",
-    context_size: Annotated[int, typer.Option(help="Tokens per sequence, BOS included.")] = 1024,
+    context_size: ContextSizeOption = 1024,
     batch_size: Annotated[int, typer.Option(help="Sequences per chunk.")] = 4,
     top_k: Annotated[int, typer.Option(help="Top activating contexts kept per latent.")] = 20,
     window: Annotated[int, typer.Option(help="Tokens kept each side of an activation.")] = 16,
