@@ -20,10 +20,10 @@ import itertools
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import load_file
+from timing import Timed  # bench/ is on sys.path when a bench script runs
 
 from gemmascope import hooks
 from gemmascope.activations import CacheConfig, build_cache
@@ -42,21 +42,6 @@ def bare(model: torch.nn.Module, seqs: list[torch.Tensor], batch_size: int, deep
     return time.perf_counter() - start
 
 
-class _TimedCollect:
-    """Stands in for `hooks.collect` during cache runs and adds up the time spent in it."""
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-        self.inner = hooks.collect
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
-        try:
-            return self.inner(*args, **kwargs)
-        finally:
-            self.seconds += time.perf_counter() - start
-
-
 def cached(
     model: torch.nn.Module, tok: object, args: argparse.Namespace
 ) -> tuple[float, int, int, float]:
@@ -66,7 +51,7 @@ def cached(
                           sites=args.sites.split(","), tokens=args.tokens, corpus=args.corpus,
                           context_size=args.context_size, batch_size=args.batch_size,
                           dtype=args.dtype)  # fmt: skip
-        timed = _TimedCollect()
+        timed = Timed(hooks.collect)
         hooks.collect = timed  # activations looks it up at each forward
         start = time.perf_counter()
         try:

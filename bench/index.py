@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from timing import Timed  # bench/ is on sys.path when a bench script runs
 
 from gemmascope import hooks
 from gemmascope.corpus import iter_documents, pack_sequences
@@ -61,27 +62,13 @@ def bare(model: Any, seqs: list[torch.Tensor], batch_size: int, layer: int, site
     return time.perf_counter() - start
 
 
-class _Timed:
-    """Stands in for a function and adds up the seconds spent in it."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner, self.seconds = inner, 0.0
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
-        try:
-            return self.inner(*args, **kwargs)
-        finally:
-            self.seconds += time.perf_counter() - start
-
-
 def indexed(
     model: Any, tok: Any, sae: SAE, args: argparse.Namespace
 ) -> tuple[float, float, float, float, int]:
     """Seconds for the chunk loop, in forwards within it, for the logit lens, for the rest
     (checkpoint, SQLite write), and the bytes of the index."""
     marks: list[float] = []
-    lens, forward = _Timed(index_module.logit_lens), _Timed(hooks.collect)
+    lens, forward = Timed(index_module.logit_lens), Timed(hooks.collect)
     index_module.logit_lens, hooks.collect = lens, forward  # both are looked up when they run
     with tempfile.TemporaryDirectory(prefix="gemmascope-bench-") as tmp:
         cfg = IndexConfig(sae_source="random", out=Path(tmp) / "index.sqlite", model=args.model,
