@@ -7,7 +7,7 @@ TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 DEMO_OUT ?= demo-out
 
-.PHONY: demo test test-fast lint venv clean
+.PHONY: demo test test-fast lint docs venv clean
 
 venv: $(STAMP)
 
@@ -34,16 +34,21 @@ demo: $(STAMP)
 	@echo "  $(GS) index $(DEMO_OUT)/sae/layer_6_resid_post_w4096_jumprelu_l0_50 --tokens 250k --out $(DEMO_OUT)/features.sqlite"
 	@echo "  $(GS) explore $(DEMO_OUT)/features.sqlite"
 
+# The suite includes the docs: the site builds (--strict), the tutorial notebook and every example run.
 test: $(STAMP)
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench docs
 	$(BIN)/python -m pytest
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench docs
+	$(BIN)/ruff format --check src tests bench docs
+
+# The docs site (MkDocs + mkdocstrings) into site/; any warning is an error.
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict --site-dir site
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache site tutorial-out docs/tutorial-out

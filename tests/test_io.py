@@ -372,16 +372,17 @@ def test_pickled_npz_is_refused_not_unpickled(tmp_path: Path) -> None:
     assert _UNPICKLED == []
 
 
-def test_sparsify_like_folder_is_refused(tmp_path: Path) -> None:
+def test_untagged_cfg_json_is_neither_ours_nor_sparsify(tmp_path: Path) -> None:
     out = io.save(random_sae("topk"), tmp_path / "layers.6")
-    (out / "cfg.json").write_text('{"expansion_factor": 32, "k": 5, "d_in": 12}')
+    (out / "cfg.json").write_text('{"d_sae": 48}')  # no "format" tag, no sparsify `d_in` + `k`
     with pytest.raises(ValueError, match=r'cfg.json: expected "format": "gemmascope".*sparsify'):
         io.load(out)
 
 
 def test_unknown_save_format(tmp_path: Path) -> None:
     with pytest.raises(
-        ValueError, match=r"unknown format 'pt'; choose one of \['npz', 'saelens', 'gemmascope'\]"
+        ValueError,
+        match=r"unknown format 'pt'; choose one of \['npz', 'saelens', 'gemmascope', 'sparsify'",
     ):
         io.save(random_sae("relu"), tmp_path / "x", format="pt")
 

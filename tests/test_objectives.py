@@ -1,8 +1,11 @@
 """The hand-written sparse gradients equal autograd's, and the STEs equal finite differences."""
 
+import copy
+
 import pytest
 import torch
 
+from gemmascope.dense import dense_forward_backward
 from gemmascope.objectives import Objective, Params, dense_loss, forward_backward
 from gemmascope.sparse import from_topk, pair_dots, select
 
@@ -44,6 +47,29 @@ def test_sparse_gradients_equal_autograd(arch, kw, max_density):
     for n, q in p.named_parameters():
         ref = q.grad if q.grad is not None else torch.zeros_like(q)
         torch.testing.assert_close(ours[n], ref, rtol=1e-10, atol=1e-12, msg=n)
+
+
+@pytest.mark.parametrize("aux_k", [0, 3])
+@pytest.mark.parametrize("arch,kw", CASES, ids=[f"{a}-{i}" for i, (a, _) in enumerate(CASES)])
+def test_torch_path_equals_sparse_path(arch, kw, aux_k):
+    """The trainer's path off the CPU (dense autograd) gives the CPU kernels' loss and gradients."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 16, dtype=torch.float64)
+    y = x + 0.1 * torch.randn_like(x)
+    dead = torch.arange(64) % 3 == 0
+    obj = Objective(arch, bandwidth=0.05, matmul_dtype=torch.float64, aux_k=aux_k, **kw)
+    results = []
+    base = _params()
+    for step in (forward_backward, dense_forward_backward):
+        p = copy.deepcopy(base)
+        stats = step(p, x, y, obj, dead)
+        results.append((stats, {n: q.grad.clone() for n, q in p.named_parameters()}))
+    (sparse, g_sparse), (dense, g_dense) = results
+    for field in ("loss", "mse", "fvu", "l0", "min_selected"):
+        assert getattr(dense, field) == pytest.approx(getattr(sparse, field), rel=1e-10), field
+    torch.testing.assert_close(dense.fired, sparse.fired)
+    for n, g in g_sparse.items():
+        torch.testing.assert_close(g_dense[n], g, rtol=1e-10, atol=1e-12, msg=n)
 
 
 def test_threshold_ste_equals_finite_difference():

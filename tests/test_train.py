@@ -62,6 +62,17 @@ def test_learns_a_known_dictionary(tmp_path, spec):
     assert {"loss", "mse", "fvu", "l0", "dead_fraction", "lr", "coefficient"} <= set(log[-1])
 
 
+def test_init_is_the_recipe_and_the_encoder_scale_only_scales_w_enc():
+    recipe = Params(16, 64, 0.001, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(recipe.W_dec.norm(dim=1), torch.ones(64))
+    torch.testing.assert_close(recipe.W_enc, recipe.W_dec.T)
+    assert not recipe.b_enc.any() and not recipe.b_dec.any()
+    assert (recipe.threshold == 0.001).all()
+    short = Params(16, 64, 0.001, torch.Generator().manual_seed(0), encoder_scale=0.1)
+    torch.testing.assert_close(short.W_dec, recipe.W_dec)
+    torch.testing.assert_close(short.W_enc, 0.1 * recipe.W_dec.T)
+
+
 def test_decoder_rows_stay_unit_norm_and_gradient_is_projected():
     torch.manual_seed(0)
     p = Params(16, 64, 0.001, torch.Generator().manual_seed(0))
@@ -80,18 +91,19 @@ def test_decoder_rows_stay_unit_norm_and_gradient_is_projected():
     assert not torch.allclose(p.W_dec, W_before)
 
 
-def test_folding_the_input_scale_leaves_encodings_unchanged(tmp_path):
-    x = sparse_data(n=8192, scale=50.0)
+@pytest.mark.parametrize("center", [False, True])
+def test_folding_the_input_scale_leaves_encodings_unchanged(tmp_path, center):
+    x = sparse_data(n=8192, scale=50.0) + 3.0 * torch.randn(32)  # a large constant direction
     spec = SAESpec(0, "resid_post", 128, "jumprelu", l0_coefficient=1e-3)
-    cfg = TrainConfig(tokens=8192 * 2, **FAST)
+    cfg = TrainConfig(tokens=8192 * 2, center=center, **FAST)
     from gemmascope import train as train_mod
 
     captured = {}
     real_export = train_mod.export
 
-    def spy(run, scales, cfg):
-        captured["params"], captured["scale"] = run.params, scales[SITE]
-        return real_export(run, scales, cfg)
+    def spy(run, norms, cfg):
+        captured["params"], captured["norm"] = run.params, norms[SITE]
+        return real_export(run, norms, cfg)
 
     train_mod.export = spy
     try:
@@ -100,17 +112,19 @@ def test_folding_the_input_scale_leaves_encodings_unchanged(tmp_path):
         ]
     finally:
         train_mod.export = real_export
-    p, c = captured["params"], captured["scale"]
+    p, norm = captured["params"], captured["norm"]
+    c, mu = norm.scale, norm.mean
     first = torch.cat(
         [b[SITE] for _, b in zip(range(8), tensor_batches({SITE: x}, 512)(0), strict=False)]
     )
-    assert c == pytest.approx(float(first.pow(2).sum(-1).mean().sqrt()), rel=1e-5)
+    torch.testing.assert_close(mu, first.mean(0) if center else torch.zeros(32))
+    assert c == pytest.approx(float((first - mu).pow(2).sum(-1).mean().sqrt()), rel=1e-5)
     with torch.no_grad():
-        pre = (x / c) @ p.W_enc + p.b_enc
+        pre = ((x - mu) / c) @ p.W_enc + p.b_enc
         z_norm = pre * (pre > p.threshold)
-        torch.testing.assert_close(sae.encode(x), z_norm, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(sae.encode(x), z_norm, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(
-            sae.decode(z_norm), (z_norm @ p.W_dec + p.b_dec) * c, rtol=1e-4, atol=1e-4
+            sae.decode(z_norm), (z_norm @ p.W_dec + p.b_dec) * c + mu, rtol=1e-4, atol=1e-3
         )
     assert sae.cfg.input_scale == 1.0
 
@@ -121,7 +135,7 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path):
         SAESpec(0, "resid_post", 64, "jumprelu", target_l0=5),
         SAESpec(0, "resid_post", 64, "topk", k=5),
     ]
-    cfg = TrainConfig(tokens=512 * 30, **{**FAST, "checkpoint_every": 10})
+    cfg = TrainConfig(tokens=512 * 30, center=True, **{**FAST, "checkpoint_every": 10})
     full = train(specs, tensor_batches({SITE: x}, 512), cfg, tmp_path / "full", progress=False)
 
     class Killed(Exception):
@@ -230,3 +244,25 @@ def test_jumprelu_on_real_gemma3_activations(tmp_path):
     held_out = data["eval"]
     assert fvu(sae, held_out) < 0.2
     assert 15 < l0(sae, held_out) < 60
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("arch", ["jumprelu", "topk"])
+def test_cuda_trains_the_same_saes_as_the_cpu(tmp_path, arch):
+    x = sparse_data(n=8192)
+    kw = {"target_l0": 5} if arch == "jumprelu" else {"k": 5}
+    spec = SAESpec(0, "resid_post", 64, arch, **kw)
+    saes = {
+        device: train(
+            [spec],
+            tensor_batches({SITE: x}, 512),
+            TrainConfig(tokens=512 * 20, center=True, device=device, **FAST),
+            tmp_path / device,
+            progress=False,
+        )[spec.name]
+        for device in ("cpu", "cuda")
+    }
+    held_out = x[:1000]
+    torch.testing.assert_close(
+        saes["cuda"].cpu().encode(held_out), saes["cpu"].encode(held_out), rtol=1e-3, atol=1e-3
+    )

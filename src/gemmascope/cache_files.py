@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -158,10 +158,12 @@ def check_file(path: Path, meta: dict[str, Any], *, sha: bool) -> str | None:
     return None
 
 
-def orphan_cleanup(out: Path, manifest: dict[str, Any]) -> None:
-    """Delete temp files and shard files that the manifest does not name (left by a killed run)."""
-    named = {rel for s in manifest["shards"] for rel in s["files"]}
-    folders = [out, out / "tokens", *(out / s["dir"] for s in manifest["identity"]["sites"])]
+def orphan_cleanup(out: Path, manifest: dict[str, Any], pending: list[dict[str, Any]] = ()) -> None:
+    """Delete temp files and shard files that neither the manifest nor `pending` names (left by a
+    killed run)."""
+    named = {rel for s in [*manifest["shards"], *pending] for rel in s["files"]}
+    folders = [out, out / "tokens", out / PENDING]
+    folders += [out / s["dir"] for s in manifest["identity"]["sites"]]
     for folder in folders:
         if not folder.is_dir():
             continue
@@ -199,15 +201,25 @@ def shard_writer(
     widths: dict[Key, int],
     dtype: torch.dtype,
     bar: Any,
+    *,
+    first: int | None = None,
+    record: Callable[[dict[str, Any]], None] | None = None,
 ) -> None:
-    """Fill shards from the stream in order, writing each (then the manifest) as soon as it is full."""
+    """Fill shards from the stream in order, writing each as soon as it is full.
+
+    The stream starts at shard `first` (default: the first the manifest lacks). Each finished shard's
+    entry goes to `record`; by default it is named in the manifest, which is then rewritten.
+    """
     size_max, total = manifest["shard_tokens"], manifest["tokens"]
-    k = len(manifest["shards"])
+    k = len(manifest["shards"]) if first is None else first
+    record = record or (lambda entry: name_shards(out, manifest, [entry]))
     size = min(size_max, total - k * size_max)
     bufs = {key: torch.empty(size, w, dtype=dtype) for key, w in widths.items()}  # key -> (S, W)
     fill, tok_parts, seqs = 0, [], {}
     disk = sum(m["bytes"] for s in manifest["shards"] for m in s["files"].values())
     for chunk in stream:
+        if not len(chunk.token_ids):  # a forward whose tokens were all skipped (BOS/EOS/pad)
+            continue
         assert chunk.start == k * size_max + fill, "stream and shards out of step"
         seqs.update(chunk.sequences)
         off, n = 0, len(chunk.token_ids)
@@ -219,7 +231,9 @@ def shard_writer(
                               chunk.position[off : off + take]))  # fmt: skip
             fill, off = fill + take, off + take
             if fill == size:
-                disk += _finish_shard(out, manifest, k, bufs, fill, tok_parts, seqs)
+                entry = _finish_shard(out, size_max, k, bufs, fill, tok_parts, seqs)
+                record(entry)
+                disk += sum(f["bytes"] for f in entry["files"].values())
                 bar.set_postfix_str(f"disk {_fmt(disk)}", refresh=False)
                 k, fill, tok_parts = k + 1, 0, []
                 size = min(size_max, total - k * size_max)
@@ -228,18 +242,26 @@ def shard_writer(
                     return
         bar.update(n)
     if fill:  # the corpus ran out: keep what there is, marked incomplete
-        _finish_shard(out, manifest, k, bufs, fill, tok_parts, seqs)
+        record(_finish_shard(out, size_max, k, bufs, fill, tok_parts, seqs))
+
+
+def name_shards(out: Path, manifest: dict[str, Any], entries: list[dict[str, Any]]) -> None:
+    """Append finished shards' entries to the manifest and rewrite it atomically."""
+    manifest["shards"].extend(entries)
+    manifest["complete"] = sum(s["tokens"] for s in manifest["shards"]) == manifest["tokens"]
+    write_json(out / "manifest.json", manifest)
 
 
 def _finish_shard(
     out: Path,
-    manifest: dict[str, Any],
+    shard_tokens: int,
     k: int,
     bufs: dict[Key, torch.Tensor],
     n: int,
     tok_parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     seqs: dict[int, Any],
-) -> int:
+) -> dict[str, Any]:
+    """Write shard `k`'s files (each atomically) and return its manifest entry."""
     name = shard_name(k)
     sequence = torch.cat([p[1] for p in tok_parts])  # (n,) int64
     seq_ids = sorted(set(sequence.tolist()))
@@ -257,14 +279,74 @@ def _finish_shard(
     last = max(seq_ids)
     for i in [i for i in seqs if i < last]:
         del seqs[i]  # the last sequence may continue into the next shard
-    manifest["shards"].append({"index": k, "start": k * manifest["shard_tokens"], "tokens": n,
-                               "files": files})  # fmt: skip
-    manifest["complete"] = sum(s["tokens"] for s in manifest["shards"]) == manifest["tokens"]
-    write_json(out / "manifest.json", manifest)
-    return sum(f["bytes"] for f in files.values())
+    return {"index": k, "start": k * shard_tokens, "tokens": n, "files": files}
 
 
 def _save(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
     with atomic_file(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
     return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+# ---------------------------------------------------------------- many ranks (torchrun)
+# Under torchrun each rank writes whole shards of its own slice of the stream. The manifest names a
+# gapless prefix of shards (readers rely on it), so a rank records each finished shard beside it in
+# `pending/shard-NNNNN.json`; rank 0 moves entries that extend the prefix into the manifest, at the
+# start (resume) and once every rank is done. A kill loses at most the shards being written.
+PENDING = "pending"
+
+
+def write_pending(out: Path, entry: dict[str, Any]) -> None:
+    """Record a finished shard whose predecessors may not be named in the manifest yet."""
+    write_json(out / PENDING / f"shard-{entry['index']:05d}.json", entry)
+
+
+def absorb_pending(out: Path, manifest: dict[str, Any], *, verify: bool) -> list[dict[str, Any]]:
+    """Name in the manifest the pending shards that extend its prefix; return the others still intact.
+
+    Entries whose files are missing, damaged or of the wrong size are forgotten (their shards are
+    recomputed); the manifest is rewritten when it grew.
+    """
+    folder = out / PENDING
+    if not folder.is_dir():
+        return []
+    size, total = manifest["shard_tokens"], manifest["tokens"]
+    entries = {}
+    for f in sorted(folder.glob("shard-*.json")):
+        try:
+            entry = json.loads(f.read_text())
+            k = int(entry["index"])
+            intact = entry["tokens"] == min(size, total - k * size) and not any(
+                check_file(out / rel, meta, sha=verify) for rel, meta in entry["files"].items()
+            )
+        except (OSError, ValueError, KeyError, TypeError):
+            intact = False
+        if intact and k >= len(manifest["shards"]):
+            entries[k] = entry
+        else:
+            f.unlink()
+    start = len(manifest["shards"])
+    run = []
+    while start + len(run) in entries:
+        run.append(entries.pop(start + len(run)))
+    if run:
+        name_shards(out, manifest, run)
+        for entry in run:
+            (folder / f"shard-{entry['index']:05d}.json").unlink()
+    return [entries[k] for k in sorted(entries)]
+
+
+def rank_shards(n_shards: int, done: set[int], index: int, count: int) -> list[range]:
+    """The shards rank `index` of `count` writes: its share of those not done, as runs of
+    consecutive indices (each run is one pass over the stream)."""
+    from gemmascope.distributed import shard_range
+
+    todo = [k for k in range(n_shards) if k not in done]
+    lo, hi = shard_range(len(todo), index, count)
+    runs: list[range] = []
+    for k in todo[lo:hi]:
+        if runs and runs[-1].stop == k:
+            runs[-1] = range(runs[-1].start, k + 1)
+        else:
+            runs.append(range(k, k + 1))
+    return runs

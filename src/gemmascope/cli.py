@@ -55,6 +55,13 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+def _device(name: str) -> str:
+    """`--device` resolved: `auto` becomes this process's GPU if there is one, else the CPU."""
+    from gemmascope.distributed import resolve_device
+
+    return str(resolve_device(name))
+
+
 # Subcommands are registered below, one block per step of the data flow.
 _ = Path
 
@@ -100,6 +107,32 @@ def list_saes(
     typer.echo("\n".join(ids))
 
 
+@app.command("convert")
+def convert_command(
+    source: Annotated[str, typer.Argument(help="SAE file, folder or Hugging Face repo id.")],
+    dest: Annotated[Path, typer.Argument(help="Folder (or .npz file) to write.")],
+    to: Annotated[
+        str,
+        typer.Option(
+            help="saelens, gemmascope, npz, sparsify, dictionary_learning or gemmascope2."
+        ),
+    ],
+    sae_id: Annotated[
+        Optional[str],  # noqa: UP007, UP045 - typer needs Optional on 3.10
+        typer.Option("--sae-id", help="Which SAE of a folder or repo holding several."),
+    ] = None,
+) -> None:
+    """Convert an SAE between formats (the source's is detected); refuses what would change it."""
+    from gemmascope import io
+
+    try:
+        out = io.convert(source, dest, to, sae_id=sae_id)
+    except (OSError, ValueError, RuntimeError) as e:
+        fail(str(e))
+        return
+    typer.echo(f"wrote {out} ({to})")
+
+
 # --- model: a model's layers and site widths, and real activations at one site -------------------
 
 _SITE_HELP = {
@@ -142,7 +175,7 @@ def model_command(
     if site not in SITES:
         fail(f"unknown --site {site!r}; choose one of {list(SITES)}")
     try:
-        lm, tokenizer = load_model(model, device=device)
+        lm, tokenizer = load_model(model, device=_device(device))
     except (RuntimeError, ValueError) as e:
         fail(str(e))
         return
@@ -210,7 +243,9 @@ def cache_command(
         Optional[int],  # noqa: UP007, UP045 - typer needs Optional on 3.10
         typer.Option(help="Tokens per shard (default: about 1 GiB per shard)."),
     ] = None,
-    device: Annotated[str, typer.Option(help="Torch device for the model.")] = "cpu",
+    device: Annotated[
+        str, typer.Option(help="Torch device for the model: cpu, cuda, cuda:N, mps or auto.")
+    ] = "auto",
     verify: Annotated[
         bool,
         typer.Option(help="On resume, check every existing shard's sha256, not only its size."),
@@ -220,6 +255,7 @@ def cache_command(
     import json
 
     from gemmascope.activations import CacheConfig, build_cache, config_dict, parse_count
+    from gemmascope.distributed import is_main
 
     try:
         cfg = CacheConfig(
@@ -228,12 +264,14 @@ def cache_command(
             eval_fraction=eval_fraction, context_size=context_size, batch_size=batch_size, dtype=dtype,
             keep_special=keep_special, shard_tokens=shard_tokens, device=device, verify=verify,
         )  # fmt: skip
-        typer.echo(json.dumps(config_dict(cfg)), err=True)
+        if is_main():  # under torchrun, one rank speaks
+            typer.echo(json.dumps(config_dict(cfg)), err=True)
         build_cache(cfg)
     except (OSError, ValueError, RuntimeError, KeyError, ImportError) as e:
         fail(str(e))
         return
-    typer.echo(f"cache complete: {cfg.tokens:,} tokens in {cfg.out}")
+    if is_main():
+        typer.echo(f"cache complete: {cfg.tokens:,} tokens in {cfg.out}")
 
 
 # --- train: a sweep of SAEs from one read of the activations (gemmascope.train) ---
@@ -277,8 +315,24 @@ def train_command(
     batch_size: Annotated[Optional[int], typer.Option(help="Tokens per step (4096).")] = None,  # noqa: UP007, UP045
     lr: Annotated[Optional[float], typer.Option(help="Adam learning rate (7e-5).")] = None,  # noqa: UP007, UP045
     matmul_dtype: Annotated[
-        str | None, typer.Option(help="Encoder matmul: float32 or bfloat16.")
+        str | None,
+        typer.Option(
+            "--dtype",
+            "--matmul-dtype",
+            help="Dense products: float32, bfloat16 or float16 (weights stay float32).",
+        ),
     ] = None,  # noqa: UP007, UP045
+    device: Annotated[
+        str | None, typer.Option(help="cpu, cuda, cuda:N, mps or auto (a GPU if there is one).")
+    ] = None,  # noqa: UP007, UP045
+    parallel: Annotated[
+        str | None,
+        typer.Option(help="Under torchrun: split batches (data) or each SAE's latents (latents)."),
+    ] = None,  # noqa: UP007, UP045
+    encoder_init_scale: Annotated[
+        Optional[float],  # noqa: UP007, UP045
+        typer.Option(help="W_enc = scale * W_dec^T at init (recipe 1; 0.1 for short runs)."),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed for init and data order.")] = 0,
     resume: Annotated[
         bool, typer.Option(help="Continue the run in --out from its checkpoint.")
@@ -288,6 +342,7 @@ def train_command(
     import dataclasses as dc
 
     from gemmascope.activations import parse_count
+    from gemmascope.distributed import is_main
     from gemmascope.train import TrainConfig, expand_sweep, load_sweep, parse_width, train
 
     try:
@@ -307,7 +362,7 @@ def train_command(
                 "no SAEs to train: pass --spec FILE or --layers with a sparsity (--target-l0, --k, ...)"
             )
         flags = {"tokens": parse_count(tokens) if tokens else None, "batch_size": batch_size, "lr": lr,
-                 "matmul_dtype": matmul_dtype}  # fmt: skip
+                 "matmul_dtype": matmul_dtype, "device": device, "parallel": parallel, "encoder_init_scale": encoder_init_scale}  # fmt: skip
         options.update({k_: v for k_, v in flags.items() if v is not None}, seed=seed)
         activations = activations or (
             Path(source["activations"]) if "activations" in source else None
@@ -335,9 +390,11 @@ def train_command(
             options.setdefault("dataset", source.get("corpus", corpus))
             options.setdefault("context_size", data.context_size)
         cfg = TrainConfig(**options)
-        typer.echo(
-            f"training {len(specs)} SAE(s) on {cfg.tokens:,} tokens: {dc.asdict(cfg)}", err=True
-        )
+        if is_main():  # under torchrun, one rank speaks
+            typer.echo(
+                f"training {len(specs)} SAE(s) on {cfg.tokens:,} tokens: {dc.asdict(cfg)}",
+                err=True,
+            )
         saes = train(specs, data.batches, cfg, out, resume=resume)
     except (OSError, ValueError, RuntimeError, KeyError, ImportError) as e:
         fail(str(e))
@@ -382,7 +439,9 @@ def eval_command(
         int,
         typer.Option(help="Positions per cross-entropy chunk (memory ~ 2 x chunk x vocab x 4 B)."),
     ] = 512,
-    device: Annotated[str, typer.Option(help="Torch device: cpu, cuda, cuda:N, mps.")] = "cpu",
+    device: Annotated[
+        str, typer.Option(help="Torch device: cpu, cuda, cuda:N, mps, auto.")
+    ] = "cpu",
 ) -> None:
     """Score SAEs on held-out tokens: L0, FVU, MSE, cosine, delta LM loss, loss recovered, dead/dense."""
     from rich.console import Console
@@ -398,6 +457,7 @@ def eval_command(
                 "batch_size": batch_size, "ablations": ablations}  # fmt: skip
     try:
         pairs = expand_sources(sources, sae_id or [])
+        device = _device(device)
         saes = [io.load(src, sid, device=device) for src, sid in pairs]
         lm, tokenizer = load_model(model, device=device)
         typer.echo(f"evaluating {len(saes)} SAE(s): {settings}", err=True)
@@ -462,7 +522,9 @@ def index_command(
     checkpoint_seconds: Annotated[
         float, typer.Option(help="Save progress at most this often (seconds).")
     ] = 60.0,
-    device: Annotated[str, typer.Option(help="Torch device for the model and SAE.")] = "cpu",
+    device: Annotated[
+        str, typer.Option(help="Torch device for the model and SAE: cpu, cuda, cuda:N, mps, auto.")
+    ] = "cpu",
 ) -> None:
     """Run an SAE over a corpus and write a feature index for `gemmascope explore`."""
     import dataclasses as dc
@@ -477,7 +539,7 @@ def index_command(
             corpus=corpus, split=split, text_column=text_column, tokens=parse_count(tokens),  # type: ignore[arg-type]
             context_size=context_size, batch_size=batch_size, top_k=top_k, window=window,
             bands=bands, samples=samples, bins=bins, lens_k=lens_k, seed=seed,
-            checkpoint_seconds=checkpoint_seconds, device=device,
+            checkpoint_seconds=checkpoint_seconds, device=_device(device),
         )  # fmt: skip
         typer.echo(json.dumps(dc.asdict(cfg), default=str), err=True)
         build_index(cfg)
@@ -507,7 +569,7 @@ def explore_command(
         fail(f"the explorer needs fastapi, uvicorn and jinja2 ({e}); pip install them")
         return
     try:
-        web = create_app(index, device=device)
+        web = create_app(index, device=_device(device))
     except (OSError, ValueError) as e:
         fail(str(e))
         return
@@ -582,3 +644,121 @@ def publish_command(
         fail(str(e))
         return
     typer.echo(f"published {folder}" + (f" and uploaded to {repo_id}" if repo_id else ""))
+
+
+# --- suite: plan, cache, train, evaluate, publish and report a whole suite, resumable (gemmascope.suite) ---
+suite_app = typer.Typer(
+    help="Build a whole Gemma Scope-style suite with one command; `suite status DIR` shows progress.",
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(suite_app, name="suite")
+
+
+@suite_app.callback(invoke_without_command=True)
+def suite_command(
+    ctx: typer.Context,
+    out: Annotated[
+        Optional[Path],  # noqa: UP007, UP045 - typer needs Optional on 3.10
+        typer.Option(help="Suite folder; rerun the same command to resume it."),
+    ] = None,
+    model: ModelOption = "gemma-3-270m",
+    sites: Annotated[
+        str, typer.Option(help="Comma-separated sites: resid_post, mlp_out, attn_z, ...")
+    ] = "resid_post",
+    layers: Annotated[str, typer.Option(help="Layers: `all`, `0-17`, `3,6,9`.")] = "all",
+    widths: Annotated[str, typer.Option(help="SAE widths: `4k,16k`.")] = "16k",
+    l0: Annotated[str, typer.Option(help="Target L0s, one JumpReLU SAE each: `20,50,100`.")] = "50",
+    tokens: Annotated[
+        str, typer.Option(help="Tokens cached and trained on per (layer, site), e.g. 2M.")
+    ] = "2M",
+    eval_tokens: Annotated[str, typer.Option(help="Held-out tokens per evaluation.")] = "20k",
+    ablations: Annotated[
+        bool, typer.Option(help="Zero/mean ablation in evaluation (loss recovered).")
+    ] = True,
+    corpus: CorpusOption = "default",
+    text_column: TextColumnOption = "text",
+    eval_fraction: EvalFractionOption = 0.02,
+    context_size: ContextSizeOption = 1024,
+    model_batch_size: Annotated[int, typer.Option(help="Sequences per model forward.")] = 8,
+    batch_size: Annotated[int, typer.Option(help="Tokens per training step.")] = 4096,
+    lr: Annotated[float, typer.Option(help="Adam learning rate (short runs: ~2e-3).")] = 7e-5,
+    matmul_dtype: Annotated[
+        str, typer.Option(help="Dense training products: float32, bfloat16, float16.")
+    ] = "float32",
+    encoder_init_scale: Annotated[
+        float, typer.Option(help="W_enc = scale * W_dec^T at init (0.1 suits short runs).")
+    ] = 1.0,
+    cache_dtype: Annotated[
+        str, typer.Option(help="Cache storage: float32, bfloat16, float16.")
+    ] = "float32",
+    buffer_size: Annotated[int, typer.Option(help="Vectors shuffled together.")] = 1 << 19,
+    checkpoint_every: Annotated[
+        int, typer.Option(help="Training steps between checkpoints.")
+    ] = 200,
+    seed: Annotated[int, typer.Option(help="Seed for init and data order.")] = 0,
+    saelens: Annotated[bool, typer.Option(help="Also publish a SAELens copy.")] = False,
+    base_model: Annotated[
+        Optional[str],  # noqa: UP007, UP045
+        typer.Option(help="Hub id for the model card (default: from --model)."),
+    ] = None,
+    disk_budget: Annotated[
+        Optional[str],  # noqa: UP007, UP045
+        typer.Option(help="Disk the suite may use, e.g. 50G (default: the free space)."),
+    ] = None,
+    keep_cache: Annotated[
+        bool, typer.Option(help="Keep activation caches after training.")
+    ] = False,
+    device: Annotated[
+        str, typer.Option(help="cpu, cuda, cuda:N, mps, or auto (the GPU if there is one).")
+    ] = "auto",
+    dry_run: Annotated[
+        bool, typer.Option(help="Measure and print the plan (disk, memory, time); run nothing.")
+    ] = False,
+) -> None:
+    """Plan, cache, train, evaluate, publish and report every SAE of a grid; resumable."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from gemmascope.activations import parse_count
+    from gemmascope.suite import SuiteConfig, build_suite, parse_bytes
+    from gemmascope.train import parse_width
+
+    if out is None:
+        fail("--out is required: the suite folder (or run `gemmascope suite status DIR`)")
+        return
+    try:
+        cfg = SuiteConfig(
+            out=out, model=model, sites=[s.strip() for s in sites.split(",") if s.strip()],
+            layers=layers, widths=[parse_width(w) for w in widths.split(",") if w.strip()],
+            target_l0s=_floats(l0), tokens=parse_count(tokens), eval_tokens=parse_count(eval_tokens),
+            ablations=ablations, corpus=corpus, text_column=text_column, eval_fraction=eval_fraction,
+            context_size=context_size, model_batch_size=model_batch_size, batch_size=batch_size,
+            lr=lr, matmul_dtype=matmul_dtype, encoder_init_scale=encoder_init_scale,
+            cache_dtype=cache_dtype, buffer_size=buffer_size,
+            checkpoint_every=checkpoint_every, seed=seed, saelens=saelens, base_model=base_model,
+            disk_budget=parse_bytes(disk_budget) if disk_budget else None, keep_cache=keep_cache,
+            device=device,
+        )  # fmt: skip
+        build_suite(cfg, dry_run=dry_run)
+    except (OSError, ValueError, RuntimeError, KeyError, ImportError) as e:
+        fail(str(e))
+        return
+    if not dry_run:
+        typer.echo(f"suite complete: {out / 'publish'} (report: {out / 'report' / 'index.html'})")
+
+
+@suite_app.command("status")
+def suite_status_command(
+    folder: Annotated[Path, typer.Argument(help="A suite folder (`gemmascope suite --out`).")],
+) -> None:
+    """Show what is done, running and left in a suite, with an ETA."""
+    from rich.console import Console
+
+    from gemmascope.suite_status import status_table
+
+    try:
+        table = status_table(folder)
+    except (OSError, ValueError, KeyError) as e:
+        fail(str(e))
+        return
+    Console().print(table)

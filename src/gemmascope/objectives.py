@@ -18,7 +18,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from gemmascope.distributed import Split
 from gemmascope.sparse import Active, DenseActive, Window, from_topk, pair_dots, select
+
+ALONE = Split()
 
 
 @dataclass
@@ -56,15 +59,23 @@ class StepStats:
 class Params(nn.Module):
     """Training parameters in normalised units, named as Gemma Scope's weights."""
 
-    def __init__(self, d_in: int, d_sae: int, threshold: float, generator: torch.Generator) -> None:
+    def __init__(
+        self,
+        d_in: int,
+        d_sae: int,
+        threshold: float,
+        generator: torch.Generator,
+        encoder_scale: float = 1.0,
+    ) -> None:
         super().__init__()
-        # W_dec He-uniform, each latent's row rescaled to unit norm; W_enc its transpose; biases zero.
+        # W_dec He-uniform, each latent's row rescaled to unit norm; W_enc its transpose (times
+        # `encoder_scale`, 1 in the recipe); biases zero.
         w = torch.empty(d_sae, d_in)
         bound = (6.0 / d_in) ** 0.5
         w.uniform_(-bound, bound, generator=generator)
         w /= w.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(w)
-        self.W_enc = nn.Parameter(w.T.clone())
+        self.W_enc = nn.Parameter(w.T * encoder_scale)
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
         self.threshold = nn.Parameter(torch.full((d_sae,), float(threshold)))
@@ -79,11 +90,21 @@ def encoder_pre(x: Tensor, p: Params, dtype: torch.dtype) -> Tensor:
 
 @torch.no_grad()
 def forward_backward(
-    p: Params, x: Tensor, y: Tensor, obj: Objective, dead: Tensor | None = None
+    p: Params,
+    x: Tensor,
+    y: Tensor,
+    obj: Objective,
+    dead: Tensor | None = None,
+    split: Split = ALONE,
 ) -> StepStats:
-    """One step's loss and gradients (written to `.grad`) for inputs `x [B, d]` and targets `y [B, d]`."""
-    B = x.shape[0]
-    pre = encoder_pre(x, p, obj.matmul_dtype)  # (B, m)
+    """One step's loss and gradients (written to `.grad`) for inputs `x [B, d]` and targets `y [B, d]`.
+
+    With a `split`, this rank holds some rows of the batch (sum the gradients over ranks afterwards)
+    or some latents (`p` is its slice); losses and statistics are the whole batch's, normalised by
+    its size, and TopK/BatchTopK select over every rank's latents.
+    """
+    B = int(split.over_rows(torch.tensor(x.shape[0])))  # rows of the whole batch
+    pre = encoder_pre(x, p, obj.matmul_dtype)  # (B_local, m_local)
     arch = obj.architecture
     window: Window | None = None
     min_selected = 0.0
@@ -92,27 +113,29 @@ def forward_backward(
         half = obj.bandwidth / 2 if arch == "jumprelu" else 0.0
         act, window = select(pre, theta, half, obj.max_density)
     elif arch == "topk":
-        vals, idx = pre.topk(obj.k, dim=-1, sorted=False)
-        act = from_topk(idx, vals.relu(), pre.shape[1])
+        act = _topk_active(pre, obj.k, split)
     elif arch == "batchtopk":
-        act = _batch_topk(pre, obj.k)
-        min_selected = float(act.val[act.val > 0].min()) if act.nnz else 0.0
+        act = _batch_topk(pre, obj.k * B, obj.k, split)
+        pos = act.val[act.val > 0]
+        least = pos.min() if pos.numel() else torch.tensor(float("inf"))
+        min_selected = float(split.min_all(least.float()))
+        min_selected = 0.0 if min_selected == float("inf") else min_selected
     else:
         raise ValueError(f"unknown architecture {arch!r}")
 
     z = act.val  # active values, CSR order (or dense)
-    y_hat = act.decode(z, p.W_dec).add_(p.b_dec)  # (B, d)
+    y_hat = split.over_latents(act.decode(z, p.W_dec)).add_(p.b_dec)  # (B, d)
     err = y_hat - y
-    sq = err.pow(2).sum()
-    mse = float(sq) / B
+    sq = float(split.over_rows(err.pow(2).sum()))
+    mse = sq / B
     g = err.mul_(2.0 / B)  # dL/dy_hat, (B, d)
-    l0 = act.nnz / B
+    l0 = float(split.over_all(torch.tensor(float(act.nnz)))) / B
 
     # Gradient at the active entries; the sparsity penalty joins here.
     dz = act.sampled(g, p.W_dec.T)  # dL/dz at active entries
     if arch == "relu":
         dz = dz + obj.coefficient / B * (act.mask if isinstance(act, DenseActive) else 1.0)
-        penalty = obj.coefficient * float(z.sum()) / B
+        penalty = obj.coefficient * float(split.over_all(z.sum())) / B
     elif arch == "jumprelu":
         penalty = _jumprelu_threshold_grad(p, g, window, obj, l0, B)
     else:
@@ -127,17 +150,80 @@ def forward_backward(
         p.threshold.grad = torch.zeros_like(p.threshold)
 
     aux = 0.0
-    if arch in ("topk", "batchtopk") and obj.aux_k and dead is not None and bool(dead.any()):
-        aux = _aux_k(p, x, pre, y - y_hat, dead, obj)
-    var = float((y - y.mean(0)).pow(2).sum())
+    if arch in ("topk", "batchtopk") and obj.aux_k and _n_dead(dead, split):
+        aux = _aux_k(p, x, pre, y - y_hat, dead, obj, split)
+    var = centered_sq(y, split)
     return StepStats(
         loss=mse + penalty + aux,
         mse=mse,
-        fvu=float(sq) / max(var, 1e-12),
+        fvu=sq / max(var, 1e-12),
         l0=l0,
-        fired=act.fired(),
+        fired=split.over_rows(act.fired()),
         min_selected=min_selected,
     )
+
+
+def centered_sq(t: Tensor, split: Split = ALONE) -> float:
+    """`sum ||t_i - mean(t)||^2` over the rows of the whole batch `t [B, d]`."""
+    if not split.rows:
+        return float((t - t.mean(0)).pow(2).sum())
+    n = split.over_rows(torch.tensor(float(t.shape[0]), device=t.device))
+    s1 = split.over_rows(t.sum(0))  # (d,)
+    s2 = split.over_rows(t.pow(2).sum())
+    return float(s2 - s1.pow(2).sum() / n)
+
+
+def _n_dead(dead: Tensor | None, split: Split) -> int:
+    """Dead latents over every rank's slice (all ranks agree, so they take the same branches)."""
+    if dead is None:
+        return 0
+    return int(split.over_latents(dead.sum()))
+
+
+def row_topk(pre: Tensor, k: int, split: Split = ALONE) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Per row, the `k` largest of `pre [B, m]` over the latents of every rank.
+
+    Returns `(vals, cols, won)`, each `[B, min(k, m)]`: this rank's candidates, their columns, and
+    which of them are in the row's global top k (None when the latents are not split: all are).
+    """
+    vals, cols = pre.topk(min(k, pre.shape[1]), dim=1, sorted=False)
+    if not split.latents:
+        return vals, cols, None
+    import torch.distributed as dist
+
+    c = vals.shape[1]
+    padded = torch.full((pre.shape[0], k), float("-inf"), dtype=pre.dtype, device=pre.device)
+    padded[:, :c] = vals.detach()
+    everyone = split.gather(padded, 1)  # (B, world * k), rank r in columns [r k, r k + k)
+    pos = everyone.topk(min(k, everyone.shape[1]), dim=1, sorted=False).indices
+    won = torch.zeros_like(everyone, dtype=torch.bool).scatter_(1, pos, True)
+    r = dist.get_rank()
+    return vals, cols, won[:, r * k : r * k + c]
+
+
+def _topk_active(pre: Tensor, k: int, split: Split) -> Active:
+    vals, cols, won = row_topk(pre, k, split)
+    if won is None:
+        return from_topk(cols, vals.relu(), pre.shape[1])
+    rows = torch.arange(pre.shape[0]).unsqueeze(1).expand_as(cols)
+    return _from_entries(rows[won], cols[won], vals[won].relu(), pre.shape)
+
+
+def batch_threshold(pre: Tensor, n: int, k: int, split: Split = ALONE) -> Tensor:
+    """The `n`-th largest entry of the whole batch's `pre` (over every rank's rows and latents).
+
+    Each row offers its top `4k` candidates first; the n-th largest of candidates is at most the
+    true one, and equal to it exactly when no more than `n` entries reach it. Otherwise every entry
+    is a candidate.
+    """
+    cand = pre.topk(min(pre.shape[1], 4 * k), dim=1, sorted=False).values.reshape(-1)
+    for pool in (cand, pre.reshape(-1)):
+        local = pool.topk(min(n, pool.numel()), sorted=False).values
+        everyone = split.gather(local.detach(), 0)
+        v = everyone.topk(min(n, everyone.numel()), sorted=False).values.min()
+        if int(split.over_all((pre >= v).sum())) <= n:
+            break
+    return v
 
 
 def _jumprelu_threshold_grad(
@@ -163,45 +249,47 @@ def _jumprelu_threshold_grad(
     return penalty
 
 
-def _batch_topk(pre: Tensor, k: int) -> Active:
-    """The `k * B` largest relu'd pre-activations of the batch, exactly, without a full sort.
+def _batch_topk(pre: Tensor, n: int, k: int, split: Split) -> Active:
+    """The `n = k * B` largest relu'd pre-activations of the whole batch, as entries of this rank."""
+    keep = pre >= batch_threshold(pre, n, k, split)  # (B, m)
+    rows, cols = keep.nonzero(as_tuple=True)  # row-major: CSR order
+    return _from_entries(rows, cols, pre[rows, cols].relu(), pre.shape)
 
-    Each row contributes at most its own top `4k` candidates; if some row had all of them selected, it
-    might have had more, and we redo the selection over the whole batch.
-    """
-    B, m = pre.shape
-    n = k * B
-    cand = min(m, 4 * k)
-    vals, idx = pre.topk(cand, dim=-1, sorted=False)  # (B, cand)
-    flat_vals, flat_pos = vals.reshape(-1).topk(n, sorted=False)
-    rows = flat_pos // cand
-    if cand < m and bool((torch.bincount(rows, minlength=B) == cand).any()):
-        flat_vals, pos = pre.reshape(-1).topk(n, sorted=False)
-        rows, cols = pos // m, pos % m
-    else:
-        cols = idx.reshape(-1)[flat_pos]
-    key = rows * m + cols
-    order = torch.argsort(key)
-    rows, cols, flat_vals = rows[order], cols[order], flat_vals[order].relu()
+
+def _from_entries(rows: Tensor, cols: Tensor, vals: Tensor, shape: torch.Size) -> Active:
+    """`Active` from entries in any order."""
+    B, m = shape
+    order = torch.argsort(rows * m + cols)
+    rows, cols, vals = rows[order], cols[order], vals[order]
     crow = torch.zeros(B + 1, dtype=torch.int64)
     crow[1:] = torch.bincount(rows, minlength=B).cumsum(0)
-    return Active(crow, cols, flat_vals.contiguous(), m)
+    return Active(crow, cols.contiguous(), vals.contiguous(), m)
 
 
 def _aux_k(
-    p: Params, x: Tensor, pre: Tensor, residual: Tensor, dead: Tensor, obj: Objective
+    p: Params,
+    x: Tensor,
+    pre: Tensor,
+    residual: Tensor,
+    dead: Tensor,
+    obj: Objective,
+    split: Split = ALONE,
 ) -> float:
     """AuxK (Gao et al. 2024): dead latents learn to reconstruct what the live ones missed."""
-    B = x.shape[0]
+    B = int(split.over_rows(torch.tensor(x.shape[0])))
     dead_idx = dead.nonzero().squeeze(1)
-    k_aux = min(obj.aux_k, dead_idx.numel())
-    vals, local = pre[:, dead_idx].topk(k_aux, dim=-1, sorted=False)
-    act = from_topk(dead_idx[local], vals.relu(), pre.shape[1])
-    e_hat = act.decode(act.val, p.W_dec)  # (B, d)
-    var = float((residual - residual.mean(0)).pow(2).sum()) / B
+    k_aux = min(obj.aux_k, _n_dead(dead, split))
+    vals, local, won = row_topk(pre[:, dead_idx], k_aux, split)
+    if won is None:
+        act = from_topk(dead_idx[local], vals.relu(), pre.shape[1])
+    else:
+        rows = torch.arange(pre.shape[0]).unsqueeze(1).expand_as(local)
+        act = _from_entries(rows[won], dead_idx[local[won]], vals[won].relu(), pre.shape)
+    e_hat = split.over_latents(act.decode(act.val, p.W_dec))  # (B, d)
+    var = centered_sq(residual, split) / B
     scale = obj.aux_coefficient / max(var, 1e-12)
     diff = e_hat - residual
-    loss = scale * float(diff.pow(2).sum()) / B
+    loss = scale * float(split.over_rows(diff.pow(2).sum())) / B
     g = diff.mul_(2.0 * scale / B)
     dz = act.sampled(g, p.W_dec.T) * (act.val > 0)
     p.W_dec.grad += act.left_mul_t(act.val, g)

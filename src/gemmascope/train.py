@@ -2,7 +2,9 @@
 
 The loop reads top to bottom: a batch of activations for every site -> one step of every SAE on its
 site -> log -> checkpoint. Each batch is read once and fed to every SAE that wants it, so a sweep over
-widths and sparsities costs one read of the data. The math of each step lives in `objectives.py`.
+widths and sparsities costs one read of the data. The math of each step lives in `objectives.py`
+(sparse CPU kernels) and `dense.py` (autograd, for GPUs). Under torchrun each step is split over the
+ranks by batch rows or by latents (`distributed.Split`) with one process's result.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from gemmascope import distributed
+from gemmascope.dense import dense_forward_backward
+from gemmascope.distributed import Split
 from gemmascope.io.atomic import atomic_dir, write_json
 from gemmascope.objectives import Objective, Params, StepStats, forward_backward
 from gemmascope.sae import SAE, SAEConfig
@@ -105,11 +110,26 @@ class TrainConfig:
     beta2: float = 0.999
     bandwidth: float = 0.001
     threshold_init: float = 0.001
+    encoder_init_scale: float = 1.0
+    center: bool = False
+    """Also subtract each site's mean, estimated with C before training and folded into b_enc and
+    b_dec after it (encodings unchanged). Not in the recipe; Gemma 3's residual stream is mostly one
+    constant direction, which otherwise costs short runs dense latents and dead ones."""
+    """W_enc = scale * W_dec^T at init. The recipe's 1 starts with about half the latents firing and a
+    reconstruction ~m/(2d) times too large, which a long run forgets; 0.1 (like SAELens' 0.1 decoder
+    norm) makes the dense start a few steps long, which short runs need."""
     norm_batches: int = 8
     """Batches used to estimate the input scale C with E||x/C||^2 = 1 before training."""
     dead_tokens: int = 10_000_000
     """A latent that has not fired in this many tokens counts as dead (capped at a quarter of the run)."""
-    matmul_dtype: Literal["float32", "bfloat16"] = "float32"
+    matmul_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype of the dense products (CPU: the encoder matmul; GPU: encoder and decoder); parameters,
+    thresholds and Adam states stay float32."""
+    device: str = "auto"
+    """cpu (sparse numba kernels), cuda, cuda:N, mps (torch path), or auto: this rank's GPU if any."""
+    parallel: Literal["data", "latents"] = "data"
+    """Under torchrun: split each batch's rows over the ranks (data), or each SAE's latents (latents:
+    for SAEs too wide for one device). Either way the result equals one process's."""
     max_density: float = 0.02
     seed: int = 0
     log_every: int = 10
@@ -123,6 +143,13 @@ class TrainConfig:
             raise ValueError(
                 f"`tokens`={self.tokens} is less than one batch (`batch_size`={self.batch_size})"
             )
+        distributed.check_device(self.device)
+        if self.matmul_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(
+                f"`matmul_dtype` {self.matmul_dtype!r}: choose float32, bfloat16 or float16"
+            )
+        if self.parallel not in ("data", "latents"):
+            raise ValueError(f"`parallel` {self.parallel!r}: choose data or latents")
 
     @property
     def steps(self) -> int:
@@ -174,7 +201,7 @@ def _adam(run: Run, lr: float, cfg: TrainConfig, step: int) -> None:
 
 def _new_run(spec: SAESpec, d_in: int, cfg: TrainConfig, index: int) -> Run:
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + index)
-    params = Params(d_in, spec.width, cfg.threshold_init, gen)
+    params = Params(d_in, spec.width, cfg.threshold_init, gen, cfg.encoder_init_scale)
     objective = Objective(
         architecture=spec.architecture,
         target_l0=spec.target_l0,
@@ -188,13 +215,25 @@ def _new_run(spec: SAESpec, d_in: int, cfg: TrainConfig, index: int) -> Run:
     return Run(spec, params, objective, adam_v, torch.zeros(spec.width, dtype=torch.int64))
 
 
-def estimate_scales(first: list[dict[SiteKey, Tensor]]) -> dict[SiteKey, float]:
-    """C per site such that E||x / C||^2 = 1 over the given batches."""
-    keys = first[0].keys()
-    return {
-        k: float(torch.cat([b[k].float() for b in first]).pow(2).sum(-1).mean().sqrt())
-        for k in keys
-    }
+@dataclass
+class Norm:
+    """How one site's activations are normalised for training: x_n = (x - mean) / scale."""
+
+    mean: Tensor
+    scale: float
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return (x.float() - self.mean.to(x.device)) / self.scale
+
+
+def estimate_norms(first: list[dict[SiteKey, Tensor]], center: bool) -> dict[SiteKey, Norm]:
+    """Per site: the mean (zero unless `center`) and C such that E||(x - mean) / C||^2 = 1."""
+    norms = {}
+    for k in first[0]:
+        x = torch.cat([b[k].float() for b in first])
+        mean = x.mean(0) if center else torch.zeros(x.shape[-1])
+        norms[k] = Norm(mean, float((x - mean).pow(2).sum(-1).mean().sqrt()))
+    return norms
 
 
 def train(
@@ -218,11 +257,15 @@ def train(
         The trained SAEs by spec name, weights folded to take raw activations.
     """
     out = Path(out)
+    device = distributed.resolve_device(cfg.device)
+    distributed.init(device)
+    split = _split(cfg, specs)
+    main = distributed.is_main()
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise ValueError(f"two SAEs in the sweep share a name: {sorted(names)}")
     ckpt = out / "checkpoint"
-    start, scales, runs = 0, {}, []
+    start, norms, runs = 0, {}, []
     done_marker = out / "complete.json"
     if resume and done_marker.exists():  # finished before: hand back what was saved
         from gemmascope.io import load
@@ -231,7 +274,7 @@ def train(
         if sorted(saved) == sorted(names):
             return {name: load(out / name) for name in names}
     if resume and (ckpt / "state.json").exists():
-        start, scales, runs = _load_checkpoint(ckpt, specs, cfg)
+        start, norms, runs = _load_checkpoint(ckpt, specs, cfg)
     elif not resume and ((ckpt / "state.json").exists() or done_marker.exists()):
         raise ValueError(
             f"{out} already holds a run; pass `resume=True` (--resume) or use another folder"
@@ -240,44 +283,127 @@ def train(
     if not runs:
         first = list(itertools.islice(stream, min(cfg.norm_batches, cfg.steps)))
         _check_sites(specs, first[0])
-        scales = estimate_scales(first)
+        norms = estimate_norms(first, cfg.center)
         runs = [_new_run(s, first[0][s.source].shape[-1], cfg, i) for i, s in enumerate(specs)]
         stream = itertools.chain(first, stream)
-        _write_config(out, specs, cfg)
+        if main:
+            _write_config(out, specs, cfg)
+    for run in runs:
+        _place(run, split, device)
 
-    log = open(out / "metrics.jsonl", "a")  # noqa: SIM115 - closed in finally
-    board = _tensorboard(out)
+    log = open(out / "metrics.jsonl", "a") if main else None  # noqa: SIM115 - closed in finally
+    board = _tensorboard(out) if main else None
     bar = tqdm(
-        total=cfg.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True
+        total=cfg.steps,
+        initial=start,
+        disable=not (progress and main),
+        unit="step",
+        dynamic_ncols=True,
     )
     t0, tokens0 = time.perf_counter(), start * cfg.batch_size
     try:
         for step, batch in zip(range(start, cfg.steps), stream, strict=False):
             lr = cfg.lr_at(step)
+            if split.rows:  # data parallel: this rank's rows of the global batch
+                batch = {k: v[slice(*distributed.shard_range(len(v)))] for k, v in batch.items()}
             for run in runs:
-                stats = _train_step(run, batch, scales, cfg, step, lr)
+                stats = _train_step(run, batch, norms, cfg, step, lr, split)
                 _accumulate(run, stats)
             done = step + 1
             if done % cfg.log_every == 0 or done == cfg.steps:
                 tok_s = (done * cfg.batch_size - tokens0) / (time.perf_counter() - t0)
-                _log(log, board, runs, done, cfg, lr, tok_s)
+                _log(log, board, runs, done, cfg, lr, tok_s, split)
                 first_run = runs[0].sums.get("last", {})
                 bar.set_postfix(
                     tok_s=f"{tok_s:,.0f}", fvu=first_run.get("fvu"), l0=first_run.get("l0")
                 )
             if done % cfg.checkpoint_every == 0 and done < cfg.steps:
-                _save_checkpoint(ckpt, runs, scales, done)
+                _save_checkpoint(ckpt, runs, norms, done, split)
             bar.update(1)
     finally:
         bar.close()
-        log.close()
+        if log is not None:
+            log.close()
         if board is not None:
             board.close()
-    saes = {r.spec.name: export(r, scales, cfg) for r in runs}
+    for run in runs:  # rank 0 gathers every SAE at full width, on the CPU
+        _unplace(run, split)
+    if not main:
+        distributed.barrier()  # until rank 0 has written the SAEs
+        return {}
+    saes = {r.spec.name: export(r, norms, cfg) for r in runs}
     for name, sae in saes.items():
         sae.save(out / name)
     write_json(done_marker, {"saes": sorted(saes), "steps": cfg.steps})
+    distributed.barrier()
     return saes
+
+
+def _split(cfg: TrainConfig, specs: list[SAESpec]) -> Split:
+    """How this run's steps are shared among the ranks (none without torchrun)."""
+    world = distributed.world_size()
+    if world == 1:
+        return Split()
+    if cfg.parallel == "data":
+        return Split(rows=True)
+    for s in specs:
+        if s.k and s.width // world < s.k:
+            raise ValueError(
+                f"{s.name}: {world} ranks leave {s.width // world} latents each, fewer than k; "
+                "use fewer ranks or `parallel` data"
+            )
+    return Split(latents=True)
+
+
+# Which dimension of each parameter indexes latents; b_dec has none: every rank holds all of it.
+_LATENT_DIM = {"W_enc": 1, "W_dec": 0, "b_enc": 0, "threshold": 0, "last_fired": 0}
+
+
+def _place(run: Run, split: Split, device: torch.device) -> None:
+    """Move a full-width run to `device`, keeping only this rank's latents when they are split."""
+    lo, hi = distributed.shard_range(run.spec.width) if split.latents else (0, run.spec.width)
+
+    def take(name: str, t: Tensor) -> Tensor:
+        dim = _LATENT_DIM.get(name.split(".")[0])
+        if dim is not None:
+            t = t.narrow(dim, lo, hi - lo)
+        return t.contiguous().to(device)
+
+    with torch.no_grad():
+        for n, q in run.params.named_parameters():
+            q.data = take(n, q.data)
+    run.adam_v = {n: take(n, v) for n, v in run.adam_v.items()}
+    run.last_fired = take("last_fired", run.last_fired)
+
+
+def _full_state(run: Run, split: Split) -> dict[str, Tensor]:
+    """Parameters, Adam state and counters at full width on the CPU, on rank 0 (empty elsewhere).
+
+    Every rank must call it: with latents split, rank 0 gathers the slices one tensor at a time.
+    """
+    state = {f"params.{n}": q.detach() for n, q in run.params.named_parameters()}
+    state.update({f"adam.{n}": v for n, v in run.adam_v.items()})
+    state["last_fired"] = run.last_fired
+    full = {}
+    for key, t in state.items():
+        dim = _LATENT_DIM.get(key.split(".")[-2] if key.endswith(".m") else key.split(".")[-1])
+        if split.latents and dim is not None:
+            t = distributed.gather_cat(t.contiguous(), dim)
+        if t is not None:
+            full[key] = t.cpu().contiguous()
+    return full if distributed.is_main() else {}
+
+
+def _unplace(run: Run, split: Split) -> None:
+    """Bring a run back to the CPU at full width on rank 0 (for export)."""
+    state = _full_state(run, split)
+    if not state:
+        return
+    with torch.no_grad():
+        for n, q in run.params.named_parameters():
+            q.data = state[f"params.{n}"]
+    run.adam_v = {k[len("adam.") :]: v for k, v in state.items() if k.startswith("adam.")}
+    run.last_fired = state["last_fired"]
 
 
 def _check_sites(specs: list[SAESpec], batch: dict[SiteKey, Tensor]) -> None:
@@ -291,11 +417,18 @@ def _check_sites(specs: list[SAESpec], batch: dict[SiteKey, Tensor]) -> None:
 
 
 def _train_step(
-    run: Run, batch: dict[SiteKey, Tensor], scales, cfg: TrainConfig, step: int, lr: float
+    run: Run,
+    batch: dict[SiteKey, Tensor],
+    norms: dict[SiteKey, Norm],
+    cfg: TrainConfig,
+    step: int,
+    lr: float,
+    split: Split = Split(),  # noqa: B008 - frozen
 ):
     spec = run.spec
-    x = batch[spec.source].float() / scales[spec.source]
-    y = x if spec.target == spec.source else batch[spec.target].float() / scales[spec.target]
+    device = run.params.W_enc.device
+    x = norms[spec.source](batch[spec.source].to(device))
+    y = x if spec.target == spec.source else norms[spec.target](batch[spec.target].to(device))
     if spec.l0_coefficient is not None:
         run.objective.coefficient = cfg.coefficient_at(step, spec.l0_coefficient)
     elif spec.target_l0 is not None:
@@ -303,7 +436,12 @@ def _train_step(
     dead_after = min(cfg.dead_tokens, cfg.tokens // 4)
     tokens = step * cfg.batch_size
     dead = (tokens - run.last_fired) >= dead_after if tokens >= dead_after else None
-    stats = forward_backward(run.params, x, y, run.objective, dead)
+    # CPU: sparse numba kernels; GPU/MPS: dense autograd with the same estimators.
+    step_fn = forward_backward if device.type == "cpu" else dense_forward_backward
+    stats = step_fn(run.params, x, y, run.objective, dead, split)
+    if split.rows:  # each rank's gradient is its rows' share of the global batch's: sum them
+        for q in run.params.parameters():
+            distributed.all_reduce_sum(q.grad)
     run.last_fired[stats.fired > 0] = tokens + cfg.batch_size
     if spec.architecture == "batchtopk":
         b = run.batchtopk_threshold
@@ -330,7 +468,17 @@ def _tensorboard(out: Path):
     return SummaryWriter(str(out / "tensorboard"))
 
 
-def _log(log, board, runs: list[Run], step: int, cfg: TrainConfig, lr: float, tok_s: float) -> None:
+def _log(
+    log,
+    board,
+    runs: list[Run],
+    step: int,
+    cfg: TrainConfig,
+    lr: float,
+    tok_s: float,
+    split: Split = Split(),  # noqa: B008 - frozen
+) -> None:
+    """Average the sums since the last log; rank 0 (the one with a `log`) writes them."""
     tokens = step * cfg.batch_size
     dead_after = min(cfg.dead_tokens, cfg.tokens // 4)
     for run in runs:
@@ -339,11 +487,10 @@ def _log(log, board, runs: list[Run], step: int, cfg: TrainConfig, lr: float, to
         rec = {k: s.pop(k) / n for k in ("loss", "mse", "fvu", "l0") if k in s}
         s.clear()
         s["last"] = {k: round(v, 4) for k, v in rec.items()}
-        dead = (
-            float(((tokens - run.last_fired) >= dead_after).float().mean())
-            if tokens >= dead_after
-            else 0.0
-        )
+        n_dead = ((tokens - run.last_fired) >= dead_after).sum()
+        dead = float(split.over_latents(n_dead)) / run.spec.width if tokens >= dead_after else 0.0
+        if log is None:
+            continue
         coefficient = run.objective.coefficient
         log.write(
             json.dumps(
@@ -368,13 +515,17 @@ def _log(log, board, runs: list[Run], step: int, cfg: TrainConfig, lr: float, to
                 "coefficient": coefficient,
             }.items():
                 board.add_scalar(f"{run.spec.name}/{key}", value, tokens)
-    log.flush()
+    if log is not None:
+        log.flush()
 
 
-def export(run: Run, scales: dict[SiteKey, float], cfg: TrainConfig) -> SAE:
-    """Fold the input scales into the weights so the SAE takes raw activations (encodings unchanged)."""
+def export(run: Run, norms: dict[SiteKey, Norm], cfg: TrainConfig) -> SAE:
+    """Fold the input normalisation into the weights so the SAE takes raw activations (encodings
+    unchanged): pre = ((x - mu) / C) W + b = x (W / C) + (b - (mu / C) W)."""
     spec, p = run.spec, run.params
-    c_in, c_out = scales[spec.source], scales[spec.target]
+    (mu_in, c_in), (mu_out, c_out) = (
+        (norms[k].mean, norms[k].scale) for k in (spec.source, spec.target)
+    )
     d_in = p.W_enc.shape[0]
     sae_cfg = SAEConfig(
         architecture=spec.architecture,
@@ -406,8 +557,8 @@ def export(run: Run, scales: dict[SiteKey, float], cfg: TrainConfig) -> SAE:
         arrays = {
             "W_enc": p.W_enc / c_in,
             "W_dec": p.W_dec * c_out,
-            "b_enc": p.b_enc,
-            "b_dec": p.b_dec * c_out,
+            "b_enc": p.b_enc - (mu_in / c_in) @ p.W_enc,
+            "b_dec": p.b_dec * c_out + mu_out,
             "threshold": threshold,
         }
     return SAE.from_arrays(sae_cfg, arrays, source=spec.name).eval()
@@ -421,22 +572,29 @@ def _write_config(out: Path, specs: list[SAESpec], cfg: TrainConfig) -> None:
     )
 
 
-def _save_checkpoint(ckpt: Path, runs: list[Run], scales: dict[SiteKey, float], step: int) -> None:
-    """Weights, optimizer state and counters of every SAE, written as one atomic folder."""
+def _save_checkpoint(
+    ckpt: Path,
+    runs: list[Run],
+    norms: dict[SiteKey, Norm],
+    step: int,
+    split: Split = Split(),  # noqa: B008 - frozen
+) -> None:
+    """Weights, optimizer state and counters of every SAE at full width, written once (rank 0) as
+    one atomic folder, so a run resumes on any number of ranks."""
     tensors: dict[str, Tensor] = {}
     extra = {}
     for i, run in enumerate(runs):
-        for n, q in run.params.named_parameters():
-            tensors[f"{i}.params.{n}"] = q.detach().contiguous()
-        for n, v in run.adam_v.items():
-            tensors[f"{i}.adam.{n}"] = v.contiguous()
-        tensors[f"{i}.last_fired"] = run.last_fired
+        for key, t in _full_state(run, split).items():
+            tensors[f"{i}.{key}"] = t
         extra[run.spec.name] = {"index": i, "batchtopk_threshold": run.batchtopk_threshold}
+    tensors.update({f"mean.{k[0]}.{k[1]}": n.mean.contiguous() for k, n in norms.items()})
+    if not distributed.is_main():
+        return
     with atomic_dir(ckpt) as tmp:
         save_file(tensors, tmp / "state.safetensors")
         state = {
             "step": step,
-            "scales": [[k[0], k[1], v] for k, v in scales.items()],
+            "scales": [[k[0], k[1], n.scale] for k, n in norms.items()],
             "runs": extra,
         }
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
@@ -445,7 +603,10 @@ def _save_checkpoint(ckpt: Path, runs: list[Run], scales: dict[SiteKey, float], 
 def _load_checkpoint(ckpt: Path, specs: list[SAESpec], cfg: TrainConfig):
     state = json.loads((ckpt / "state.json").read_text())
     tensors = load_file(ckpt / "state.safetensors")
-    scales = {(layer, site): c for layer, site, c in state["scales"]}
+    norms = {
+        (layer, site): Norm(tensors[f"mean.{layer}.{site}"], c)
+        for layer, site, c in state["scales"]
+    }
     missing = [s.name for s in specs if s.name not in state["runs"]]
     if missing:
         raise ValueError(
@@ -466,7 +627,7 @@ def _load_checkpoint(ckpt: Path, specs: list[SAESpec], cfg: TrainConfig):
         run.last_fired = tensors[f"{i}.last_fired"].clone()
         run.batchtopk_threshold = info["batchtopk_threshold"]
         runs.append(run)
-    return state["step"], scales, runs
+    return state["step"], norms, runs
 
 
 def tensor_batches(

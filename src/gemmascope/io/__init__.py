@@ -1,11 +1,14 @@
-"""Load and save SAEs: Gemma Scope's `params.npz`, SAELens 6 folders and our own, on disk or the hub.
+"""Load, save and convert SAEs: Gemma Scope's `params.npz` and Gemma Scope 2 folders, SAELens 6,
+EleutherAI sparsify, dictionary_learning and our own, on disk or the hub.
 
 Every source ends in the local loader: a hub repo is first listed, then only the chosen SAE's files
-are downloaded, and the folder they land in is read like any other.
+are downloaded, and the folder they land in is read like any other. Each format is one module with a
+reader and a writer, registered in `_READERS` / `_WRITERS` below.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -17,20 +20,42 @@ from gemmascope.io._common import (
     ROOT_ID,
     SAE_FILES,
     dtype_name,
+    folder_format,
     format_of,
     local_files,
     no_format_error,
     resolve_sae_id,
     sae_ids_from_files,
 )
+from gemmascope.io.dictionary_learning import read_dictionary_learning, write_dictionary_learning
+from gemmascope.io.gemmascope2 import read_gemmascope2, write_gemmascope2
 from gemmascope.io.gemmascope_npz import read_npz, write_npz
 from gemmascope.io.native import read_native, write_native
 from gemmascope.io.saelens import read_saelens, write_saelens
+from gemmascope.io.sparsify import read_sparsify, write_sparsify
 from gemmascope.sae import SAE
 
-__all__ = ["FORMATS", "SaveFormat", "list_sae_ids", "load", "save"]
+__all__ = ["FORMATS", "SaveFormat", "convert", "list_sae_ids", "load", "save"]
 
-SaveFormat = Literal["gemmascope", "saelens", "npz"]
+SaveFormat = Literal[
+    "gemmascope", "saelens", "npz", "sparsify", "dictionary_learning", "gemmascope2"
+]
+_READERS: dict[str, Callable[..., SAE]] = {
+    "saelens": read_saelens,
+    "gemmascope": read_native,
+    "sparsify": read_sparsify,
+    "dictionary_learning": read_dictionary_learning,
+    "gemmascope2": read_gemmascope2,
+}
+"""Format -> reader of one SAE folder; `npz` reads a file (whose path tells model and site) on its own."""
+_WRITERS: dict[str, Callable[[SAE, Path], Path]] = {
+    "saelens": write_saelens,
+    "gemmascope": write_native,
+    "sparsify": write_sparsify,
+    "dictionary_learning": write_dictionary_learning,
+    "gemmascope2": write_gemmascope2,
+}
+"""Format -> writer of one SAE folder; `npz` writes a file and is handled on its own."""
 
 
 def load(
@@ -43,8 +68,8 @@ def load(
     """Load an SAE from a file, a folder or a Hugging Face repo, detecting the format.
 
     Args:
-        source: a Gemma Scope `params.npz`; an SAE folder in Gemma Scope's, SAELens 6's or our
-            format; a folder holding several of those (e.g. a clone of a Gemma Scope repo); or a hub
+        source: a Gemma Scope `params.npz`; an SAE folder in one of `FORMATS` (Gemma Scope, Gemma
+            Scope 2, SAELens 6, sparsify, dictionary_learning, ours); a folder holding several of those (e.g. a clone of a Gemma Scope repo); or a hub
             repo id such as `google/gemma-scope-2b-pt-res`. A local path wins over a repo id.
         sae_id: which SAE of a folder or repo holding several, e.g. `layer_20/width_16k/average_l0_71`.
         device: where to put the weights (default: cpu).
@@ -72,14 +97,23 @@ def _load_local(
     path: Path, sae_id: str | None, *, dtype: str | None, repo_hint: str | None = None
 ) -> SAE:
     """Read one SAE from a local file or folder; the end point of every loader."""
+    folder, fmt = _locate(path, sae_id)
+    if fmt == "npz":
+        file = path if path.is_file() and path.suffix == ".npz" else folder / "params.npz"
+        return read_npz(file, repo_hint=repo_hint, dtype=dtype)
+    return _READERS[fmt](folder, dtype=dtype)
+
+
+def _locate(path: Path, sae_id: str | None) -> tuple[Path, str]:
+    """The folder of the one SAE that `path` and `sae_id` name, and its format."""
     pick = sae_id.strip("/") if sae_id and sae_id.strip("/") not in ("", ROOT_ID) else None
     if path.is_file():
+        if pick:
+            raise ValueError(
+                f"{path}: is one SAE file; sae_id={sae_id!r} applies to folders and repos"
+            )
         if path.suffix == ".npz":
-            if pick:
-                raise ValueError(
-                    f"{path}: is one SAE file; sae_id={sae_id!r} applies to folders and repos"
-                )
-            return read_npz(path, repo_hint=repo_hint, dtype=dtype)
+            return path.parent, "npz"
         if path.name not in SAE_FILES:
             raise ValueError(
                 f"{path}: expected a params.npz file or an SAE folder, found another file"
@@ -96,12 +130,10 @@ def _load_local(
             if not ids:
                 raise no_format_error(folder)
             folder = folder / resolve_sae_id(ids, pick, str(path))
-        fmt = format_of({p.name for p in folder.iterdir()})
-    if fmt == "npz":
-        return read_npz(folder / "params.npz", repo_hint=repo_hint, dtype=dtype)
-    if fmt == "saelens":
-        return read_saelens(folder, dtype=dtype)
-    return read_native(folder, dtype=dtype)
+    fmt = folder_format(folder)
+    if fmt is None:
+        raise no_format_error(folder)
+    return folder, fmt
 
 
 def list_sae_ids(source: str | Path) -> list[str]:
@@ -131,10 +163,13 @@ def save(sae: SAE, path: str | Path, format: str = "gemmascope") -> Path:
 
     Args:
         sae: the SAE to write; it is not modified (folding happens on a copy).
-        path: the folder to write (`gemmascope`, `saelens`), or for `npz` a `.npz` file or a folder
-            to hold `params.npz`. An existing folder is replaced only if it holds SAE files alone.
-        format: `gemmascope` (lossless), `saelens` (SAELens 6 `load_from_disk`), or `npz` (Gemma
-            Scope; input scale and b_dec subtraction folded in; topk refused).
+        path: the folder to write, or for `npz` a `.npz` file or a folder to hold `params.npz`.
+            An existing folder is replaced only if it holds SAE files alone.
+        format: `gemmascope` (lossless), `saelens` (SAELens 6 `load_from_disk`), `npz` (Gemma
+            Scope; input scale and b_dec subtraction folded in; topk refused), `gemmascope2` (the
+            same as `params.safetensors` + `config.json`), `sparsify` (topk only; name the folder
+            after the hookpoint, e.g. `layers.6`), or `dictionary_learning` (`ae.pt` +
+            `config.json`). A conversion that would change the encodings is refused, saying why.
 
     Returns:
         The folder, or the `.npz` file, written.
@@ -155,4 +190,32 @@ def save(sae: SAE, path: str | Path, format: str = "gemmascope") -> Path:
                 f"{path}: exists and holds {others[:5]}, which are not SAE files; saving replaces the "
                 "whole folder. Choose a new path or empty it first"
             )
-    return write_saelens(sae, path) if format == "saelens" else write_native(sae, path)
+    return _WRITERS[format](sae, path)
+
+
+def convert(
+    source: str | Path,
+    dest: str | Path,
+    to: str,
+    *,
+    sae_id: str | None = None,
+    dtype: torch.dtype | str | None = None,
+) -> Path:
+    """Read an SAE in any format `load` detects and write it in format `to`, encodings unchanged.
+
+    Args:
+        source: a file, folder or hub repo id, as for `load`.
+        dest: the folder (or `.npz` file) to write, as for `save`.
+        to: one of `FORMATS`.
+        sae_id: which SAE of a source holding several.
+        dtype: dtype to convert the weights to (default: the source's).
+
+    Returns:
+        The folder, or the `.npz` file, written.
+
+    Example:
+        >>> convert("runs/sweep1/layer_6_resid_post_w4096_topk_k32", "out/layers.6", to="sparsify")
+    """
+    if to not in FORMATS:
+        raise ValueError(f"unknown format {to!r}; choose one of {list(FORMATS)}")
+    return save(load(source, sae_id, dtype=dtype), dest, format=to)

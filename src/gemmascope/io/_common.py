@@ -11,12 +11,15 @@ from typing import Any
 
 import torch
 
-from gemmascope.sae import DTYPES, dtype_of
+from gemmascope.sae import DTYPES, SAEConfig, dtype_of
 
 FORMATS: dict[str, str] = {
     "npz": "Gemma Scope (params.npz)",
     "saelens": "SAELens 6 (cfg.json + sae_weights.safetensors)",
     "gemmascope": 'gemmascope (cfg.json with "format": "gemmascope" + sae.safetensors)',
+    "sparsify": "EleutherAI sparsify (cfg.json with d_in and k + sae.safetensors)",
+    "dictionary_learning": "dictionary_learning (ae.pt + config.json)",
+    "gemmascope2": "Gemma Scope 2 (params.safetensors + config.json)",
 }
 """Every on-disk format `load` recognises, by the name `save` takes."""
 
@@ -28,6 +31,9 @@ SAE_FILES = frozenset(
         "sae_weights.safetensors",
         "activation_scaler.json",
         "sparsity.safetensors",
+        "ae.pt",
+        "config.json",
+        "params.safetensors",
     }
 )
 """Files that belong to an SAE folder; `save` refuses to replace a folder holding anything else."""
@@ -65,14 +71,32 @@ def hook_to_site(hook_name: str | None) -> tuple[int | None, str | None]:
 
 
 def format_of(names: Collection[str]) -> str | None:
-    """The format a folder holding files `names` is in, judged by file names only."""
+    """The format a folder holding files `names` is in, judged by file names only.
+
+    Ours and sparsify's share `cfg.json` + `sae.safetensors`; by name both are `gemmascope`, and
+    `folder_format` tells them apart by the config's content.
+    """
     if "params.npz" in names:
         return "npz"
+    if "params.safetensors" in names:
+        return "gemmascope2"
+    if "ae.pt" in names:
+        return "dictionary_learning"
     if "cfg.json" in names and "sae_weights.safetensors" in names:
         return "saelens"
     if "cfg.json" in names and "sae.safetensors" in names:
         return "gemmascope"
     return None
+
+
+def folder_format(folder: Path) -> str | None:
+    """The format of one SAE folder: by file names, then by cfg.json where names are shared."""
+    fmt = format_of({p.name for p in folder.iterdir()})
+    if fmt == "gemmascope":
+        raw = read_json(folder / "cfg.json")
+        if "format" not in raw and "d_in" in raw and ({"k", "expansion_factor"} & set(raw)):
+            return "sparsify"  # sparsify's SparseCoderConfig + d_in; ours always carries "format"
+    return fmt
 
 
 def natural_key(s: str) -> list[Any]:
@@ -159,6 +183,30 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         return load_file(path)
     except (OSError, SafetensorError) as e:
         raise ValueError(f"{path}: expected a safetensors file, could not read it ({e})") from None
+
+
+def our_fields(cfg: SAEConfig) -> dict[str, Any]:
+    """Our config fields that another format has no home for, kept under a `gemmascope` key."""
+    keep = ("model", "layer", "site", "hook_name", "dataset", "context_size", "tokens_trained")
+    return {**{k: getattr(cfg, k) for k in keep}, "extra": cfg.extra}
+
+
+def read_our_fields(raw: dict[str, Any], source: Path) -> dict[str, Any]:
+    """SAEConfig fields from the `gemmascope` key `our_fields` wrote, or an empty dict."""
+    ours = raw.get("gemmascope") or {}
+    allowed = {
+        "model",
+        "layer",
+        "site",
+        "hook_name",
+        "dataset",
+        "context_size",
+        "tokens_trained",
+        "extra",
+    }
+    if not isinstance(ours, dict) or set(ours) - allowed:
+        raise ValueError(f'{source}: the "gemmascope" entry must hold only {sorted(allowed)}')
+    return {k: v for k, v in ours.items() if v is not None}
 
 
 def check_names(arrays: Collection[str], allowed: Collection[str], source: Path) -> None:

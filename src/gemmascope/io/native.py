@@ -1,6 +1,7 @@
 """Our own format: one folder with `cfg.json` (SAEConfig + format tag) and `sae.safetensors`.
 
-The `format` tag tells our folders apart from EleutherAI sparsify's, which use the same file names.
+The `format` tag tells our folders apart from EleutherAI sparsify's (`io/sparsify.py`), which use the
+same file names.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def read_native(folder: Path, *, dtype: str | None = None) -> SAE:
     if fmt != FORMAT:
         raise ValueError(
             f'{cfg_file}: expected "format": "{FORMAT}" beside sae.safetensors, found {fmt!r}. '
-            "Without it this looks like an EleutherAI sparsify SAE, which gemmascope does not load"
+            "(an EleutherAI sparsify folder, with the same file names, has `d_in` and `k` instead)"
         )
     if version != FORMAT_VERSION:
         raise ValueError(

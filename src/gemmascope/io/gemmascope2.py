@@ -1,0 +1,144 @@
+"""Gemma Scope 2 folders: `params.safetensors` + `config.json`, laid out in repos such as
+`google/gemma-scope-2-1b-pt` as `{site}[_all]/layer_{L}_width_{W}_l0_{size}/`.
+
+The arrays are Gemma Scope's, named in lower case: `w_enc [d_in, d_sae]`, `w_dec [d_sae, d_out]`,
+`b_enc`, `b_dec`, `threshold`; JumpReLU `pre * (pre > threshold)` with no `b_dec` subtraction.
+`config.json` holds `architecture: "jump_relu"`, `model_name` and the Hugging Face module paths read
+(`hf_hook_point_in`) and, for transcoders, written (`hf_hook_point_out`); SAELens' Gemma 3 loader reads
+the same fields. Affine-skip transcoders (`affine_skip_connection`) add a weight our SAEs lack: refused.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gemmascope.io._common import (
+    check_names,
+    our_fields,
+    read_json,
+    read_our_fields,
+    read_safetensors,
+    site_to_hook,
+)
+from gemmascope.io.atomic import atomic_dir, write_json
+from gemmascope.io.gemmascope_npz import WIDTHS
+from gemmascope.sae import SAE, SAEConfig
+
+ARRAYS = ("w_enc", "w_dec", "b_enc", "b_dec", "threshold")
+_HF_POINTS = {
+    "resid_post": "model.layers.{L}.output",
+    "attn_z": "model.layers.{L}.self_attn.o_proj.input",
+    "mlp_out": "model.layers.{L}.post_feedforward_layernorm.output",
+}
+"""Our site -> the module path Gemma Scope 2 names in `hf_hook_point_in`."""
+_HF_RE = re.compile(
+    r"model\.layers\.(\d+)\.(output|self_attn\.o_proj\.input|post_feedforward_layernorm\.output)"
+)
+_DIR_RE = re.compile(r"layer_(\d+)_width_(\w+?)_l0_(\w+)$")
+
+
+def _where(raw: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """Layer and site from `hf_hook_point_in`, else from the folder names."""
+    info: dict[str, Any] = {"extra": {}}
+    m = _DIR_RE.fullmatch(folder.name)
+    if m:
+        info["layer"] = int(m[1])
+        info["extra"].update(width=m[2], l0=m[3])
+    hook = _HF_RE.fullmatch(str(raw.get("hf_hook_point_in") or ""))
+    site = None
+    if hook:
+        info["layer"] = int(hook[1])
+        site = next(s for s, p in _HF_POINTS.items() if p.endswith(hook[2]))
+    elif "hf_hook_point_out" not in raw:  # a transcoder reads the MLP input: no site of ours
+        kind = folder.parent.name.removesuffix("_all")
+        site = {"resid_post": "resid_post", "mlp_out": "mlp_out", "attn_out": "attn_z"}.get(kind)
+    if site and "layer" in info:
+        info.update(site=site, hook_name=site_to_hook(info["layer"], site))
+    return info
+
+
+def read_gemmascope2(folder: Path, *, dtype: str | None = None) -> SAE:
+    """Load a Gemma Scope 2 `params.safetensors` folder (config.json optional, as on the hub)."""
+    weights, cfg_file = folder / "params.safetensors", folder / "config.json"
+    raw = read_json(cfg_file) if cfg_file.is_file() else {}
+    arch = raw.get("architecture", "jump_relu")
+    if arch != "jump_relu":
+        raise ValueError(
+            f"{cfg_file}: architecture {arch!r} is not supported; expected 'jump_relu'"
+        )
+    state = read_safetensors(weights)
+    if "affine_skip_connection" in state or raw.get("affine_connection"):
+        raise ValueError(
+            f"{weights}: an affine-skip transcoder (output + x @ affine_skip_connection); gemmascope "
+            "SAEs have no skip weight, so loading it would change its outputs"
+        )
+    check_names(state, ARRAYS, weights)
+    w_enc = state.get("w_enc")
+    if w_enc is None or w_enc.ndim != 2:
+        shapes = {n: tuple(t.shape) for n, t in state.items()}
+        raise ValueError(
+            f"{weights}: expected array 'w_enc' of shape (d_in, d_sae); found {shapes}"
+        )
+    d_in, d_sae = w_enc.shape
+    info = {**_where(raw, folder), **read_our_fields(raw, cfg_file)}
+    width = info["extra"].get("width")
+    if width in WIDTHS and WIDTHS[width] != d_sae:
+        raise ValueError(
+            f"{folder}: the folder says width_{width} ({WIDTHS[width]} latents) but w_enc has {d_sae}"
+        )
+    extra = dict(info.pop("extra"))
+    carried = {
+        key: v for key, v in raw.items() if key not in ("architecture", "model_name", "gemmascope")
+    }
+    if carried:
+        extra["gemmascope2"] = carried
+    info.setdefault("model", raw.get("model_name"))
+    try:
+        cfg = SAEConfig(
+            architecture="jumprelu",
+            d_in=d_in,
+            d_sae=d_sae,
+            dtype=dtype or str(w_enc.dtype).removeprefix("torch."),
+            extra=extra,
+            **info,
+        )
+    except ValueError as e:
+        raise ValueError(f"{cfg_file}: {e}") from None
+    arrays = {"W_" + n[2:] if n.startswith("w_") else n: t for n, t in state.items()}
+    return SAE.from_arrays(cfg, arrays, source=str(weights))
+
+
+def write_gemmascope2(sae: SAE, folder: Path) -> Path:
+    """Write `sae` as Gemma Scope 2's `params.safetensors` + `config.json`.
+
+    As for Gemma Scope's npz, input scale and `b_dec` subtraction are folded into a copy; relu is
+    JumpReLU with threshold 0 and batchtopk its inference JumpReLU (so `k` is dropped); topk refused.
+    """
+    if sae.cfg.architecture == "topk":
+        raise ValueError(
+            f"{folder}: a topk SAE cannot be saved as Gemma Scope 2, which has no `k` and only "
+            "JumpReLU; save it with format='gemmascope', 'saelens' or 'sparsify'"
+        )
+    s = copy.deepcopy(sae).fold_input_scale().fold_b_dec_into_b_enc()
+    tensors = {n.lower(): t.detach().cpu().contiguous() for n, t in s.state_arrays().items()}
+    if s.cfg.architecture == "relu":
+        tensors["threshold"] = torch.zeros_like(tensors["threshold"])
+    c = s.cfg
+    carried = dict(c.extra.get("gemmascope2") or {})
+    point = _HF_POINTS.get(c.site or "")
+    if point and c.layer is not None:
+        carried["hf_hook_point_in"] = point.format(L=c.layer)
+    fields = our_fields(c)
+    fields["extra"] = {key: v for key, v in c.extra.items() if key != "gemmascope2"}
+    config = {"architecture": "jump_relu", "model_name": c.model, **carried, "gemmascope": fields}
+    from safetensors.torch import save_file
+
+    with atomic_dir(folder) as tmp:
+        save_file(tensors, tmp / "params.safetensors")
+        write_json(tmp / "config.json", config)
+    return folder

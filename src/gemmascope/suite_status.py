@@ -1,0 +1,170 @@
+"""What a suite plans and where it stands: the plan table and `gemmascope suite status`.
+
+Both read `suite.json` (see `gemmascope.suite`); the status also reads each cache's manifest and each
+training run's `metrics.jsonl` for the progress of unfinished stages. The ETA is the estimate of what
+is left, scaled by how long finished stages took against their own estimates.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from rich.console import Group
+from rich.table import Table
+
+from gemmascope.suite_plan import (
+    H100_BF16,
+    H100_FP32,
+    flop_estimate,
+    fmt_bytes,
+    fmt_seconds,
+)
+
+
+def plan_table(manifest: dict[str, Any]) -> Table:
+    """The plan as a two-column table: grid, disk, memory, measured speeds and time estimates."""
+    from gemmascope.suite import plan_of
+
+    plan, cfg, rates = plan_of(manifest), _Cfg(manifest["config"]), manifest["rates"]
+    est = manifest["estimates"]
+    t = Table("", "", title=f"suite plan: {cfg.model} -> {cfg.out}", show_header=False)
+    t.add_row("SAEs", f"{len(plan.layers)} layers x {len(plan.sites)} sites "
+              f"({', '.join(plan.sites)}) x {len(plan.widths)} widths x {len(plan.target_l0s)} "
+              f"target L0s = {plan.n_saes}")  # fmt: skip
+    t.add_row("tokens", f"{cfg.tokens:,} cached and trained on per (layer, site); "
+              f"{cfg.eval_tokens:,} held out for evaluation")  # fmt: skip
+    t.add_row("cache", f"{fmt_bytes(plan.cache_bytes_per_layer)} per layer ({cfg.cache_dtype}); "
+              f"{len(plan.groups)} group(s) of up to {max(map(len, plan.groups))} layers")  # fmt: skip
+    t.add_row("disk", f"peak {fmt_bytes(plan.peak_disk)} of the {fmt_bytes(manifest['disk_budget'])} "
+              f"budget; SAEs {fmt_bytes(plan.sae_bytes)}, published copies as much again")  # fmt: skip
+    t.add_row("memory", f"about {fmt_bytes(plan.peak_memory)} (model, one (layer, site)'s SAEs in "
+              "training, shuffle buffers)")  # fmt: skip
+    speeds = ", ".join(f"{k} {v:,.0f}/{rates['train_sparse'][k]:,.0f}"
+                       for k, v in rates["train_dense"].items())  # fmt: skip
+    t.add_row(f"measured on {rates['device']}", f"forward {rates['body']:,.0f} tok/s, with logits "
+              f"{rates['lm']:,.0f} tok/s; one SAE step d_in x width, dense/sparse tok/s: {speeds}")  # fmt: skip
+    kinds = {
+        k: sum(v for s, v in est.items() if s.startswith(k)) for k in ("cache", "train", "eval")
+    }
+    t.add_row("time here", f"{fmt_seconds(sum(kinds.values()))}: "
+              + ", ".join(f"{k} {fmt_seconds(v)}" for k, v in kinds.items()))  # fmt: skip
+    if "flops" in manifest:
+        for acc in (H100_FP32, H100_BF16):
+            f = flop_estimate(plan, cfg, manifest["flops"]["layer"], manifest["flops"]["head"], acc)
+            t.add_row(f"time on {acc.name}", f"{fmt_seconds(sum(f.values()))}: " + ", ".join(
+                f"{k} {fmt_seconds(v)}" for k, v in f.items()) + f" (FLOPs at {acc.efficiency:.0%} "
+                f"of {acc.matmul_flops / 1e12:,.0f} TFLOP/s, disk {acc.disk_bytes_per_s / 1e9:g} GB/s)")  # fmt: skip
+    return t
+
+
+class _Cfg:
+    """Attribute access to a manifest's config dict (what the estimators read)."""
+
+    def __init__(self, d: dict[str, Any]) -> None:
+        self.__dict__.update(d)
+
+
+def suite_status(out: str | Path) -> dict[str, Any]:
+    """Each stage's state (`done`, `running`, `stopped`, `left`), progress and the ETA.
+
+    Args:
+        out: the suite folder.
+    Returns:
+        `{"stages": {name: {"state", "progress", "seconds", "estimate_s"}}, "done", "running",
+        "left", "elapsed_s", "eta_s"}`; stages in the order they run.
+    """
+    from gemmascope.suite import plan_of, read_manifest, stage_names
+
+    out = Path(out)
+    manifest = read_manifest(out)
+    plan, cfg = plan_of(manifest), manifest["config"]
+    stages: dict[str, dict[str, Any]] = {}
+    for name in stage_names(plan):
+        rec = manifest["stages"].get(name, {})
+        state = rec.get("state", "left")
+        if state == "running" and not _alive(rec):
+            state = "stopped"
+        progress = 1.0 if state == "done" else _progress(out, name, cfg) if state != "left" else 0.0
+        stages[name] = {"state": state, "progress": progress, "seconds": rec.get("seconds", 0.0),
+                        "estimate_s": manifest["estimates"].get(name, 0.0),
+                        "error": rec.get("error")}  # fmt: skip
+    finished = [s for s in stages.values() if s["state"] == "done" and s["estimate_s"] > 0]
+    est_done = sum(s["estimate_s"] for s in finished)
+    factor = sum(s["seconds"] for s in finished) / est_done if est_done > 0 else 1.0
+    left = sum(
+        s["estimate_s"] * (1 - s["progress"]) for s in stages.values() if s["state"] != "done"
+    )
+    by_state = {k: [n for n, s in stages.items() if s["state"] == k]
+                for k in ("done", "running", "stopped", "left")}  # fmt: skip
+    return {"stages": stages, **by_state, "elapsed_s": sum(s["seconds"] for s in stages.values()),
+            "eta_s": left * min(max(factor, 0.2), 5.0)}  # fmt: skip
+
+
+def _alive(rec: dict[str, Any]) -> bool:
+    if rec.get("host", socket.gethostname()) != socket.gethostname():
+        return True  # another machine's process: cannot tell, trust the record
+    try:
+        os.kill(int(rec.get("pid", -1)), 0)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _progress(out: Path, name: str, cfg: dict[str, Any]) -> float:
+    """Share of an unfinished stage done, from the files it writes (0 where they say nothing)."""
+    kind, _, what = name.partition(":")
+    try:
+        if kind == "cache":
+            m = json.loads((out / "cache" / f"group-{int(what):02d}" / "manifest.json").read_text())
+            return sum(s["tokens"] for s in m["shards"]) / cfg["tokens"]
+        if kind == "train":
+            log = out / "runs" / what / "metrics.jsonl"
+            steps = [json.loads(line)["step"] for line in log.read_text().splitlines() if line]
+            return max(steps, default=0) / (cfg["tokens"] // cfg["batch_size"])
+    except (OSError, ValueError, KeyError):
+        pass
+    return 0.0
+
+
+def status_table(out: str | Path) -> Group:
+    """`gemmascope suite status`: one row per (layer, site), the last stages, then counts and ETA."""
+    from gemmascope.activations import site_dir
+    from gemmascope.suite import plan_of, read_manifest
+
+    out = Path(out)
+    manifest, st = read_manifest(out), suite_status(out)
+    plan, stages = plan_of(manifest), st["stages"]
+    t = Table(
+        "layer", "site", "cache", "train", "eval", title=f"suite {out.name}: {plan.n_saes} SAEs"
+    )
+    for g, layers in enumerate(plan.groups):
+        cache = _cell(stages[f"cache:{g}"])
+        if cache == "done" and not (out / "cache" / f"group-{g:02d}").exists():
+            cache = "done, dropped"
+        for layer in layers:
+            for site in plan.sites:
+                train = stages[f"train:{site_dir((layer, site))}"]
+                t.add_row(str(layer), site, cache, _cell(train), _cell(stages[f"eval:{g}"]))
+    t.add_row("", "publish", "", "", _cell(stages["publish"]))
+    t.add_row("", "report", "", "", _cell(stages["report"]))
+    n = len(stages)
+    summary = (f"{len(st['done'])} of {n} stages done, {len(st['running'])} running, "
+               f"{len(st['stopped'])} stopped, {len(st['left'])} left; {fmt_seconds(st['elapsed_s'])} "
+               f"spent, ETA {fmt_seconds(st['eta_s'])}")  # fmt: skip
+    if st["stopped"] and not st["running"]:
+        summary += "\nstopped: rerun the same `gemmascope suite` command to resume"
+    errors = [
+        f"{n}: {s['error']}" for n, s in stages.items() if s.get("error") and s["state"] != "done"
+    ]
+    return Group(t, summary, *errors)
+
+
+def _cell(stage: dict[str, Any]) -> str:
+    state = stage["state"]
+    if state in ("running", "stopped") and 0 < stage["progress"] < 1:
+        return f"{state} {stage['progress']:.0%}"
+    return state

@@ -1,0 +1,246 @@
+"""The suite command: a small suite end to end, kill and resume, the status view, the CLI, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import gemmascope
+from gemmascope.cli import app
+from gemmascope.evaluate import read_results
+from gemmascope.models import load_model
+from gemmascope.suite import SuiteConfig, build_suite, read_manifest, stage_names
+from gemmascope.suite_status import status_table, suite_status
+
+# 2 layers x 2 sites x 1 width x 2 target L0s = 8 SAEs on 4,096 tokens; the disk budget holds one
+# layer's cache (1.1 MB) at a time, so the layers go in two groups and each cache is dropped.
+FLAGS = dict(sites="resid_post,attn_z", layers="0-1", widths="64", l0="2,24", tokens="4096",
+             eval_tokens="256", eval_fraction="0.2", context_size="16", model_batch_size="4",
+             batch_size="128", lr="1e-2", checkpoint_every="8", base_model="test/tiny-saes",
+             disk_budget="2000000")  # fmt: skip
+KEYS = ["L00.resid_post", "L00.attn_z", "L01.resid_post", "L01.attn_z"]
+
+
+def _args(out: Path, model: Path, corpus: Path, **over: str) -> list[str]:
+    flags = {**FLAGS, "model": str(model), "corpus": str(corpus), "out": str(out), **over}
+    return ["suite", *[a for k, v in flags.items() for a in (f"--{k.replace('_', '-')}", v)]]
+
+
+def _config(out: Path, model: Path, corpus: Path) -> SuiteConfig:
+    """The same suite as `_args`, as a config."""
+    f = FLAGS
+    return SuiteConfig(
+        out=out, model=str(model), sites=f["sites"].split(","), layers=f["layers"], widths=[64],
+        target_l0s=[2.0, 24.0], tokens=4096, eval_tokens=256, corpus=str(corpus),
+        eval_fraction=0.2, context_size=16, model_batch_size=4, batch_size=128, lr=1e-2,
+        checkpoint_every=8, base_model=f["base_model"], disk_budget=2_000_000,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """400 documents of the tiny tokenizer's words (about 13k tokens)."""
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
+    with open(path, "w") as f:
+        for _ in range(400):
+            words = " ".join(f"w{rng.randrange(3, 64)}" for _ in range(rng.randrange(5, 60)))
+            f.write(json.dumps({"text": words}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory: pytest.TempPathFactory, tiny_folder: Path, corpus: Path) -> Path:
+    """An uninterrupted suite, built through the command line."""
+    out = tmp_path_factory.mktemp("suite") / "full"
+    result = CliRunner().invoke(app, _args(out, tiny_folder, corpus))
+    assert result.exit_code == 0, result.output
+    assert "suite plan" in result.output and "suite complete" in result.output
+    return out
+
+
+def _weights(out: Path) -> dict[str, dict[str, torch.Tensor]]:
+    folders = sorted(p.parent for p in (out / "runs").rglob("cfg.json"))
+    return {f"{p.parent.name}/{p.name}": gemmascope.load(p).state_arrays() for p in folders}
+
+
+def test_end_to_end_layout_card_report_and_every_sae_loads(full: Path) -> None:
+    manifest = read_manifest(full)
+    assert manifest["plan"]["groups"] == [[0], [1]]
+    assert all(manifest["stages"][n]["state"] == "done" for n in stage_names_of(manifest))
+    assert not list((full / "cache").glob("group-*"))  # dropped once trained
+    assert not list((full / "runs").rglob("checkpoint"))
+    card = (full / "publish" / "README.md").read_text()
+    assert "base_model: test/tiny-saes" in card and str(full) not in card
+    assert (full / "report" / "index.html").exists()
+    published = read_results(full / "publish" / "eval_results.json")
+    assert len(published) == 8 and {r["source"] for r in published} == {"resid_post", "attn_z"}
+    x = torch.randn(32, 32)
+    weights = _weights(full)
+    assert len(weights) == 8
+    for r in published:
+        sae = gemmascope.load(full / "publish" / r["source"], sae_id=r["sae_id"])
+        assert r["sae_id"].startswith(f"layer_{r['layer']}/width_64/average_l0_")
+        key = f"L{r['layer']:02d}.{r['site']}/layer_{r['layer']}_{r['site']}_w64_jumprelu_l0_"
+        original = [gemmascope.load(full / "runs" / k) for k in weights if k.startswith(key)]
+        assert any(torch.equal(sae.encode(x), o.encode(x)) or torch.allclose(
+            sae.encode(x), o.encode(x), atol=1e-5) for o in original)  # fmt: skip
+    low, high = (sorted(r["l0"] for r in published if r["layer"] == 0 and r["site"] == s)
+                 for s in ("resid_post", "attn_z"))  # fmt: skip
+    assert low[0] < low[1] and high[0] < high[1]  # target 2 sparser than target 24
+
+
+def stage_names_of(manifest: dict[str, Any]) -> list[str]:
+    from gemmascope.suite import plan_of
+
+    return stage_names(plan_of(manifest))
+
+
+class Killed(Exception):
+    pass
+
+
+def test_kill_and_resume_equals_uninterrupted(
+    tmp_path: Path, full: Path, tiny_folder: Path, corpus: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gemmascope.report as report_mod
+    import gemmascope.suite as suite_mod
+    import gemmascope.train as train_mod
+
+    model, tok = load_model(str(tiny_folder))
+    real_train, real_cache = train_mod.train, suite_mod.build_cache
+    trained: list[str] = []
+    cached: list[str] = []
+
+    def dying_train(specs: Any, batches: Any, cfg: Any, out: Path, **kw: Any) -> Any:
+        trained.append(out.name)
+
+        def dying(start: int) -> Any:
+            for i, b in enumerate(batches(start)):
+                if out.name == "L01.resid_post" and start == 0 and i == 20:  # checkpoint at 16
+                    raise Killed
+                yield b
+
+        return real_train(specs, dying, cfg, out, **kw)
+
+    def counting_cache(cfg: Any, **kw: Any) -> Any:
+        cached.append(cfg.out.name)
+        return real_cache(cfg, **kw)
+
+    def quick_report(results: Any, out: Path, **kw: Any) -> Path:  # matplotlib is the slow part
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "index.html").write_text("report")
+        return out / "index.html"
+
+    monkeypatch.setattr(train_mod, "train", dying_train)
+    monkeypatch.setattr(suite_mod, "build_cache", counting_cache)
+    monkeypatch.setattr(report_mod, "build_report", quick_report)
+    out = tmp_path / "cut"
+    with pytest.raises(Killed):
+        build_suite(_config(out, tiny_folder, corpus), model=model, tokenizer=tok, progress=False,
+                    echo=lambda _: None)  # fmt: skip
+    assert trained == KEYS[:3] and cached == ["group-00", "group-01"]
+    status = suite_status(out)
+    assert status["stopped"] == ["train:L01.resid_post"]
+    assert status["done"] == ["cache:0", "train:L00.resid_post", "train:L00.attn_z", "eval:0",
+                              "cache:1"]  # fmt: skip
+    assert status["stages"]["train:L01.resid_post"]["progress"] == pytest.approx(20 / 32)
+    assert status["eta_s"] > 0
+    result = CliRunner().invoke(app, ["suite", "status", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "stopped 62%" in result.output and "rerun the same" in result.output
+    finished = {p: p.stat().st_mtime_ns for p in (out / "runs" / "L00.resid_post").rglob("*")}
+
+    trained.clear()
+    cached.clear()
+    build_suite(_config(out, tiny_folder, corpus), model=model, tokenizer=tok, progress=False,
+                echo=lambda _: None)  # fmt: skip
+    assert trained == KEYS[2:] and cached == []  # finished stages were not redone
+    assert finished == {
+        p: p.stat().st_mtime_ns for p in (out / "runs" / "L00.resid_post").rglob("*")
+    }
+    assert suite_status(out)["left"] == [] and suite_status(out)["eta_s"] == 0
+    want, got = _weights(full), _weights(out)
+    assert sorted(want) == sorted(got)
+    for name, arrays in want.items():
+        for k, v in arrays.items():
+            assert torch.equal(got[name][k], v), f"{name} {k}"
+    strip = ("source",)
+    assert [{k: v for k, v in r.items() if k not in strip} for r in read_results(out / "results.json")] == [
+        {k: v for k, v in r.items() if k not in strip} for r in read_results(full / "results.json")
+    ]  # fmt: skip
+
+
+def test_status_of_a_finished_and_a_running_suite(full: Path, tmp_path: Path) -> None:
+    st = suite_status(full)
+    assert st["left"] == [] and st["running"] == [] and len(st["done"]) == 10 and st["eta_s"] == 0
+    result = CliRunner().invoke(app, ["suite", "status", str(full)])
+    assert result.exit_code == 0, result.output
+    assert "10 of 10 stages done" in result.output and "done, dropped" in result.output
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    manifest = read_manifest(full)
+    for name in ("eval:1", "publish", "report"):
+        del manifest["stages"][name]
+    manifest["stages"]["eval:1"] = {"state": "running", "pid": os.getpid(), "seconds": 1.0}
+    (copy / "suite.json").write_text(json.dumps(manifest))
+    st = suite_status(copy)
+    assert st["running"] == ["eval:1"] and st["left"] == ["publish", "report"]
+    assert st["eta_s"] > 0
+    from rich.console import Console
+
+    console = Console(record=True, width=120)
+    console.print(status_table(copy))
+    assert "running" in console.export_text()
+
+
+def test_cli_dry_run_prints_the_plan_and_writes_nothing(
+    tmp_path: Path, tiny_folder: Path, corpus: Path
+) -> None:
+    out = tmp_path / "dry"
+    result = CliRunner().invoke(app, [*_args(out, tiny_folder, corpus), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    for word in ("suite plan", "8", "peak", "memory", "tok/s", "time here", "H100"):
+        assert word in result.output, word
+    assert not out.exists()
+
+
+def test_rerunning_a_finished_suite_does_nothing(
+    full: Path, tiny_folder: Path, corpus: Path
+) -> None:
+    before = (full / "suite.json").read_text()
+    result = CliRunner().invoke(app, _args(full, tiny_folder, corpus))
+    assert result.exit_code == 0, result.output
+    assert "suite complete" in result.output and (full / "suite.json").read_text() == before
+
+
+def test_clear_errors(tmp_path: Path, full: Path, tiny_folder: Path, corpus: Path) -> None:
+    cases = [
+        (dict(sites="resid_post,bogus"), "unknown site 'bogus'"),
+        (dict(layers="0-7"), "layer 7 in '0-7' is out of range; this model has layers 0..2"),
+        (dict(disk_budget="500k"), "holds no layer's cache"),
+        (dict(tokens="100"), "less than one training batch"),
+        (dict(widths="64,64"), "repeat a value"),
+    ]
+    for over, message in cases:
+        result = CliRunner().invoke(app, _args(tmp_path / "e", tiny_folder, corpus, **over))
+        assert result.exit_code == 2 and message in result.output, (over, result.output)
+        assert not (tmp_path / "e").exists()
+    changed = CliRunner().invoke(app, _args(full, tiny_folder, corpus, tokens="8192"))
+    assert changed.exit_code == 2 and "written by a different command (tokens: suite has 4096" in (
+        changed.output
+    )
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "x.txt").write_text("x")
+    busy = CliRunner().invoke(app, _args(tmp_path / "busy", tiny_folder, corpus))
+    assert busy.exit_code == 2 and "holds no suite.json" in busy.output
+    missing = CliRunner().invoke(app, ["suite", "status", str(tmp_path / "nothing")])
+    assert missing.exit_code == 2 and "not found" in missing.output
+    assert CliRunner().invoke(app, ["suite"]).exit_code == 2
