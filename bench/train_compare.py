@@ -4,7 +4,8 @@ Every trainer sees the same batches of the same real activations (Gemma 3 270M l
 pre-scaled to E||x||^2 = 1), the same width, batch size and number of tokens, in float32 on the CPU,
 in this one process. Each runs its own training step:
 
-- gemmascope: `gemmascope.train.train` (JumpReLU with an L0 penalty lambda; TopK);
+- gemmascope: `gemmascope.train.train` (JumpReLU with an L0 penalty lambda; TopK), with its short-run
+  options `encoder_init_scale=0.1, center=True` (sparsify, likewise, starts b_dec at the data mean);
 - SAELens: `SAETrainer.step` on `JumpReLUTrainingSAE` (the same lambda) and `TopKTrainingSAE`;
 - sparsify (`eai-sparsify`): its `Trainer` only trains from a live model's forward hooks, so the
   bench runs the body of its step on the batches: `SparseCoder` forward (fused TopK encoder), FVU
@@ -62,6 +63,7 @@ def ours(arch: str, train_x, test_x, args) -> Result:
         {"l0_coefficient": args.lam} if arch == "jumprelu" else {"k": args.k}))  # fmt: skip
     cfg = TrainConfig(tokens=args.steps * args.batch, batch_size=args.batch, lr=args.lr,
                       lr_warmup_steps=args.warmup, l0_warmup_steps=args.warmup,
+                      encoder_init_scale=0.1, center=True,  # our short-run options (README, Training)
                       log_every=10**9, checkpoint_every=10**9)  # fmt: skip
 
     def batches(start: int) -> Iterator[dict]:

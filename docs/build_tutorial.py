@@ -24,11 +24,12 @@ It runs on a laptop CPU, offline. You will:
 
 1. load the model and a sparse autoencoder (SAE) for layer 6 `resid_post`;
 2. read the activations at the SAE's site and encode a sentence into features;
-3. show the strongest features of each token, as a table and a heat-map;
-4. look at one feature's top contexts and its logit lens;
-5. steer generation with that feature;
-6. measure the SAE: L0, FVU and ΔLM loss;
-7. load one of DeepMind's published Gemma Scope SAEs for Gemma 2 (needs the network).
+3. index what every latent does over a slice of the corpus;
+4. show the strongest features of each token, as a table and a heat-map;
+5. look at one feature's top contexts and its logit lens;
+6. steer generation with that feature;
+7. measure the SAE: L0, FVU and ΔLM loss;
+8. load one of DeepMind's published Gemma Scope SAEs for Gemma 2 (needs the network).
 
 The SAE is the one `make demo` trains. If you have not run `make demo`, the next cells train a small
 one here first (about two minutes on two cores): it is far weaker than the demo's, so the features
@@ -106,7 +107,9 @@ else:
     config = TrainConfig(
         tokens=200_000,
         batch_size=500,
-        lr=4e-3,
+        lr=2e-3,
+        encoder_init_scale=0.1,  # the short-run options of `make demo` (README, Training)
+        center=True,
         model="gemma-3-270m",
         dataset="default",
         context_size=256,
@@ -149,51 +152,14 @@ print(
     (
         "markdown",
         """\
-## 3. The strongest features of each token
+## 3. Which latents say something: an index over the corpus
 
-A small table: for each token, the three latents with the largest activation.""",
-    ),
-    (
-        "code",
-        """\
-values, latents = z.topk(3, dim=1)  # [seq, 3]
-print(f"{'token':>12} | top features (activation)")
-for t in range(1, len(tokens)):
-    pairs = zip(values[t].tolist(), latents[t].tolist(), strict=True)
-    top = ", ".join(f"#{i:<5d}({v:.2f})" for v, i in pairs if v > 0)
-    print(f"{tokens[t]!r:>12} | {top}")""",
-    ),
-    (
-        "markdown",
-        """\
-And a heat-map of the twelve latents with the largest activation anywhere in the sentence.""",
-    ),
-    (
-        "code",
-        """\
-peak = z.max(dim=0).values  # [d_sae]
-chosen = peak.topk(12).indices
-fig, ax = plt.subplots(figsize=(10, 4))
-image = ax.imshow(z[:, chosen].T.numpy(), aspect="auto", cmap="viridis")
-ax.set_xticks(range(len(tokens)), [repr(t) for t in tokens], rotation=60, ha="right", fontsize=8)
-ax.set_yticks(range(len(chosen)), [f"#{i}" for i in chosen.tolist()], fontsize=8)
-ax.set_title(f"SAE latents on layer {LAYER} {SITE}")
-fig.colorbar(image, ax=ax, label="activation")
-plt.tight_layout()
-plt.show()""",
-    ),
-    (
-        "markdown",
-        """\
-## 4. One feature: its top contexts and its logit lens
-
-A latent's meaning shows in the texts that make it fire most. `build_index` runs the SAE over part
-of the corpus (4k tokens here; `gemmascope index` uses 1M by default) and keeps, per latent, its top
-contexts, an activation histogram and the *logit lens*: the output tokens its decoder direction
-promotes and suppresses when carried straight to the unembedding. The same file feeds the browser
-explorer (`gemmascope explore`). Layer 6 is early in Gemma 3 270M's 18 layers: many of its features
-respond to one input token, and their logit lens is often noise; features of later layers, closer to
-the output, tend to have clearer lenses.""",
+A latent's meaning shows in the texts that make it fire. `build_index` runs the SAE over part of
+the corpus (4k tokens here; `gemmascope index` uses 1M by default) and keeps, per latent, how often
+it fires (its *density*), its top contexts, an activation histogram and its logit lens. The same
+file feeds the browser explorer (`gemmascope explore`). A short training run leaves some *dense*
+latents, active on more than 10% of all tokens: they say little about any one token, so the table
+and the heat-map below leave them out.""",
     ),
     (
         "code",
@@ -212,11 +178,70 @@ if not index_path.exists():
         progress=False,
     )
 db = IndexDB(index_path)
-# The feature we follow: the strongest one in our sentence that is not active almost everywhere
-# (a latent firing on most tokens says little about any one of them).
-pages = {i: db.feature(i) for i in chosen.tolist()}
-feature = next((i for i, p in pages.items() if 0 < p["density"] < 0.05), chosen[0].item())
-page = pages[feature]
+_, rows = db.list_features(per_page=sae.cfg.d_sae)
+density = torch.zeros(sae.cfg.d_sae)  # share of indexed tokens each latent fires on
+for row in rows:
+    density[row["id"]] = row["density"]
+dense = density > 0.1
+print(
+    f"{int(dense.sum())} dense latents; {int((density == 0).sum())} of {sae.cfg.d_sae} "
+    "never fired on the indexed text"
+)""",
+    ),
+    (
+        "markdown",
+        """\
+## 4. The strongest features of each token
+
+A small table: for each token, the three latents with the largest activation (a token with none
+had only dense latents active).""",
+    ),
+    (
+        "code",
+        """\
+z_kept = z * ~dense  # [seq, d_sae] without the dense latents
+values, latents = z_kept.topk(3, dim=1)  # [seq, 3]
+print(f"{'token':>12} | top features (activation)")
+for t in range(1, len(tokens)):
+    pairs = zip(values[t].tolist(), latents[t].tolist(), strict=True)
+    top = ", ".join(f"#{i:<5d}({v:.2f})" for v, i in pairs if v > 0)
+    print(f"{tokens[t]!r:>12} | {top}")""",
+    ),
+    (
+        "markdown",
+        """\
+And a heat-map of the twelve latents with the largest activation anywhere in the sentence.""",
+    ),
+    (
+        "code",
+        """\
+peak = z_kept.max(dim=0).values  # [d_sae]
+chosen = peak.topk(12).indices
+fig, ax = plt.subplots(figsize=(10, 4))
+image = ax.imshow(z_kept[:, chosen].T.numpy(), aspect="auto", cmap="viridis")
+ax.set_xticks(range(len(tokens)), [repr(t) for t in tokens], rotation=60, ha="right", fontsize=8)
+ax.set_yticks(range(len(chosen)), [f"#{i}" for i in chosen.tolist()], fontsize=8)
+ax.set_title(f"SAE latents on layer {LAYER} {SITE}")
+fig.colorbar(image, ax=ax, label="activation")
+plt.tight_layout()
+plt.show()""",
+    ),
+    (
+        "markdown",
+        """\
+## 5. One feature: its top contexts and its logit lens
+
+We follow the strongest latent of the heat-map. Its top contexts are the indexed texts where it
+fired most; its *logit lens* is the output tokens its decoder direction promotes and suppresses when
+carried straight to the unembedding. Layer 6 is early in Gemma 3 270M's 18 layers: many of its
+features respond to one input token, and their logit lens is often noise; features of later layers,
+closer to the output, tend to have clearer lenses.""",
+    ),
+    (
+        "code",
+        """\
+feature = chosen[0].item()
+page = db.feature(feature)
 print(
     f"feature #{feature}: active on {page['density']:.2%} of indexed tokens, "
     f"max activation {page['max_act']:.2f}"
@@ -243,12 +268,13 @@ print("suppresses:", [t["text"] for t in lens["bottom"][:8]])""",
     (
         "markdown",
         """\
-## 5. Steering: add the feature's direction while the model writes
+## 6. Steering: add the feature's direction while the model writes
 
 Steering adds `strength × W_dec[feature]` (the latent's decoder direction) to the activations at
 the SAE's site, at every position, while the model generates, as if the latent fired that strongly
 everywhere. `splice` installs the change for the duration of the `with` block only. The explorer's
-steering panel does the same.""",
+steering panel does the same. Too weak a push changes nothing, too strong a one makes the model
+repeat a token: a feature's useful range is found by trying a few strengths.""",
     ),
     (
         "code",
@@ -273,18 +299,18 @@ def generate(prompt):
 
 
 direction = sae.W_dec[feature].detach()  # [640]
-strength = 2 * page["max_act"]
 prompt = "My favourite place in the world is"
-with splice(model, sae.cfg.layer, sae.cfg.site, lambda value: value + strength * direction):
-    steered = generate(prompt)
 print("prompt:   ", prompt)
 print("unsteered:", generate(prompt))
-print(f"steered with #{feature} x {strength:.2f}:", steered)""",
+for times in (0.5, 1, 2):
+    push = times * page["max_act"] * direction  # [640]
+    with splice(model, sae.cfg.layer, sae.cfg.site, lambda value, push=push: value + push):
+        print(f"#{feature} added at {times} x its max activation:", generate(prompt))""",
     ),
     (
         "markdown",
         """\
-## 6. How good is the SAE? L0, FVU and ΔLM loss
+## 7. How good is the SAE? L0, FVU and ΔLM loss
 
 `evaluate` runs held-out documents through the model and scores the SAE as the Gemma Scope paper did:
 *L0* is the mean number of active latents per token; *FVU* the fraction of the activations' variance
@@ -310,12 +336,12 @@ from gemmascope.evaluate import evaluate
     ablations=False,
 )
 for key in ("l0", "fvu", "cosine", "delta_lm_loss"):
-    print(f"{key:>15}: {record[key]:.4g}")""",
+    print(f"{key:>15}: {record[key]:.3f}")""",
     ),
     (
         "markdown",
         """\
-## 7. A published Gemma Scope SAE for Gemma 2
+## 8. A published Gemma Scope SAE for Gemma 2
 
 DeepMind published Gemma Scope's SAEs on the Hugging Face Hub, one repository per model and site
 (`google/gemma-scope-2b-pt-res` holds the residual-stream SAEs of Gemma 2 2B), one SAE per `sae_id`

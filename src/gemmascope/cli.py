@@ -333,6 +333,13 @@ def train_command(
         Optional[float],  # noqa: UP007, UP045
         typer.Option(help="W_enc = scale * W_dec^T at init (recipe 1; 0.1 for short runs)."),
     ] = None,
+    center: Annotated[
+        Optional[bool],  # noqa: UP007, UP045
+        typer.Option(
+            "--center/--no-center",
+            help="Subtract each site's mean before training, folded back after (not in the recipe).",
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed for init and data order.")] = 0,
     resume: Annotated[
         bool, typer.Option(help="Continue the run in --out from its checkpoint.")
@@ -362,7 +369,7 @@ def train_command(
                 "no SAEs to train: pass --spec FILE or --layers with a sparsity (--target-l0, --k, ...)"
             )
         flags = {"tokens": parse_count(tokens) if tokens else None, "batch_size": batch_size, "lr": lr,
-                 "matmul_dtype": matmul_dtype, "device": device, "parallel": parallel, "encoder_init_scale": encoder_init_scale}  # fmt: skip
+                 "matmul_dtype": matmul_dtype, "device": device, "parallel": parallel, "encoder_init_scale": encoder_init_scale, "center": center}  # fmt: skip
         options.update({k_: v for k_, v in flags.items() if v is not None}, seed=seed)
         activations = activations or (
             Path(source["activations"]) if "activations" in source else None
