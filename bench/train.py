@@ -65,11 +65,16 @@ class Ours:
     """Our trainer, one step at a time."""
 
     def __init__(
-        self, args, d_in: int, lam: float | None = None, target_l0: float | None = None
+        self,
+        args,
+        d_in: int,
+        lam: float | None = None,
+        target_l0: float | None = None,
+        dtype: str = "float32",
     ) -> None:
         self.cfg = TrainConfig(
             tokens=args.steps * args.batch, batch_size=args.batch, lr=args.lr, lr_warmup_steps=args.warmup,
-            l0_warmup_steps=args.warmup, matmul_dtype=args.matmul_dtype, log_every=10**9,
+            l0_warmup_steps=args.warmup, matmul_dtype=dtype, log_every=10**9,
             encoder_init_scale=args.encoder_init_scale,
         )  # fmt: skip
         self.lam = (
@@ -157,7 +162,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--ours", type=lambda v: [float(x) for x in v.split(",")], default=[3e-3, 1e-2],
                     help="lambdas for our trainer: SAELens' and one that reaches SAELens' L0")  # fmt: skip
-    ap.add_argument("--matmul-dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--matmul-dtype", default="float32",
+                    help="ours: encoder matmul dtype(s), float32 and/or bfloat16, comma-separated")  # fmt: skip
     ap.add_argument("--encoder-init-scale", type=float, default=0.1,
                     help="ours: W_enc = scale * W_dec^T at init (the recipe's 1 needs long runs)")  # fmt: skip
     ap.add_argument("--threads", type=int, default=2)
@@ -169,7 +175,13 @@ def main() -> None:
     print(f"{len(train_x):,} training vectors, d_in {acts.shape[1]}, width {args.width}, batch {args.batch}, "
           f"{args.steps} steps, {torch.get_num_threads()} threads")  # fmt: skip
     d = acts.shape[1]
-    trainers = {f"gemmascope λ={lam:g}": Ours(args, d, lam=lam) for lam in args.ours}
+    trainers = {
+        f"ours λ={lam:g} {'bf16' if dtype == 'bfloat16' else 'fp32'}": Ours(
+            args, d, lam=lam, dtype=dtype
+        )
+        for lam in args.ours
+        for dtype in args.matmul_dtype.split(",")
+    }
     trainers["SAELens"] = SAELens(args, args.lam, d)
     trainers["encoder matmul only"] = EncoderOnly(d, args.width)
     r = race(trainers, train_x, test_x, args)

@@ -213,8 +213,9 @@ def convert(
     Returns:
         The folder, or the `.npz` file, written.
 
-    Example:
-        >>> convert("runs/sweep1/layer_6_resid_post_w4096_topk_k32", "out/layers.6", to="sparsify")
+    A TopK SAE trained into `runs/sweep1/layer_6_resid_post_w4096_topk_k32` becomes a sparsify folder
+    with `convert(that_folder, "out/layers.6", to="sparsify")` (README, "Convert between formats",
+    runs that example in the tests).
     """
     if to not in FORMATS:
         raise ValueError(f"unknown format {to!r}; choose one of {list(FORMATS)}")
