@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import random
@@ -429,3 +430,16 @@ def test_trainer_reads_from_the_model_or_the_cache_alike(
         assert {s.name for s in specs} == set(saes)
         assert saes[specs[1].name].cfg.d_in == 64 and saes[specs[0].name].cfg.d_in == 32
         assert (tmp_path / name / "complete.json").exists()
+
+
+def test_the_model_runs_under_autocast_only_on_a_gpu_with_a_low_precision_cache():
+    from torch import nn
+
+    from gemmascope.activations import model_autocast
+
+    cpu = nn.Linear(2, 2)
+    assert isinstance(model_autocast(cpu, "bfloat16"), contextlib.nullcontext)
+    if torch.cuda.is_available():
+        gpu = nn.Linear(2, 2).cuda()
+        assert isinstance(model_autocast(gpu, "bfloat16"), torch.autocast)
+        assert isinstance(model_autocast(gpu, "float32"), contextlib.nullcontext)

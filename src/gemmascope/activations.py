@@ -23,6 +23,7 @@ requested number of tokens.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import queue
 import re
@@ -260,7 +261,7 @@ def build_cache(
     stream, sequences = _stream(cfg, model, tokenizer, keys, skip, done, cfg.tokens)
     bar = _progress_bar(cfg.tokens, done, progress)
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), model_autocast(model, cfg.dtype):
             shard_writer(cfg.out, manifest, stream, widths, dtype_of(cfg.dtype), bar)
     finally:
         bar.close()
@@ -318,7 +319,7 @@ def _build_on_ranks(
             lo, hi = shards.start * size, min(shards.stop * size, cfg.tokens)
             stream, sequences = _stream(cfg, model, tokenizer, keys, skip, lo, hi)
             try:
-                with torch.inference_mode():
+                with torch.inference_mode(), model_autocast(model, cfg.dtype):
                     shard_writer(cfg.out, manifest, stream, widths, dtype_of(cfg.dtype), bar,
                                  first=shards.start, record=lambda e: write_pending(cfg.out, e))  # fmt: skip
             finally:
@@ -334,6 +335,15 @@ def _build_on_ranks(
             shutil.rmtree(cfg.out / "pending", ignore_errors=True)
     _check_count(cfg, distributed.broadcast_object(got))  # type: ignore[arg-type]
     return cfg.out
+
+
+def model_autocast(model: Any, dtype: str) -> contextlib.AbstractContextManager:
+    """On a CUDA GPU, run the model's matmuls in the (lower) storage dtype under autocast, which keeps
+    norms and softmax in float32; elsewhere, and for float32 storage, run it as loaded."""
+    device = next(model.parameters()).device
+    if device.type == "cuda" and dtype in ("bfloat16", "float16"):
+        return torch.autocast("cuda", dtype=dtype_of(dtype))
+    return contextlib.nullcontext()
 
 
 def _stream(

@@ -371,6 +371,7 @@ def train_command(
         flags = {"tokens": parse_count(tokens) if tokens else None, "batch_size": batch_size, "lr": lr,
                  "matmul_dtype": matmul_dtype, "device": device, "parallel": parallel, "encoder_init_scale": encoder_init_scale, "center": center}  # fmt: skip
         options.update({k_: v for k_, v in flags.items() if v is not None}, seed=seed)
+        TrainConfig(**options)  # bad options (device, dtype, ...) fail here, before any loading
         activations = activations or (
             Path(source["activations"]) if "activations" in source else None
         )
@@ -386,11 +387,12 @@ def train_command(
             options.setdefault("context_size", ident.get("context_size"))
             options.setdefault("dataset", str(ident.get("corpus", {}).get("source", "")) or None)
         else:
+            from gemmascope.distributed import resolve_device
             from gemmascope.loader import ModelActivations
             from gemmascope.models import load_model
 
             name = source.get("model", model)
-            lm, tok = load_model(name)
+            lm, tok = load_model(name, device=resolve_device(options.get("device", "auto")))
             data = ModelActivations(lm, tok, keys, corpus=source.get("corpus", corpus),
                                     batch_size=options.get("batch_size", 4096), seed=seed)  # fmt: skip
             options.setdefault("model", name)
