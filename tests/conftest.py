@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import random
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -123,3 +125,15 @@ def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     build_tiny("llama").save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """400 documents of made-up words w3..w63 (about 13k tokens), as the tiny tokenizer knows them."""
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
+    with open(path, "w") as f:
+        for _ in range(400):
+            words = " ".join(f"w{rng.randrange(3, 64)}" for _ in range(rng.randrange(5, 60)))
+            f.write(json.dumps({"text": words}) + "\n")
+    return path

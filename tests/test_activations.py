@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import random
 import shutil
 import signal
 import subprocess
@@ -35,18 +34,6 @@ from gemmascope.models import load_model
 
 KEYS = [(0, "resid_post"), (1, "mlp_out"), (2, "attn_z")]
 T = 16  # context size; the tiny models allow 64 positions
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """400 documents of made-up words w3..w63 (about 13k tokens), as the tiny tokenizer knows them."""
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
-    with open(path, "w") as f:
-        for _ in range(400):
-            words = " ".join(f"w{rng.randrange(3, 64)}" for _ in range(rng.randrange(5, 60)))
-            f.write(json.dumps({"text": words}) + "\n")
-    return path
 
 
 @pytest.fixture(scope="module")

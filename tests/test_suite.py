@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 from pathlib import Path
 from typing import Any
 
@@ -42,18 +41,6 @@ def _config(out: Path, model: Path, corpus: Path) -> SuiteConfig:
         eval_fraction=0.2, context_size=16, model_batch_size=4, batch_size=128, lr=1e-2,
         checkpoint_every=8, base_model=f["base_model"], disk_budget=2_000_000,
     )  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """400 documents of the tiny tokenizer's words (about 13k tokens)."""
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
-    with open(path, "w") as f:
-        for _ in range(400):
-            words = " ".join(f"w{rng.randrange(3, 64)}" for _ in range(rng.randrange(5, 60)))
-            f.write(json.dumps({"text": words}) + "\n")
-    return path
 
 
 @pytest.fixture(scope="module")
