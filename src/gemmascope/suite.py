@@ -22,7 +22,6 @@ uninterrupted one. `suite_status` reads the same file and the training logs.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import shutil
@@ -35,6 +34,7 @@ from typing import Any
 
 from gemmascope.activations import CacheConfig, build_cache, disk_free, site_dir
 from gemmascope.distributed import resolve_device, world_size
+from gemmascope.io._common import read_json
 from gemmascope.io.atomic import write_json
 from gemmascope.suite_plan import (
     Plan,
@@ -252,7 +252,7 @@ def read_manifest(out: str | Path) -> dict[str, Any]:
     file = Path(out) / "suite.json"
     if not file.exists():
         raise FileNotFoundError(f"{file}: not found; is {out} a suite made by `gemmascope suite`?")
-    manifest = json.loads(file.read_text())
+    manifest = read_json(file)  # a damaged file gets an error naming it
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(
             f"{file}: format {manifest.get('format')!r} version {manifest.get('format_version')!r}, "
