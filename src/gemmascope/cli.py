@@ -681,6 +681,10 @@ def suite_command(
     tokens: Annotated[
         str, typer.Option(help="Tokens cached and trained on per (layer, site), e.g. 2M.")
     ] = "2M",
+    train_tokens: Annotated[
+        Optional[str],  # noqa: UP007, UP045
+        typer.Option(help="Tokens each SAE trains on (default --tokens; more loop the cache)."),
+    ] = None,
     eval_tokens: Annotated[str, typer.Option(help="Held-out tokens per evaluation.")] = "20k",
     ablations: Annotated[
         bool, typer.Option(help="Zero/mean ablation in evaluation (loss recovered).")
@@ -698,6 +702,10 @@ def suite_command(
     encoder_init_scale: Annotated[
         float, typer.Option(help="W_enc = scale * W_dec^T at init (0.1 suits short runs).")
     ] = 1.0,
+    center: Annotated[
+        bool,
+        typer.Option(help="Subtract each site's mean in training, folded back (short runs)."),
+    ] = False,
     cache_dtype: Annotated[
         str, typer.Option(help="Cache storage: float32, bfloat16, float16.")
     ] = "float32",
@@ -739,7 +747,9 @@ def suite_command(
         cfg = SuiteConfig(
             out=out, model=model, sites=[s.strip() for s in sites.split(",") if s.strip()],
             layers=layers, widths=[parse_width(w) for w in widths.split(",") if w.strip()],
-            target_l0s=_floats(l0), tokens=parse_count(tokens), eval_tokens=parse_count(eval_tokens),
+            target_l0s=_floats(l0), tokens=parse_count(tokens),
+            train_tokens=parse_count(train_tokens) if train_tokens else None,
+            eval_tokens=parse_count(eval_tokens), center=center,
             ablations=ablations, corpus=corpus, text_column=text_column, eval_fraction=eval_fraction,
             context_size=context_size, model_batch_size=model_batch_size, batch_size=batch_size,
             lr=lr, matmul_dtype=matmul_dtype, encoder_init_scale=encoder_init_scale,

@@ -70,6 +70,8 @@ class SuiteConfig:
     """Target L0s: one JumpReLU SAE per width and target, trained in target-L0 mode."""
     tokens: int = 2_000_000
     """Activation vectors cached per (layer, site), and each SAE's training tokens (one epoch)."""
+    train_tokens: int | None = None
+    """Tokens each SAE trains on (default: `tokens`, one epoch); more loop over the cache in epochs."""
     eval_tokens: int = 20_000
     """Held-out tokens each SAE is evaluated on."""
     ablations: bool = True
@@ -92,6 +94,8 @@ class SuiteConfig:
     """Dense products in training: float32, bfloat16 or float16."""
     encoder_init_scale: float = 1.0
     """W_enc = scale * W_dec^T at init (the recipe's 1; 0.1 suits short runs)."""
+    center: bool = False
+    """Subtract each site's mean before training, folded back into the biases after (short runs)."""
     cache_dtype: str = "float32"
     """Storage dtype of the activation cache: float32, bfloat16 or float16."""
     buffer_size: int = 1 << 19
@@ -116,12 +120,15 @@ class SuiteConfig:
         self.out = Path(self.out)
         if not self.sites or not self.widths or not self.target_l0s:
             raise ValueError("`sites`, `widths` and `target_l0s` each need at least one value")
-        for name in ("tokens", "eval_tokens", "batch_size", "model_batch_size", "context_size"):
+        if self.train_tokens is None:
+            self.train_tokens = self.tokens
+        for name in ("tokens", "train_tokens", "eval_tokens", "batch_size", "model_batch_size", "context_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"`{name}` must be positive, got {getattr(self, name)}")
-        if self.tokens < self.batch_size:
+        if min(self.tokens, self.train_tokens) < self.batch_size:
             raise ValueError(
-                f"`tokens`={self.tokens:,} is less than one training batch (`batch_size`="
+                f"`tokens`={self.tokens:,} or `train_tokens`={self.train_tokens:,} is less than one "
+                "training batch (`batch_size`="
                 f"{self.batch_size:,}); ask for more tokens or a smaller batch"
             )
         if self.cache_dtype not in ("float32", "bfloat16", "float16"):
@@ -136,8 +143,9 @@ class SuiteConfig:
         from gemmascope.train import TrainConfig
 
         return TrainConfig(
-            tokens=self.tokens, batch_size=self.batch_size, lr=self.lr,
+            tokens=self.train_tokens, batch_size=self.batch_size, lr=self.lr,
             matmul_dtype=self.matmul_dtype, encoder_init_scale=self.encoder_init_scale,  # type: ignore[arg-type]
+            center=self.center,
             device=self.device, seed=self.seed, checkpoint_every=self.checkpoint_every,
             model=self.model, dataset=self.corpus, context_size=self.context_size,
         )  # fmt: skip

@@ -231,7 +231,7 @@ def stage_estimates(plan: Plan, rates: Rates, cfg: Any) -> dict[str, float]:
 
     out: dict[str, float] = {}
     n = plan.n_layers
-    steps = cfg.tokens // cfg.batch_size
+    steps = cfg.train_tokens // cfg.batch_size
     for g, layers in enumerate(plan.groups):
         depth = (max(layers) + 1) / n
         out[f"cache:{g}"] = CACHE_OVERHEAD * cfg.tokens * depth / rates.body
@@ -309,7 +309,7 @@ def flop_estimate(
     n = plan.n_layers
     cache = sum(cfg.tokens * layer_flops * (max(g) + 1) for g in plan.groups) / rate
     train = sum(
-        cfg.tokens * SAE_TRAIN_FLOPS * plan.site_widths[s] * w * len(plan.target_l0s)
+        cfg.train_tokens * SAE_TRAIN_FLOPS * plan.site_widths[s] * w * len(plan.target_l0s)
         for _, s in plan.keys
         for w in plan.widths
     ) / rate  # fmt: skip

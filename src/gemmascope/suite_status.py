@@ -35,8 +35,8 @@ def plan_table(manifest: dict[str, Any]) -> Table:
     t.add_row("SAEs", f"{len(plan.layers)} layers x {len(plan.sites)} sites "
               f"({', '.join(plan.sites)}) x {len(plan.widths)} widths x {len(plan.target_l0s)} "
               f"target L0s = {plan.n_saes}")  # fmt: skip
-    t.add_row("tokens", f"{cfg.tokens:,} cached and trained on per (layer, site); "
-              f"{cfg.eval_tokens:,} held out for evaluation")  # fmt: skip
+    t.add_row("tokens", f"{cfg.tokens:,} cached per (layer, site), {cfg.train_tokens:,} trained on "
+              f"per SAE; {cfg.eval_tokens:,} held out for evaluation")  # fmt: skip
     t.add_row("cache", f"{fmt_bytes(plan.cache_bytes_per_layer)} per layer ({cfg.cache_dtype}); "
               f"{len(plan.groups)} group(s) of up to {max(map(len, plan.groups))} layers")  # fmt: skip
     t.add_row("disk", f"peak {fmt_bytes(plan.peak_disk)} of the {fmt_bytes(manifest['disk_budget'])} "
