@@ -75,6 +75,8 @@ class Params(nn.Module):
         w.uniform_(-bound, bound, generator=generator)
         w /= w.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(w)
+        # W_enc is (d_in, d_sae) stored one latent per row of memory, as the sparse kernels write its
+        # gradient; keep that layout (`train._place` does) so Adam runs in one pass (`optim`).
         self.W_enc = nn.Parameter(w.T * encoder_scale)
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.b_dec = nn.Parameter(torch.zeros(d_in))

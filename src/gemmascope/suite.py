@@ -122,7 +122,14 @@ class SuiteConfig:
             raise ValueError("`sites`, `widths` and `target_l0s` each need at least one value")
         if self.train_tokens is None:
             self.train_tokens = self.tokens
-        for name in ("tokens", "train_tokens", "eval_tokens", "batch_size", "model_batch_size", "context_size"):
+        for name in (
+            "tokens",
+            "train_tokens",
+            "eval_tokens",
+            "batch_size",
+            "model_batch_size",
+            "context_size",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"`{name}` must be positive, got {getattr(self, name)}")
         if min(self.tokens, self.train_tokens) < self.batch_size:

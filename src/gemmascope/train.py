@@ -29,6 +29,7 @@ from gemmascope.dense import dense_forward_backward
 from gemmascope.distributed import Split
 from gemmascope.io.atomic import atomic_dir, write_json
 from gemmascope.objectives import Objective, Params, StepStats, forward_backward
+from gemmascope.optim import adam_step
 from gemmascope.sae import SAE, SAEConfig
 
 SiteKey = tuple[int, str]
@@ -180,22 +181,12 @@ class Run:
 
 
 def _adam(run: Run, lr: float, cfg: TrainConfig, step: int) -> None:
-    """Adam with beta1 = 0 by default (Gemma Scope), after projecting out the decoder-row gradient."""
+    """Adam with beta1 = 0 by default (Gemma Scope); decoder rows stay unit-norm (see `optim`)."""
     p = run.params
-    W, gW = p.W_dec.data, p.W_dec.grad
-    gW -= (gW * W).sum(1, keepdim=True) * W  # keep only what changes each row's direction
-    bc2 = 1 - cfg.beta2 ** (step + 1)
     for name, q in p.named_parameters():
-        g = q.grad
-        if cfg.beta1 > 0:
-            m = run.adam_v.setdefault(f"{name}.m", torch.zeros_like(q))
-            m.mul_(cfg.beta1).add_(g, alpha=1 - cfg.beta1)
-            g = m / (1 - cfg.beta1 ** (step + 1))
-        v = run.adam_v[name]
-        v.mul_(cfg.beta2).addcmul_(q.grad, q.grad, value=1 - cfg.beta2)
-        q.data.addcdiv_(g, (v / bc2).sqrt_().add_(1e-8), value=-lr)
-        q.grad = None
-    W /= W.norm(dim=1, keepdim=True)
+        m = run.adam_v.setdefault(f"{name}.m", torch.zeros_like(q)) if cfg.beta1 > 0 else None
+        adam_step(q, run.adam_v[name], m, lr=lr, beta1=cfg.beta1, beta2=cfg.beta2, step=step,
+                  unit_rows=q is p.W_dec)  # fmt: skip
     p.threshold.data.clamp_(min=0.0)
 
 
@@ -367,6 +358,8 @@ def _place(run: Run, split: Split, device: torch.device) -> None:
         dim = _LATENT_DIM.get(name.split(".")[0])
         if dim is not None:
             t = t.narrow(dim, lo, hi - lo)
+        if name.startswith("W_enc"):  # one latent per row of memory, as its gradient is made
+            return t.T.contiguous().T.to(device)
         return t.contiguous().to(device)
 
     with torch.no_grad():
