@@ -214,6 +214,7 @@ def test_clear_errors(tmp_path: Path, full: Path, tiny_folder: Path, corpus: Pat
         (dict(layers="0-7"), "layer 7 in '0-7' is out of range; this model has layers 0..2"),
         (dict(disk_budget="500k"), "holds no layer's cache"),
         (dict(tokens="100"), "less than one training batch"),
+        (dict(train_tokens="100"), "less than one training batch"),
         (dict(widths="64,64"), "repeat a value"),
     ]
     for over, message in cases:
@@ -231,3 +232,12 @@ def test_clear_errors(tmp_path: Path, full: Path, tiny_folder: Path, corpus: Pat
     missing = CliRunner().invoke(app, ["suite", "status", str(tmp_path / "nothing")])
     assert missing.exit_code == 2 and "not found" in missing.output
     assert CliRunner().invoke(app, ["suite"]).exit_code == 2
+
+
+def test_train_tokens_and_center_reach_the_trainer(tmp_path: Path) -> None:
+    """`--train-tokens` loops over the cache in epochs; `--center` is the trainer's option."""
+    one = SuiteConfig(out=tmp_path, tokens=4096, batch_size=128).train_config()
+    assert one.tokens == 4096 and not one.center
+    more = SuiteConfig(out=tmp_path, tokens=4096, train_tokens=12288, center=True, batch_size=128)
+    assert more.train_config().tokens == 12288 and more.train_config().center
+    assert more.identity()["train_tokens"] == 12288 and more.identity()["center"]
