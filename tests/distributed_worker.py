@@ -65,6 +65,18 @@ def cache_config(out: Path, corpus: Path, **kw: Any) -> CacheConfig:
     return CacheConfig(out=out, **{**base, **kw})  # type: ignore[arg-type]
 
 
+def suite_config(out: Path, corpus: Path) -> Any:
+    """A two-layer suite of 4 SAEs whose caches go in two groups (the disk budget holds one layer)."""
+    from gemmascope.suite import SuiteConfig
+
+    return SuiteConfig(
+        out=out, model="tiny-gemma3", layers="0-1", widths=[64], target_l0s=[2.0, 24.0],
+        tokens=2048, eval_tokens=256, corpus=str(corpus), eval_fraction=0.2, context_size=16,
+        model_batch_size=4, batch_size=128, lr=1e-2, checkpoint_every=8, disk_budget=600_000,
+        device="cpu", base_model="test/tiny-saes",
+    )  # fmt: skip
+
+
 def main(root: Path) -> None:
     from conftest import build_tiny, tiny_tokenizer
 
@@ -84,6 +96,10 @@ def main(root: Path) -> None:
     for name in ("cache_ranks", "cache_resumed"):
         build_cache(cache_config(root / name, root / "docs.jsonl"), model=model, tokenizer=tok,
                     progress=False)  # fmt: skip
+    from gemmascope.suite import build_suite
+
+    build_suite(suite_config(root / "suite_ranks", root / "docs.jsonl"), model=model, tokenizer=tok,
+                progress=False)  # fmt: skip
 
 
 if __name__ == "__main__":

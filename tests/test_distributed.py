@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import build_tiny, tiny_tokenizer
-from distributed_worker import SPECS, Killed, batches, cache_config, config
+from distributed_worker import SPECS, Killed, batches, cache_config, config, suite_config
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -46,6 +46,10 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     build_cache(cache_config(root / "cache_one", root / "docs.jsonl"), model=model, tokenizer=tok,
                 progress=False)  # fmt: skip
     _as_if_killed(root / "cache_one", root / "cache_resumed")
+    from gemmascope.suite import build_suite
+
+    build_suite(suite_config(root / "suite_one", root / "docs.jsonl"), model=model, tokenizer=tok,
+                progress=False, echo=lambda _: None)  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(WORKER), str(root)]  # fmt: skip
@@ -183,3 +187,31 @@ def test_bfloat16_products_train_close_to_float32(tmp_path: Path) -> None:
         ]
     a, b = (saes[d].state_arrays()["W_dec"] for d in ("float32", "bfloat16"))
     assert b.dtype == torch.float32 and (a - b).abs().max() < 0.05
+
+
+# ---------------------------------------------------------------------------- the suite
+def test_two_ranks_build_the_suite_one_process_builds(root: Path) -> None:
+    """`gemmascope suite` under torchrun: every stage done, the same SAEs and the same metrics."""
+    from gemmascope.evaluate import read_results
+    from gemmascope.suite import read_manifest
+
+    one, ranks = root / "suite_one", root / "suite_ranks"
+    manifest = read_manifest(ranks)
+    assert manifest["plan"]["groups"] == [[0], [1]]
+    assert {v["state"] for v in manifest["stages"].values()} == {"done"}
+    assert len(manifest["stages"]) == len(read_manifest(one)["stages"])
+    assert not list((ranks / "cache").glob("group-*")) and not list(ranks.rglob("checkpoint"))
+    folders = sorted(p.parent.relative_to(one) for p in (one / "runs").rglob("cfg.json"))
+    assert len(folders) == 4
+    for rel in folders:
+        got, want = io.load(ranks / rel).state_arrays(), io.load(one / rel).state_arrays()
+        for key, value in want.items():
+            torch.testing.assert_close(got[key], value, rtol=1e-4, atol=2e-5, msg=f"{rel} {key}")
+    got = {r["sae_id"]: r for r in read_results(ranks / "results.json")}
+    want = {r["sae_id"]: r for r in read_results(one / "results.json")}
+    assert got.keys() == want.keys()
+    for sae_id, r in want.items():
+        for metric in ("l0", "fvu", "delta_lm_loss"):
+            assert got[sae_id][metric] == pytest.approx(r[metric], rel=1e-3, abs=1e-4), metric
+    assert (ranks / "report" / "index.html").exists()
+    assert (ranks / "publish" / "README.md").exists()

@@ -15,12 +15,15 @@ from __future__ import annotations
 import atexit
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+T = TypeVar("T")
 DEVICE_HELP = "cpu, cuda, cuda:N, mps or auto (this rank's GPU if there is one, else cpu)"
 
 
@@ -150,6 +153,27 @@ def broadcast_object(obj: object) -> object:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def on_main(fn: Callable[[], T]) -> T:
+    """Run `fn` on rank 0 only and hand its result, or the error it raised, to every rank.
+
+    The other ranks wait meanwhile, so this is also a barrier; a failure on rank 0 is raised on
+    every rank instead of leaving them waiting in the next collective.
+    """
+    if not active():
+        return fn()
+    result: Any = None
+    error: BaseException | None = None
+    if is_main():
+        try:
+            result = fn()
+        except Exception as e:  # handed to every rank below
+            error = e
+    result, error = broadcast_object((result, error))  # type: ignore[misc]
+    if error is not None:
+        raise error
+    return result
 
 
 def all_gather_objects(obj: object) -> list[object]:

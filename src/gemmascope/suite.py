@@ -17,6 +17,10 @@ site) -> `eval:G`; then `publish` -> `report`. A stage is marked running in `sui
 starts and done after it ends; a rerun skips done stages and resumes the interrupted one through its
 own resume (cache shards, training checkpoints), so a killed suite finishes with the same SAEs as an
 uninterrupted one. `suite_status` reads the same file and the training logs.
+
+Under `torchrun` every rank runs the same stages in step: the cache and training stages are shared
+out as `gemmascope cache` and `gemmascope train` share them; rank 0 alone writes `suite.json`,
+measures the speeds, evaluates, publishes and draws the report while the others wait.
 """
 
 from __future__ import annotations
@@ -32,8 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gemmascope import distributed
 from gemmascope.activations import CacheConfig, build_cache, disk_free, site_dir
-from gemmascope.distributed import resolve_device, world_size
+from gemmascope.distributed import on_main, resolve_device
 from gemmascope.io._common import read_json
 from gemmascope.io.atomic import write_json
 from gemmascope.suite_plan import (
@@ -204,14 +209,11 @@ def build_suite(
     """
     from gemmascope import models
 
-    show = echo or _stderr
-    if world_size() > 1:
-        raise RuntimeError(
-            "gemmascope suite runs as one process; under torchrun every rank would write the same "
-            "suite folder. Run it without torchrun (it uses --device's GPU)"
-        )
+    show = (echo or _stderr) if distributed.is_main() else _silent
+    device = resolve_device(cfg.device)
+    distributed.init(device)
     if model is None:
-        model, tokenizer = models.load_model(cfg.model, device=resolve_device(cfg.device))
+        model, tokenizer = models.load_model(cfg.model, device=device)
     elif tokenizer is None:
         raise ValueError("build_suite got a `model` but no `tokenizer`; pass both, or neither")
     cfg.train_config()  # its checks, before any work
@@ -220,11 +222,16 @@ def build_suite(
     for layer in layers:
         for site in cfg.sites:
             models.check_site(info, layer, site)
-    manifest = _open_manifest(cfg)
-    if manifest is None:
-        manifest = _new_manifest(cfg, model, tokenizer, info, layers)
-        if not dry_run:
-            write_json(cfg.out / "suite.json", manifest)
+
+    def opened() -> dict[str, Any]:
+        manifest = _open_manifest(cfg)
+        if manifest is None:
+            manifest = _new_manifest(cfg, model, tokenizer, info, layers)
+            if not dry_run:
+                write_json(cfg.out / "suite.json", manifest)
+        return manifest
+
+    manifest = on_main(opened)
     from gemmascope.suite_status import plan_table
 
     show(plan_table(manifest))
@@ -232,6 +239,10 @@ def build_suite(
         return manifest
     _Stages(cfg, manifest, model, tokenizer, progress, show).run()
     return manifest
+
+
+def _silent(item: Any) -> None:
+    pass
 
 
 def _stderr(item: Any) -> None:
@@ -349,16 +360,19 @@ class _Stages:
                 for key in keys:
                     self._stage(f"train:{site_dir(key)}", lambda key=key, g=g: self._train(g, key))
             self._drop_cache(g)
-            self._stage(f"eval:{g}", lambda g=g, keys=keys: self._evaluate(g, keys))
-        self._stage("publish", self._publish)
-        self._stage("report", self._report)
+            self._stage(
+                f"eval:{g}", lambda g=g, keys=keys: on_main(lambda: self._evaluate(g, keys))
+            )
+        self._stage("publish", lambda: on_main(self._publish))
+        self._stage("report", lambda: on_main(self._report))
 
     # --- bookkeeping
     def _done(self, name: str) -> bool:
         return self.manifest["stages"].get(name, {}).get("state") == "done"
 
     def _save(self) -> None:
-        write_json(self.cfg.out / "suite.json", self.manifest)
+        if distributed.is_main():
+            write_json(self.cfg.out / "suite.json", self.manifest)
 
     def _stage(self, name: str, fn: Callable[[], None]) -> None:
         if self._done(name):
@@ -411,12 +425,13 @@ class _Stages:
         run = self.runs / site_dir(key)
         train(self._specs(key), data.batches, c.train_config(), run, resume=True,
               progress=self.progress)  # fmt: skip
-        shutil.rmtree(run / "checkpoint", ignore_errors=True)  # the SAEs are saved; free the disk
+        # the SAEs are saved; free the disk
+        on_main(lambda: shutil.rmtree(run / "checkpoint", ignore_errors=True))
 
     def _drop_cache(self, g: int) -> None:
         folder = self._cache_dir(g)
         if not self.cfg.keep_cache and folder.exists():
-            shutil.rmtree(folder)
+            on_main(lambda: shutil.rmtree(folder))
             self.show(f"dropped the cache of group {g} ({folder.name})")
 
     def _evaluate(self, g: int, keys: list[tuple[int, str]]) -> None:
