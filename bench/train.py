@@ -2,9 +2,11 @@
 
 Gemma 3 270M, layer 6 resid_post (d_in 640), width 16,384, batch 4,096, float32, the same
 hyper-parameters for both (Adam betas (0, 0.999), bandwidth 0.001, threshold init 0.001, the same
-lambda, lr and warm-ups; ours runs also at a larger lambda that reaches SAELens' L0). Inputs are pre-scaled so that E||x||^2 = 1 for both trainers. Each trainer keeps
-its own init: SAELens' (decoder rows of norm 0.1, W_enc = W_dec^T) and ours (unit decoder rows,
-W_enc = 0.1 * W_dec^T here, `--encoder-init-scale 1` for the paper's exact init).
+lambda, lr and warm-ups). Inputs are pre-scaled so that E||x||^2 = 1 for both trainers. Each trainer
+keeps its own init and input handling: SAELens' (decoder rows of norm 0.1, W_enc = W_dec^T, b_dec
+subtracted from the input) and ours with its two short-run options (unit decoder rows, W_enc =
+0.1 * W_dec^T, inputs centred and rescaled by `train.estimate_norms` on the first 8 batches, as
+`--center` does; `--encoder-init-scale 1 --no-center` for the paper's exact recipe).
 
 The trainers take turns on the same batch, step by step, so a busy machine slows both alike. Prints, per
 trainer: tokens/s over the whole run and over its second half (sparse by then), the FVU and L0 reached
@@ -24,7 +26,7 @@ from pathlib import Path
 import torch
 
 from gemmascope.objectives import forward_backward
-from gemmascope.train import SAESpec, TrainConfig, _adam, _new_run
+from gemmascope.train import Norm, SAESpec, TrainConfig, _adam, _new_run, estimate_norms
 
 
 def activations(cache: Path | None, tokens: int) -> torch.Tensor:
@@ -71,6 +73,7 @@ class Ours:
         lam: float | None = None,
         target_l0: float | None = None,
         dtype: str = "float32",
+        norm: Norm | None = None,
     ) -> None:
         self.cfg = TrainConfig(
             tokens=args.steps * args.batch, batch_size=args.batch, lr=args.lr, lr_warmup_steps=args.warmup,
@@ -84,14 +87,16 @@ class Ours:
             6, "resid_post", args.width, "jumprelu", l0_coefficient=lam, target_l0=target_l0
         )
         self.run = _new_run(spec, d_in, self.cfg, 0)
+        self.norm = norm or Norm(torch.zeros(d_in), 1.0)
 
     def step(self, step: int, x: torch.Tensor) -> None:
         self.run.objective.coefficient = self.cfg.coefficient_at(step, self.lam)
+        x = self.norm(x)
         forward_backward(self.run.params, x, x, self.run.objective)
         _adam(self.run, self.cfg.lr_at(step), self.cfg, step)
 
     def metrics(self, x: torch.Tensor) -> tuple[float, float]:
-        p = self.run.params
+        p, x = self.run.params, self.norm(x)  # FVU does not change with the folded-back norm
         return held_out_metrics(
             lambda x: (lambda pre: pre * (pre > p.threshold))(x @ p.W_enc + p.b_enc),
             lambda z: z @ p.W_dec + p.b_dec,
@@ -161,11 +166,13 @@ def main() -> None:
     ap.add_argument("--lambda", dest="lam", type=float, default=3e-3)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--ours", type=lambda v: [float(x) for x in v.split(",")], default=[3e-3, 1e-2],
-                    help="lambdas for our trainer: SAELens' and one that reaches SAELens' L0")  # fmt: skip
+                    help="lambdas for our trainer (SAELens runs at --lambda)")  # fmt: skip
     ap.add_argument("--matmul-dtype", default="float32",
                     help="ours: encoder matmul dtype(s), float32 and/or bfloat16, comma-separated")  # fmt: skip
     ap.add_argument("--encoder-init-scale", type=float, default=0.1,
                     help="ours: W_enc = scale * W_dec^T at init (the recipe's 1 needs long runs)")  # fmt: skip
+    ap.add_argument("--center", action=argparse.BooleanOptionalAction, default=True,
+                    help="ours: centre the inputs as `--center` does (default on)")  # fmt: skip
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -175,9 +182,11 @@ def main() -> None:
     print(f"{len(train_x):,} training vectors, d_in {acts.shape[1]}, width {args.width}, batch {args.batch}, "
           f"{args.steps} steps, {torch.get_num_threads()} threads")  # fmt: skip
     d = acts.shape[1]
+    first = [{0: train_x[i * args.batch : (i + 1) * args.batch]} for i in range(8)]
+    norm = estimate_norms(first, center=True)[0] if args.center else None
     trainers = {
         f"ours λ={lam:g} {'bf16' if dtype == 'bfloat16' else 'fp32'}": Ours(
-            args, d, lam=lam, dtype=dtype
+            args, d, lam=lam, dtype=dtype, norm=norm
         )
         for lam in args.ours
         for dtype in args.matmul_dtype.split(",")

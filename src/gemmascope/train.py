@@ -111,10 +111,6 @@ class TrainConfig:
     beta2: float = 0.999
     bandwidth: float = 0.001
     threshold_init: float = 0.001
-    threshold_lr_scale: float = 1.0
-    """The thresholds' learning rate as a multiple of `lr`. Adam moves each threshold by at most
-    about its learning rate per step whatever the penalty, so a run of a few hundred steps cannot
-    bring L0 down to its target at the recipe's 1; long runs never notice."""
     encoder_init_scale: float = 1.0
     """W_enc = scale * W_dec^T at init. The recipe's 1 starts with about half the latents firing and a
     reconstruction ~m/(2d) times too large, which a long run forgets; 0.1 (like SAELens' 0.1 decoder
@@ -153,10 +149,6 @@ class TrainConfig:
             raise ValueError(
                 f"`matmul_dtype` {self.matmul_dtype!r}: choose float32, bfloat16 or float16"
             )
-        if self.threshold_lr_scale <= 0:
-            raise ValueError(
-                f"`threshold_lr_scale` must be positive, got {self.threshold_lr_scale}"
-            )
         if self.parallel not in ("data", "latents"):
             raise ValueError(f"`parallel` {self.parallel!r}: choose data or latents")
 
@@ -193,8 +185,7 @@ def _adam(run: Run, lr: float, cfg: TrainConfig, step: int) -> None:
     p = run.params
     for name, q in p.named_parameters():
         m = run.adam_v.setdefault(f"{name}.m", torch.zeros_like(q)) if cfg.beta1 > 0 else None
-        rate = lr * cfg.threshold_lr_scale if q is p.threshold else lr
-        adam_step(q, run.adam_v[name], m, lr=rate, beta1=cfg.beta1, beta2=cfg.beta2, step=step,
+        adam_step(q, run.adam_v[name], m, lr=lr, beta1=cfg.beta1, beta2=cfg.beta2, step=step,
                   unit_rows=q is p.W_dec)  # fmt: skip
     p.threshold.data.clamp_(min=0.0)
 
