@@ -137,3 +137,18 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
             words = " ".join(f"w{rng.randrange(3, 64)}" for _ in range(rng.randrange(5, 60)))
             f.write(json.dumps({"text": words}) + "\n")
     return path
+
+
+UNPICKLED: list[str] = []
+"""Tags recorded by `Exploit` when something unpickles it: must stay empty."""
+
+
+def _record(tag: str) -> None:
+    UNPICKLED.append(tag)
+
+
+class Exploit:
+    """Unpickling this runs `_record`: a stand-in for arbitrary code in a hostile file."""
+
+    def __reduce__(self):
+        return (_record, ("unpickled",))

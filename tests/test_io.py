@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import UNPICKLED, Exploit
 from typer.testing import CliRunner
 
 import gemmascope
@@ -344,23 +345,9 @@ def test_unknown_sae_id_lists_close_ones(tmp_path: Path) -> None:
         io.load(repo, "layer_3/width_16k/average_l0_41")
 
 
-_UNPICKLED: list[str] = []
-
-
-def _record(tag: str) -> None:
-    _UNPICKLED.append(tag)
-
-
-class _Exploit:
-    """Unpickling this runs `_record`: a stand-in for arbitrary code in a hostile file."""
-
-    def __reduce__(self):
-        return (_record, ("unpickled",))
-
-
 def test_pickled_npz_is_refused_not_unpickled(tmp_path: Path) -> None:
     arrays: dict[str, np.ndarray] = dict(gemma_arrays(d_sae=4096))
-    arrays["threshold"] = np.array([_Exploit()] * 4096, dtype=object)
+    arrays["threshold"] = np.array([Exploit()] * 4096, dtype=object)
     f = tmp_path / "layer_0/width_4k/average_l0_5/params.npz"
     f.parent.mkdir(parents=True)
     np.savez(f, **arrays)
@@ -369,7 +356,7 @@ def test_pickled_npz_is_refused_not_unpickled(tmp_path: Path) -> None:
         match=rf"{re.escape(str(f))}: array 'threshold' holds Python objects.*refusing to unpickle",
     ):
         io.load(f)
-    assert _UNPICKLED == []
+    assert UNPICKLED == []
 
 
 def test_untagged_cfg_json_is_neither_ours_nor_sparsify(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import UNPICKLED, Exploit
 from safetensors.torch import load_file
 
 from gemmascope import io
@@ -117,28 +118,14 @@ def test_conversions_that_would_change_encodings_are_refused(tmp_path: Path) -> 
     assert not any(tmp_path.iterdir())
 
 
-_UNPICKLED: list[str] = []
-
-
-def _record(tag: str) -> None:
-    _UNPICKLED.append(tag)
-
-
-class _Exploit:
-    """Unpickling this runs `_record`: a stand-in for arbitrary code in a hostile ae.pt."""
-
-    def __reduce__(self):
-        return (_record, ("unpickled",))
-
-
 def test_pickled_objects_in_ae_pt_are_refused_not_run(tmp_path: Path) -> None:
     folder = tmp_path / "trainer_0"
     shutil.copytree(FIXTURES / "topk" / "trainer_0", folder)
     state = torch.load(folder / "ae.pt", weights_only=True)
-    torch.save({**state, "hook": _Exploit()}, folder / "ae.pt")
+    torch.save({**state, "hook": Exploit()}, folder / "ae.pt")
     with pytest.raises(ValueError, match=r"ae.pt: holds Python objects beyond tensors.*refusing"):
         io.load(folder)
-    assert _UNPICKLED == []
+    assert UNPICKLED == []
 
 
 def test_dict_class_must_match_the_arrays(tmp_path: Path) -> None:
