@@ -171,6 +171,9 @@ def test_status_of_a_finished_and_a_running_suite(full: Path, tmp_path: Path) ->
     result = CliRunner().invoke(app, ["suite", "status", str(full)])
     assert result.exit_code == 0, result.output
     assert "10 of 10 stages done" in result.output and "done, dropped" in result.output
+    assert set(st["throughput"]) == {"cache", "train", "eval"}
+    assert all(v > 0 for v in st["throughput"].values())
+    assert "measured: cache" in result.output and "SAE token-steps/s" in result.output
     copy = tmp_path / "copy"
     copy.mkdir()
     manifest = read_manifest(full)

@@ -101,7 +101,33 @@ def suite_status(out: str | Path) -> dict[str, Any]:
     by_state = {k: [n for n, s in stages.items() if s["state"] == k]
                 for k in ("done", "running", "stopped", "left")}  # fmt: skip
     return {"stages": stages, **by_state, "elapsed_s": sum(s["seconds"] for s in stages.values()),
-            "eta_s": left * min(max(factor, 0.2), 5.0)}  # fmt: skip
+            "eta_s": left * min(max(factor, 0.2), 5.0),
+            "throughput": _throughput(stages, plan, cfg)}  # fmt: skip
+
+
+def _throughput(
+    stages: dict[str, dict[str, Any]], plan: Any, cfg: dict[str, Any]
+) -> dict[str, float]:
+    """Measured speed of each stage kind over its finished stages: `cache` tokens/s (every site of
+    a group at once), `train` SAE token-steps/s (all SAEs of a (layer, site) together), `eval` tokens/s
+    per SAE (its share of the clean, spliced and ablated forwards)."""
+    per_key = len(plan.widths) * len(plan.target_l0s)
+    work = {"cache": cfg["tokens"], "train": (cfg.get("train_tokens") or cfg["tokens"]) * per_key}
+    out: dict[str, float] = {}
+    for kind in ("cache", "train", "eval"):
+        done = [
+            (n, s) for n, s in stages.items() if n.startswith(kind + ":") and s["state"] == "done"
+        ]
+        seconds = sum(s["seconds"] for _, s in done)
+        if not done or seconds <= 0:
+            continue
+        if kind == "eval":
+            saes = sum(len(plan.groups[int(n.split(":")[1])]) for n, _ in done)
+            total = cfg["eval_tokens"] * saes * len(plan.sites) * per_key
+        else:
+            total = work[kind] * len(done)
+        out[kind] = total / seconds
+    return out
 
 
 def _alive(rec: dict[str, Any]) -> bool:
@@ -124,7 +150,8 @@ def _progress(out: Path, name: str, cfg: dict[str, Any]) -> float:
         if kind == "train":
             log = out / "runs" / what / "metrics.jsonl"
             steps = [json.loads(line)["step"] for line in log.read_text().splitlines() if line]
-            return max(steps, default=0) / (cfg["tokens"] // cfg["batch_size"])
+            tokens = cfg.get("train_tokens") or cfg["tokens"]
+            return max(steps, default=0) / (tokens // cfg["batch_size"])
     except (OSError, ValueError, KeyError):
         pass
     return 0.0
@@ -155,6 +182,11 @@ def status_table(out: str | Path) -> Group:
     summary = (f"{len(st['done'])} of {n} stages done, {len(st['running'])} running, "
                f"{len(st['stopped'])} stopped, {len(st['left'])} left; {fmt_seconds(st['elapsed_s'])} "
                f"spent, ETA {fmt_seconds(st['eta_s'])}")  # fmt: skip
+    units = {"cache": "tok/s", "train": "SAE token-steps/s", "eval": "tok/s per SAE"}
+    if st["throughput"]:
+        summary += "\nmeasured: " + ", ".join(
+            f"{k} {v:,.0f} {units[k]}" for k, v in st["throughput"].items()
+        )
     if st["stopped"] and not st["running"]:
         summary += "\nstopped: rerun the same `gemmascope suite` command to resume"
     errors = [
