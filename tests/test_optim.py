@@ -69,6 +69,9 @@ def test_missing_gradient_is_a_clear_error():
     q = torch.nn.Parameter(torch.zeros(3))
     with pytest.raises(ValueError, match="no gradient"):
         adam_step(q, torch.zeros(3), None, lr=1e-3, beta1=0.0, beta2=0.999, step=0)
+    q.grad = torch.ones(3)
+    with pytest.raises(ValueError, match="needs the first-moment state"):
+        adam_step(q, torch.zeros(3), None, lr=1e-3, beta1=0.9, beta2=0.999, step=0)
 
 
 def test_training_parameters_take_the_fused_path():
@@ -84,4 +87,5 @@ def test_training_parameters_take_the_fused_path():
     x = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
     forward_backward(run.params, x, x, run.objective)
     for name, q in run.params.named_parameters():
-        assert _row_views(q.data, q.grad, run.adam_v[name], run.adam_v[name]) is not None, name
+        v = run.adam_v[name]
+        assert _row_views(q.data, q.grad, v, v, transposed=name != "W_dec") is not None, name

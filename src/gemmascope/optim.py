@@ -9,6 +9,7 @@ while the row is in cache; on other devices the same arithmetic runs as torch op
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numba
 import torch
@@ -65,17 +66,18 @@ def adam_step(
     g = q.grad
     if g is None:
         raise ValueError("adam_step: the parameter has no gradient; run the backward pass first")
+    if beta1 > 0 and m is None:
+        raise ValueError("adam_step: beta1 > 0 needs the first-moment state `m`")
     bc1, bc2 = 1 - beta1 ** (step + 1), 1 - beta2 ** (step + 1)
-    mom = m if m is not None and beta1 > 0 else v
-    rows = _row_views(q.data, g, v, mom)
-    if rows is not None and (not unit_rows or not rows[4]):
-        w2, g2, v2, m2, _ = rows
-        _adam_rows(w2, g2, v2, m2, lr, beta1, beta2, bc1, bc2, unit_rows)
+    # unit rows must be rows of memory; plain Adam is element-wise, so a transposed layout will do
+    rows = _row_views(q.data, g, v, m if m is not None else v, transposed=not unit_rows)
+    if rows is not None:
+        _adam_rows(*rows, lr, beta1, beta2, bc1, bc2, unit_rows)
     else:
         if unit_rows:
             g = g - (g * q.data).sum(1, keepdim=True) * q.data
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        if beta1 > 0 and m is not None:
+        if m is not None and beta1 > 0:
             m.mul_(beta1).add_(g, alpha=1 - beta1)
             g = m / bc1
         q.data.addcdiv_(g, (v / bc2).sqrt_().add_(_EPS), value=-lr)
@@ -84,19 +86,18 @@ def adam_step(
     q.grad = None
 
 
-def _row_views(*ts: Tensor) -> tuple | None:
-    """Row-major numpy views of same-shaped CPU float32 tensors sharing one layout, plus whether
-    that is the transposed one; None if they do not (the torch ops path then runs).
+def _row_views(*ts: Tensor, transposed: bool) -> list[Any] | None:
+    """Row-major numpy views of same-shaped CPU float32 tensors sharing one layout (with
+    `transposed`, also the transpose of a row-major array); None otherwise (torch ops then run).
 
     W_enc is kept (and its gradient made) as the transpose of a row-major (width, d_in) array,
-    because the sparse kernels write it one latent at a time; Adam is element-wise, so any shared
-    layout will do."""
+    because the sparse kernels write it one latent at a time."""
     if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in ts):
         return None
     if all(t.is_contiguous() for t in ts):
-        return (*(_as_rows(t).numpy() for t in ts), False)
-    if all(t.dim() == 2 and t.T.is_contiguous() for t in ts):
-        return (*(t.T.numpy() for t in ts), True)
+        return [_as_rows(t).numpy() for t in ts]
+    if transposed and all(t.dim() == 2 and t.T.is_contiguous() for t in ts):
+        return [t.T.numpy() for t in ts]
     return None
 
 

@@ -112,22 +112,26 @@ def _throughput(
     a group at once), `train` SAE token-steps/s (all SAEs of a (layer, site) together), `eval` tokens/s
     per SAE (its share of the clean, spliced and ablated forwards)."""
     per_key = len(plan.widths) * len(plan.target_l0s)
-    work = {"cache": cfg["tokens"], "train": (cfg.get("train_tokens") or cfg["tokens"]) * per_key}
     out: dict[str, float] = {}
     for kind in ("cache", "train", "eval"):
-        done = [
-            (n, s) for n, s in stages.items() if n.startswith(kind + ":") and s["state"] == "done"
-        ]
-        seconds = sum(s["seconds"] for _, s in done)
+        done = [n for n, s in stages.items() if n.startswith(kind + ":") and s["state"] == "done"]
+        seconds = sum(stages[n]["seconds"] for n in done)
         if not done or seconds <= 0:
             continue
-        if kind == "eval":
-            saes = sum(len(plan.groups[int(n.split(":")[1])]) for n, _ in done)
-            total = cfg["eval_tokens"] * saes * len(plan.sites) * per_key
+        if kind == "cache":
+            total = cfg["tokens"] * len(done)
+        elif kind == "train":
+            total = _train_tokens(cfg) * per_key * len(done)
         else:
-            total = work[kind] * len(done)
+            layers = sum(len(plan.groups[int(n.partition(":")[2])]) for n in done)
+            total = cfg["eval_tokens"] * layers * len(plan.sites) * per_key
         out[kind] = total / seconds
     return out
+
+
+def _train_tokens(cfg: dict[str, Any]) -> int:
+    """Tokens each SAE trains on (suites made before `train_tokens` trained on `tokens`)."""
+    return cfg.get("train_tokens") or cfg["tokens"]
 
 
 def _alive(rec: dict[str, Any]) -> bool:
@@ -150,8 +154,7 @@ def _progress(out: Path, name: str, cfg: dict[str, Any]) -> float:
         if kind == "train":
             log = out / "runs" / what / "metrics.jsonl"
             steps = [json.loads(line)["step"] for line in log.read_text().splitlines() if line]
-            tokens = cfg.get("train_tokens") or cfg["tokens"]
-            return max(steps, default=0) / (tokens // cfg["batch_size"])
+            return max(steps, default=0) / (_train_tokens(cfg) // cfg["batch_size"])
     except (OSError, ValueError, KeyError):
         pass
     return 0.0
