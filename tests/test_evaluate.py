@@ -14,6 +14,7 @@ from conftest import VOCAB, build_tiny, tiny_tokenizer
 from torch.testing import assert_close
 from typer.testing import CliRunner
 
+import gemmascope.evaluate as evaluate_module
 from gemmascope.evaluate import (
     evaluate,
     evaluate_sequences,
@@ -185,6 +186,27 @@ def test_batchtopk_is_scored_per_token_and_its_mode_restored() -> None:
     assert sae.training
     (again,) = _eval(model, [sae.eval()], ids)
     assert r["l0"] == again["l0"] and r["fvu"] == again["fvu"]
+
+
+@pytest.mark.parametrize("ablations", [True, False])
+def test_progress_bar_counts_every_forward(
+    monkeypatch: pytest.MonkeyPatch, ablations: bool
+) -> None:
+    bars: list[Any] = []
+
+    class Recording(evaluate_module.tqdm):  # type: ignore[misc,name-defined]
+        def __init__(self, *args: Any, **kw: Any) -> None:
+            super().__init__(*args, **kw)
+            bars.append(self)
+
+    monkeypatch.setattr(evaluate_module, "tqdm", Recording)
+    model = build_tiny("gemma3")
+    saes = [_random(model, 1, "resid_post", seed=1), _random(model, 0, "mlp_out", seed=2),
+            _random(model, 1, "resid_post", seed=3)]  # fmt: skip
+    _eval(model, saes, _sequences(n=7), ablations=ablations)  # batches of 4: two batches
+    (bar,) = bars
+    # per batch: the means pass and 2 ablations x 2 sites (with ablations), the clean one, 3 SAEs
+    assert bar.n == bar.total == 2 * (4 + (5 if ablations else 0))
 
 
 def test_without_ablations_loss_fields_are_none() -> None:

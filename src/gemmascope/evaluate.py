@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from gemmascope.corpus import EVAL_FRACTION, Split, iter_documents, pack_sequences, special_ids
 from gemmascope.hooks import collect, run_from, splice
@@ -72,6 +73,7 @@ def evaluate(
     ablations: bool = True,
     ce_chunk: int = 512,
     model_name: str | None = None,
+    progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Evaluate SAEs on the held-out split of a corpus (see the module docstring for conventions).
 
@@ -86,6 +88,8 @@ def evaluate(
         ablations: also run zero- and mean-ablation (needed for the fraction of loss recovered).
         ce_chunk: positions per cross-entropy chunk through the output embedding.
         model_name: recorded in each result (default: the SAE's `cfg.model`).
+        progress: show a progress bar counting forward passes (one clean, one per SAE and two per
+            site for the ablations, per batch).
     Returns:
         One record per SAE, in order (see `evaluate_sequences`).
     """
@@ -106,6 +110,7 @@ def evaluate(
     return evaluate_sequences(
         model, saes, sequences, skip_ids=special_ids(tokenizer), pad_id=tokenizer.pad_token_id,
         batch_size=batch_size, ablations=ablations, ce_chunk=ce_chunk, model_name=model_name,
+        progress=progress,
     )  # fmt: skip
 
 
@@ -120,6 +125,7 @@ def evaluate_sequences(
     ablations: bool = True,
     ce_chunk: int = 512,
     model_name: str | None = None,
+    progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Evaluate SAEs on given token sequences of equal length; `evaluate` packs them from a corpus.
 
@@ -129,7 +135,7 @@ def evaluate_sequences(
         sequences: token id arrays `[seq]`, all the same length.
         skip_ids: special token ids (BOS, EOS, pad), left out of every metric and never spliced.
         pad_id: padding id: padded positions are masked from attention and never scored as labels.
-        batch_size, ablations, ce_chunk, model_name: as in `evaluate`.
+        batch_size, ablations, ce_chunk, model_name, progress: as in `evaluate`.
     Returns:
         One record per SAE: identity (`model`, `layer`, `site`, `width`, `architecture`, ...), token
         counts, `l0` (+ `l0_std`, `l0_quantiles`), `mse`, `fvu`, `explained_variance`, `cosine`,
@@ -148,11 +154,14 @@ def evaluate_sequences(
         stats=[_Stats.new(sae.cfg.d_in, sae.cfg.d_sae) for sae in saes],
         ablated={(k, kind): 0.0 for k in sites for kind in ("zero", "mean")} if ablations else {},
     )
-    with torch.no_grad(), _eval_mode(saes):
-        means = _site_means(model, batches, sites, skip, pad_id) if ablations else {}
+    # forwards per batch: the site means (ablations only), the clean one, one per SAE and ablation
+    per_batch = 1 + len(saes) + len(run.ablated) + (1 if ablations else 0)
+    bar = tqdm(total=len(batches) * per_batch, unit="fwd", desc="evaluate", disable=not progress)
+    with torch.no_grad(), _eval_mode(saes), bar:
+        means = _site_means(model, batches, sites, skip, pad_id, bar) if ablations else {}
         for ids in batches:
             _eval_batch(
-                model, saes, keys, ids, means, run, skip=skip, pad_id=pad_id, chunk=ce_chunk
+                model, saes, keys, ids, means, run, bar, skip=skip, pad_id=pad_id, chunk=ce_chunk
             )
     return [
         _record(sae, key, st, run, model_name)
@@ -242,6 +251,7 @@ def _eval_batch(
     ids: Tensor,
     means: dict[Key, Tensor],
     run: _Run,
+    bar: tqdm,
     *,
     skip: list[int],
     pad_id: int | None,
@@ -260,16 +270,19 @@ def _eval_batch(
     clean, final = _clean_forward(model, ids, needed, attn)
     run.ce_clean += loss(final)
     run.loss_tokens += len(labels)
+    bar.update()
     for sae, key, st in zip(saes, keys, run.stats, strict=True):
         x = clean[key][mask]  # (n, W)
         z = sae.encode(x)  # (n, d_sae)
         x_hat = sae.decode(z).to(x.device)  # (n, W)
         _accumulate(st, x, z, x_hat)
         st.ce += loss(_resume(model, key, _replaced(clean[key], mask, x_hat), clean, attn))
+        bar.update()
     for key, kind in run.ablated:
         fill = torch.zeros(()) if kind == "zero" else means[key]
         value = _replaced(clean[key], mask, fill)
         run.ablated[key, kind] += loss(_resume(model, key, value, clean, attn))
+        bar.update()
 
 
 def _masks(
@@ -353,7 +366,12 @@ def _until_head(model: nn.Module, forward: Callable[[], Any]) -> Tensor:
 
 
 def _site_means(
-    model: nn.Module, batches: list[Tensor], sites: list[Key], skip: list[int], pad_id: int | None
+    model: nn.Module,
+    batches: list[Tensor],
+    sites: list[Key],
+    skip: list[int],
+    pad_id: int | None,
+    bar: tqdm,
 ) -> dict[Key, Tensor]:
     """Mean activation `[W]` of each site over the evaluated tokens (forwards stop at the deepest)."""
     sums: dict[Key, Tensor] = {}
@@ -365,6 +383,7 @@ def _site_means(
             part = acts[key][mask].double().sum(0)  # (W,)
             sums[key] = sums[key] + part if key in sums else part
         n += int(mask.sum())
+        bar.update()
     if n == 0:
         raise ValueError(
             "every evaluated position is a special token (BOS/EOS/pad); nothing to score"

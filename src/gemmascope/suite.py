@@ -446,6 +446,7 @@ class _Stages:
             self.model, self.tokenizer, saes, corpus=c.corpus, split="eval", tokens=c.eval_tokens,
             context_size=c.context_size, batch_size=c.model_batch_size, text_column=c.text_column,
             eval_fraction=c.eval_fraction, ablations=c.ablations, model_name=c.model,
+            progress=self.progress,
         )  # fmt: skip
         for record, sae_id in zip(records, ids, strict=True):
             record.update(source=str(self.runs.resolve()), sae_id=sae_id)
