@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -163,6 +164,39 @@ def test_kill_and_resume_equals_uninterrupted(
     assert [{k: v for k, v in r.items() if k not in strip} for r in read_results(out / "results.json")] == [
         {k: v for k, v in r.items() if k not in strip} for r in read_results(full / "results.json")
     ]  # fmt: skip
+
+
+def test_a_killed_evaluation_resumes_at_the_layer_it_stopped(
+    tmp_path: Path, tiny_folder: Path, corpus: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gemmascope.evaluate as evaluate_mod
+
+    model, tok = load_model(str(tiny_folder))
+    cfg = dataclasses.replace(
+        _config(tmp_path / "s", tiny_folder, corpus), sites=["resid_post"], target_l0s=[24.0],
+        disk_budget=None,
+    )  # fmt: skip
+    real = evaluate_mod.evaluate
+    layers: list[int] = []
+
+    def dies_on_layer_1(model: Any, tokenizer: Any, saes: Any, **kw: Any) -> Any:
+        layers.append(saes[0].cfg.layer)
+        if saes[0].cfg.layer == 1 and len(layers) == 2:
+            raise Killed
+        return real(model, tokenizer, saes, **kw)
+
+    monkeypatch.setattr(evaluate_mod, "evaluate", dies_on_layer_1)
+    with pytest.raises(Killed):
+        build_suite(cfg, model=model, tokenizer=tok, progress=False, echo=lambda _: None)
+    assert layers == [0, 1] and read_manifest(cfg.out)["plan"]["groups"] == [[0, 1]]
+    status = suite_status(cfg.out)
+    assert status["stopped"] == ["eval:0"] and status["stages"]["eval:0"]["progress"] == 0.5
+    first = (cfg.out / "results" / "L00.json").read_bytes()
+    build_suite(cfg, model=model, tokenizer=tok, progress=False, echo=lambda _: None)
+    assert layers == [0, 1, 1]  # layer 0 was not evaluated again
+    assert (cfg.out / "results" / "L00.json").read_bytes() == first
+    records = read_results(cfg.out / "results.json")
+    assert [(r["layer"], r["site"]) for r in records] == [(0, "resid_post"), (1, "resid_post")]
 
 
 def test_status_of_a_finished_and_a_running_suite(full: Path, tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ Layout of the suite folder (`OUT/`):
                                dropped once the group's SAEs are trained (kept with `keep_cache`)
     runs/L03.resid_post/       the `train` run of every SAE of one (layer, site): metrics.jsonl and
                                one folder per SAE, all trained from one read of its activations
-    results/group-00.json      `evaluate` records of one group's SAEs; results.json holds them all
+    results/L03.json           `evaluate` records of one layer's SAEs; results.json holds them all
     publish/                   Gemma Scope layout: {site}/layer_{L}/width_{W}/average_l0_{N}/params.npz,
                                README.md (model card), eval_results.json
     report/index.html          Pareto fronts, metrics by layer, density histograms
@@ -15,8 +15,8 @@ Layout of the suite folder (`OUT/`):
 Stages, in order: for each group of layers, `cache:G` -> `train:Lxx.site` for each of its (layer,
 site) -> `eval:G`; then `publish` -> `report`. A stage is marked running in `suite.json` before it
 starts and done after it ends; a rerun skips done stages and resumes the interrupted one through its
-own resume (cache shards, training checkpoints), so a killed suite finishes with the same SAEs as an
-uninterrupted one. `suite_status` reads the same file and the training logs.
+own resume (cache shards, training checkpoints, the results of each layer already evaluated), so a
+killed suite finishes with the same SAEs and results as an uninterrupted one. `suite_status` reads the same file and the training logs.
 
 Under `torchrun` every rank runs the same stages in step: the cache and training stages are shared
 out as `gemmascope cache` and `gemmascope train` share them; rank 0 alone writes `suite.json`,
@@ -360,9 +360,7 @@ class _Stages:
                 for key in keys:
                     self._stage(f"train:{site_dir(key)}", lambda key=key, g=g: self._train(g, key))
             self._drop_cache(g)
-            self._stage(
-                f"eval:{g}", lambda g=g, keys=keys: on_main(lambda: self._evaluate(g, keys))
-            )
+            self._stage(f"eval:{g}", lambda layers=layers: on_main(lambda: self._evaluate(layers)))
         self._stage("publish", lambda: on_main(self._publish))
         self._stage("report", lambda: on_main(self._report))
 
@@ -434,14 +432,25 @@ class _Stages:
             on_main(lambda: shutil.rmtree(folder))
             self.show(f"dropped the cache of group {g} ({folder.name})")
 
-    def _evaluate(self, g: int, keys: list[tuple[int, str]]) -> None:
+    def _results(self, layer: int) -> Path:
+        return self.cfg.out / "results" / f"L{layer:02d}.json"
+
+    def _evaluate(self, layers: list[int]) -> None:
+        """One layer at a time, each written when done: a resumed stage skips the layers it has."""
+        for layer in layers:
+            if not self._results(layer).exists():
+                self._evaluate_layer(layer)
+
+    def _evaluate_layer(self, layer: int) -> None:
         from gemmascope import io
         from gemmascope.evaluate import evaluate, write_results
 
         c = self.cfg
+        keys = [(layer, s) for s in self.plan.sites]
         ids = [f"{site_dir(k)}/{s.name}" for k in keys for s in self._specs(k)]
         device = next(self.model.parameters()).device
         saes = [io.load(self.runs / sae_id, device=device) for sae_id in ids]
+        self.show(f"evaluating the {len(saes)} SAEs of layer {layer}")
         records = evaluate(
             self.model, self.tokenizer, saes, corpus=c.corpus, split="eval", tokens=c.eval_tokens,
             context_size=c.context_size, batch_size=c.model_batch_size, text_column=c.text_column,
@@ -451,17 +460,14 @@ class _Stages:
         for record, sae_id in zip(records, ids, strict=True):
             record.update(source=str(self.runs.resolve()), sae_id=sae_id)
         settings = {k: getattr(c, k) for k in ("model", "corpus", "eval_tokens", "context_size")}
-        write_results(self.cfg.out / "results" / f"group-{g:02d}.json", records, settings)
+        write_results(self._results(layer), records, settings)
 
     def _publish(self) -> None:
         from gemmascope.evaluate import read_results, write_results
         from gemmascope.publish import publish
 
         c = self.cfg
-        records = [
-            r for g in range(len(self.plan.groups))
-            for r in read_results(c.out / "results" / f"group-{g:02d}.json")
-        ]  # fmt: skip
+        records = [r for layer in self.plan.layers for r in read_results(self._results(layer))]
         write_results(c.out / "results.json", records, {"suite": str(c.model)})
         publish(self.runs, c.out / "publish", results=c.out / "results.json", saelens=c.saelens,
                 base_model=c.base_model, overwrite=True)  # fmt: skip

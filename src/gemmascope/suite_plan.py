@@ -252,14 +252,18 @@ def stage_estimates(plan: Plan, rates: Rates, cfg: Any) -> dict[str, float]:
 def _eval_seconds(
     plan: Plan, layers: list[int], tokens: int, rates: Rates, ablations: bool
 ) -> float:
-    """One clean forward, a spliced forward per SAE from its layer on, and two ablations per site."""
+    """Per layer (each evaluated on its own, see suite): one clean forward, the site means up to
+    it, a spliced forward per SAE from the layer on, and two ablations per site."""
     n = plan.n_layers
     body, lm = tokens / rates.body, tokens / rates.lm
     head = max(lm - body, 0.0)
     per_key = len(plan.widths) * len(plan.target_l0s) + (2 if ablations else 0)
-    spliced = sum(head + body * (n - layer - 1) / n for layer in layers) * len(plan.sites) * per_key
-    mean_pass = body * (max(layers) + 1) / n if ablations else 0.0
-    return lm + mean_pass + spliced
+    return sum(
+        lm
+        + (body * (layer + 1) / n if ablations else 0.0)
+        + (head + body * (n - layer - 1) / n) * len(plan.sites) * per_key
+        for layer in layers
+    )
 
 
 # ------------------------------------------------------------------ another accelerator, from FLOPs

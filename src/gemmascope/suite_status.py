@@ -88,7 +88,9 @@ def suite_status(out: str | Path) -> dict[str, Any]:
         state = rec.get("state", "left")
         if state == "running" and not _alive(rec):
             state = "stopped"
-        progress = 1.0 if state == "done" else _progress(out, name, cfg) if state != "left" else 0.0
+        progress = (
+            1.0 if state == "done" else _progress(out, name, cfg, plan) if state != "left" else 0.0
+        )
         stages[name] = {"state": state, "progress": progress, "seconds": rec.get("seconds", 0.0),
                         "estimate_s": manifest["estimates"].get(name, 0.0),
                         "error": rec.get("error")}  # fmt: skip
@@ -144,7 +146,7 @@ def _alive(rec: dict[str, Any]) -> bool:
     return True
 
 
-def _progress(out: Path, name: str, cfg: dict[str, Any]) -> float:
+def _progress(out: Path, name: str, cfg: dict[str, Any], plan: Any) -> float:
     """Share of an unfinished stage done, from the files it writes (0 where they say nothing)."""
     kind, _, what = name.partition(":")
     try:
@@ -155,6 +157,9 @@ def _progress(out: Path, name: str, cfg: dict[str, Any]) -> float:
             log = out / "runs" / what / "metrics.jsonl"
             steps = [json.loads(line)["step"] for line in log.read_text().splitlines() if line]
             return max(steps, default=0) / (_train_tokens(cfg) // cfg["batch_size"])
+        if kind == "eval":
+            layers = plan.groups[int(what)]
+            return sum((out / "results" / f"L{x:02d}.json").exists() for x in layers) / len(layers)
     except (OSError, ValueError, KeyError):
         pass
     return 0.0
