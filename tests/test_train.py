@@ -91,11 +91,13 @@ def test_decoder_rows_stay_unit_norm_and_gradient_is_projected():
     assert not torch.allclose(p.W_dec, W_before)
 
 
-@pytest.mark.parametrize("center", [False, True])
-def test_folding_the_input_scale_leaves_encodings_unchanged(tmp_path, center):
+@pytest.mark.parametrize("mode", ["raw", "center", "standardize"])
+def test_folding_the_input_scale_leaves_encodings_unchanged(tmp_path, mode):
     x = sparse_data(n=8192, scale=50.0) + 3.0 * torch.randn(32)  # a large constant direction
+    x[:, 5] *= 30.0  # one massive dimension, as in Gemma's residual stream
     spec = SAESpec(0, "resid_post", 128, "jumprelu", l0_coefficient=1e-3)
-    cfg = TrainConfig(tokens=8192 * 2, center=center, **FAST)
+    cfg = TrainConfig(tokens=8192 * 2, center=mode == "center", standardize=mode == "standardize",
+                      **FAST)  # fmt: skip
     from gemmascope import train as train_mod
 
     captured = {}
@@ -113,18 +115,29 @@ def test_folding_the_input_scale_leaves_encodings_unchanged(tmp_path, center):
     finally:
         train_mod.export = real_export
     p, norm = captured["params"], captured["norm"]
-    c, mu = norm.scale, norm.mean
     first = torch.cat(
         [b[SITE] for _, b in zip(range(8), tensor_batches({SITE: x}, 512)(0), strict=False)]
     )
-    torch.testing.assert_close(mu, first.mean(0) if center else torch.zeros(32))
-    assert c == pytest.approx(float((first - mu).pow(2).sum(-1).mean().sqrt()), rel=1e-5)
+    mu = first.mean(0) if mode != "raw" else torch.zeros(32)
+    dims = torch.ones(32)
+    if mode == "standardize":  # each dimension by its std, rescaled to root mean square 1
+        std = (first - mu).pow(2).mean(0).sqrt()
+        dims = std / std.pow(2).mean().sqrt()
+    c = float(((first - mu) / dims).pow(2).sum(-1).mean().sqrt())
+    torch.testing.assert_close(norm.mean, mu)
+    torch.testing.assert_close(norm.divisor(), c * dims, rtol=1e-5, atol=0.0)
+    normalised = norm(first)
+    assert float(normalised.pow(2).sum(-1).mean()) == pytest.approx(1.0, rel=1e-4)
+    if mode == "standardize":  # every dimension weighs alike in the loss
+        torch.testing.assert_close(
+            normalised.pow(2).mean(0), torch.full((32,), 1 / 32), rtol=1e-3, atol=0
+        )
     with torch.no_grad():
-        pre = ((x - mu) / c) @ p.W_enc + p.b_enc
+        pre = ((x - mu) / (c * dims)) @ p.W_enc + p.b_enc
         z_norm = pre * (pre > p.threshold)
         torch.testing.assert_close(sae.encode(x), z_norm, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(
-            sae.decode(z_norm), (z_norm @ p.W_dec + p.b_dec) * c + mu, rtol=1e-4, atol=1e-3
+            sae.decode(z_norm), (z_norm @ p.W_dec + p.b_dec) * (c * dims) + mu, rtol=1e-4, atol=1e-3
         )
     assert sae.cfg.input_scale == 1.0
 
@@ -135,7 +148,7 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path):
         SAESpec(0, "resid_post", 64, "jumprelu", target_l0=5),
         SAESpec(0, "resid_post", 64, "topk", k=5),
     ]
-    cfg = TrainConfig(tokens=512 * 30, center=True, **{**FAST, "checkpoint_every": 10})
+    cfg = TrainConfig(tokens=512 * 30, standardize=True, **{**FAST, "checkpoint_every": 10})
     full = train(specs, tensor_batches({SITE: x}, 512), cfg, tmp_path / "full", progress=False)
 
     class Killed(Exception):

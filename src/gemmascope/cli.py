@@ -340,6 +340,14 @@ def train_command(
             help="Subtract each site's mean before training, folded back after (not in the recipe).",
         ),
     ] = None,
+    standardize: Annotated[
+        Optional[bool],  # noqa: UP007, UP045
+        typer.Option(
+            "--standardize/--no-standardize",
+            help="Centre and divide each dimension by its std in training, folded back after "
+            "(not in the recipe; lowers ΔLM loss where a few dimensions dominate).",
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed for init and data order.")] = 0,
     resume: Annotated[
         bool, typer.Option(help="Continue the run in --out from its checkpoint.")
@@ -369,7 +377,8 @@ def train_command(
                 "no SAEs to train: pass --spec FILE or --layers with a sparsity (--target-l0, --k, ...)"
             )
         flags = {"tokens": parse_count(tokens) if tokens else None, "batch_size": batch_size, "lr": lr,
-                 "matmul_dtype": matmul_dtype, "device": device, "parallel": parallel, "encoder_init_scale": encoder_init_scale, "center": center}  # fmt: skip
+                 "matmul_dtype": matmul_dtype, "device": device, "parallel": parallel, "encoder_init_scale": encoder_init_scale, "center": center,
+                 "standardize": standardize}  # fmt: skip
         options.update({k_: v for k_, v in flags.items() if v is not None}, seed=seed)
         TrainConfig(**options)  # bad options (device, dtype, ...) fail here, before any loading
         activations = activations or (
@@ -706,6 +715,10 @@ def suite_command(
         bool,
         typer.Option(help="Subtract each site's mean in training, folded back (short runs)."),
     ] = False,
+    standardize: Annotated[
+        bool,
+        typer.Option(help="Centre and divide each dimension by its std in training, folded back."),
+    ] = False,
     cache_dtype: Annotated[
         str, typer.Option(help="Cache storage: float32, bfloat16, float16.")
     ] = "float32",
@@ -749,7 +762,7 @@ def suite_command(
             layers=layers, widths=[parse_width(w) for w in widths.split(",") if w.strip()],
             target_l0s=_floats(l0), tokens=parse_count(tokens),
             train_tokens=parse_count(train_tokens) if train_tokens else None,
-            eval_tokens=parse_count(eval_tokens), center=center,
+            eval_tokens=parse_count(eval_tokens), center=center, standardize=standardize,
             ablations=ablations, corpus=corpus, text_column=text_column, eval_fraction=eval_fraction,
             context_size=context_size, model_batch_size=model_batch_size, batch_size=batch_size,
             lr=lr, matmul_dtype=matmul_dtype, encoder_init_scale=encoder_init_scale,

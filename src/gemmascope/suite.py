@@ -101,6 +101,8 @@ class SuiteConfig:
     """W_enc = scale * W_dec^T at init (the recipe's 1; 0.1 suits short runs)."""
     center: bool = False
     """Subtract each site's mean before training, folded back into the biases after (short runs)."""
+    standardize: bool = False
+    """Also divide each dimension by its standard deviation in training, folded back after."""
     cache_dtype: str = "float32"
     """Storage dtype of the activation cache: float32, bfloat16 or float16."""
     buffer_size: int = 1 << 19
@@ -157,7 +159,7 @@ class SuiteConfig:
         return TrainConfig(
             tokens=self.train_tokens, batch_size=self.batch_size, lr=self.lr,
             matmul_dtype=self.matmul_dtype, encoder_init_scale=self.encoder_init_scale,  # type: ignore[arg-type]
-            center=self.center,
+            center=self.center, standardize=self.standardize,
             device=self.device, seed=self.seed, checkpoint_every=self.checkpoint_every,
             model=self.model, dataset=self.corpus, context_size=self.context_size,
         )  # fmt: skip
@@ -165,6 +167,13 @@ class SuiteConfig:
     def identity(self) -> dict[str, Any]:
         """The fields that define the suite's result (a resume must match them)."""
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in _RUNTIME}
+
+
+_DEFAULTS = {
+    f.name: f.default
+    for f in dataclasses.fields(SuiteConfig)
+    if f.default is not dataclasses.MISSING
+}
 
 
 def parse_bytes(text: str | int) -> int:
@@ -261,6 +270,8 @@ def _open_manifest(cfg: SuiteConfig) -> dict[str, Any] | None:
         return None
     manifest = read_manifest(cfg.out)
     mine, theirs = cfg.identity(), manifest["identity"]
+    # a field added since the suite was made counts as its default there
+    theirs = {**{k: v for k, v in _DEFAULTS.items() if k in mine}, **theirs}
     diffs = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
     if diffs:
         detail = "; ".join(

@@ -119,6 +119,12 @@ class TrainConfig:
     """Also subtract each site's mean, estimated with C before training and folded into b_enc and
     b_dec after it (encodings unchanged). Not in the recipe; Gemma 3's residual stream is mostly one
     constant direction, which otherwise costs short runs dense latents and dead ones."""
+    standardize: bool = False
+    """Subtract each site's mean and divide each dimension by its standard deviation (floored at 1%
+    of the median), estimated before training and folded into the weights after it (encodings
+    unchanged). Not in the recipe: the loss then weighs every dimension alike instead of being
+    dominated by the few massive ones of Gemma's residual stream, which the model mostly normalises
+    away (see bench/sensitivity.py). Implies `center`."""
     norm_batches: int = 8
     """Batches used to estimate the input scale C with E||x/C||^2 = 1 before training."""
     dead_tokens: int = 10_000_000
@@ -208,22 +214,41 @@ def _new_run(spec: SAESpec, d_in: int, cfg: TrainConfig, index: int) -> Run:
 
 @dataclass
 class Norm:
-    """How one site's activations are normalised for training: x_n = (x - mean) / scale."""
+    """How one site's activations are normalised for training: x_n = (x - mean) / (scale * dims)."""
 
     mean: Tensor
     scale: float
+    dims: Tensor | None = None
+    """Per-dimension divisor with root mean square 1 (`standardize`), or None."""
+
+    def divisor(self) -> Tensor:
+        """`[d]`: what each dimension is divided by after the mean is subtracted."""
+        ones = torch.ones_like(self.mean)
+        return self.scale * (ones if self.dims is None else self.dims.to(self.mean.device))
 
     def __call__(self, x: Tensor) -> Tensor:
-        return (x.float() - self.mean.to(x.device)) / self.scale
+        x = x.float() - self.mean.to(x.device)
+        if self.dims is not None:
+            x = x / self.dims.to(x.device)
+        return x / self.scale
 
 
-def estimate_norms(first: list[dict[SiteKey, Tensor]], center: bool) -> dict[SiteKey, Norm]:
-    """Per site: the mean (zero unless `center`) and C such that E||(x - mean) / C||^2 = 1."""
+def estimate_norms(
+    first: list[dict[SiteKey, Tensor]], center: bool, standardize: bool = False
+) -> dict[SiteKey, Norm]:
+    """Per site: the mean (zero unless `center` or `standardize`), the per-dimension divisors
+    (`standardize`) and C such that E||x_n||^2 = 1."""
     norms = {}
     for k in first[0]:
         x = torch.cat([b[k].float() for b in first])
-        mean = x.mean(0) if center else torch.zeros(x.shape[-1])
-        norms[k] = Norm(mean, float((x - mean).pow(2).sum(-1).mean().sqrt()))
+        mean = x.mean(0) if center or standardize else torch.zeros(x.shape[-1])
+        dims = None
+        if standardize:
+            std = (x - mean).pow(2).mean(0).sqrt()
+            std = std.clamp_min(0.01 * float(std.median()) + 1e-12)
+            dims = std / std.pow(2).mean().sqrt()
+        centred = (x - mean) if dims is None else (x - mean) / dims
+        norms[k] = Norm(mean, float(centred.pow(2).sum(-1).mean().sqrt()), dims)
     return norms
 
 
@@ -274,7 +299,7 @@ def train(
     if not runs:
         first = list(itertools.islice(stream, min(cfg.norm_batches, cfg.steps)))
         _check_sites(specs, first[0])
-        norms = estimate_norms(first, cfg.center)
+        norms = estimate_norms(first, cfg.center, cfg.standardize)
         runs = [_new_run(s, first[0][s.source].shape[-1], cfg, i) for i, s in enumerate(specs)]
         stream = itertools.chain(first, stream)
         if main:
@@ -514,10 +539,10 @@ def _log(
 
 def export(run: Run, norms: dict[SiteKey, Norm], cfg: TrainConfig) -> SAE:
     """Fold the input normalisation into the weights so the SAE takes raw activations (encodings
-    unchanged): pre = ((x - mu) / C) W + b = x (W / C) + (b - (mu / C) W)."""
+    unchanged): with s = C * dims, pre = ((x - mu) / s) W + b = x (W / s) + (b - (mu / s) W)."""
     spec, p = run.spec, run.params
     (mu_in, c_in), (mu_out, c_out) = (
-        (norms[k].mean, norms[k].scale) for k in (spec.source, spec.target)
+        (norms[k].mean, norms[k].divisor()) for k in (spec.source, spec.target)
     )
     d_in = p.W_enc.shape[0]
     sae_cfg = SAEConfig(
@@ -535,9 +560,9 @@ def export(run: Run, norms: dict[SiteKey, Norm], cfg: TrainConfig) -> SAE:
             "trainer": "gemmascope",
             "spec": dataclasses.asdict(spec),
             "train_config": dataclasses.asdict(cfg),
-            "input_scale_folded": c_in,
+            "input_scale_folded": norms[spec.source].scale,
             **(
-                {"target_site": spec.target_site, "target_scale_folded": c_out}
+                {"target_site": spec.target_site, "target_scale_folded": norms[spec.target].scale}
                 if spec.target_site
                 else {}
             ),
@@ -548,7 +573,7 @@ def export(run: Run, norms: dict[SiteKey, Norm], cfg: TrainConfig) -> SAE:
         if spec.architecture == "batchtopk":
             threshold = torch.full_like(threshold, run.batchtopk_threshold)
         arrays = {
-            "W_enc": p.W_enc / c_in,
+            "W_enc": p.W_enc / c_in[:, None],
             "W_dec": p.W_dec * c_out,
             "b_enc": p.b_enc - (mu_in / c_in) @ p.W_enc,
             "b_dec": p.b_dec * c_out + mu_out,
@@ -581,6 +606,9 @@ def _save_checkpoint(
             tensors[f"{i}.{key}"] = t
         extra[run.spec.name] = {"index": i, "batchtopk_threshold": run.batchtopk_threshold}
     tensors.update({f"mean.{k[0]}.{k[1]}": n.mean.contiguous() for k, n in norms.items()})
+    tensors.update(
+        {f"dims.{k[0]}.{k[1]}": n.dims.contiguous() for k, n in norms.items() if n.dims is not None}
+    )
     if not distributed.is_main():
         return
     with atomic_dir(ckpt) as tmp:
@@ -597,7 +625,7 @@ def _load_checkpoint(ckpt: Path, specs: list[SAESpec], cfg: TrainConfig):
     state = json.loads((ckpt / "state.json").read_text())
     tensors = load_file(ckpt / "state.safetensors")
     norms = {
-        (layer, site): Norm(tensors[f"mean.{layer}.{site}"], c)
+        (layer, site): Norm(tensors[f"mean.{layer}.{site}"], c, tensors.get(f"dims.{layer}.{site}"))
         for layer, site, c in state["scales"]
     }
     missing = [s.name for s in specs if s.name not in state["runs"]]
