@@ -278,3 +278,21 @@ def test_train_tokens_and_center_reach_the_trainer(tmp_path: Path) -> None:
     more = SuiteConfig(out=tmp_path, tokens=4096, train_tokens=12288, center=True, batch_size=128)
     assert more.train_config().tokens == 12288 and more.train_config().center
     assert more.identity()["train_tokens"] == 12288 and more.identity()["center"]
+    std = SuiteConfig(out=tmp_path, tokens=4096, standardize=True, batch_size=128)
+    assert std.train_config().standardize and std.identity()["standardize"]
+
+
+def test_a_suite_made_before_a_config_field_existed_resumes(
+    tmp_path: Path, full: Path, tiny_folder: Path, corpus: Path
+) -> None:
+    from gemmascope.suite import _open_manifest
+
+    old = read_manifest(full)
+    del old["identity"]["standardize"]  # as a suite.json from before --standardize
+    copy = tmp_path / "old"
+    copy.mkdir()
+    (copy / "suite.json").write_text(json.dumps(old))
+    cfg = dataclasses.replace(_config(full, tiny_folder, corpus), out=copy)
+    assert _open_manifest(cfg) == old
+    with pytest.raises(ValueError, match="standardize: suite has False, this run True"):
+        _open_manifest(dataclasses.replace(cfg, standardize=True))

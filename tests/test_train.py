@@ -279,3 +279,26 @@ def test_cuda_trains_the_same_saes_as_the_cpu(tmp_path, arch):
     torch.testing.assert_close(
         saes["cuda"].cpu().encode(held_out), saes["cpu"].encode(held_out), rtol=1e-3, atol=1e-3
     )
+
+
+def test_cli_standardize_reaches_the_trainer_and_the_exported_sae(tmp_path, tiny_folder):
+    from typer.testing import CliRunner
+
+    from gemmascope.cli import app
+
+    corpus, cache = tmp_path / "words.txt", tmp_path / "cache"
+    corpus.write_text(" ".join(f"w{3 + i % 60}" for i in range(3000)))
+    result = CliRunner().invoke(app, ["cache", "--model", str(tiny_folder), "--layers", "0",
+                                      "--tokens", "1024", "--corpus", str(corpus),
+                                      "--context-size", "16", "--out", str(cache)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(app, ["train", "--activations", str(cache), "--layers", "0",
+                                      "--sites", "resid_post", "--widths", "64", "--target-l0", "5",
+                                      "--tokens", "512", "--batch-size", "128", "--standardize",
+                                      "--out", str(tmp_path / "run")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "run" / "train_config.json").read_text())["train"]
+    assert saved["standardize"] and not saved["center"]
+    (folder,) = [p.parent for p in (tmp_path / "run").rglob("cfg.json")]
+    sae = io.load(folder)
+    assert sae.cfg.extra["train_config"]["standardize"]
