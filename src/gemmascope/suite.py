@@ -16,7 +16,8 @@ Stages, in order: for each group of layers, `cache:G` -> `train:Lxx.site` for ea
 site) -> `eval:G`; then `publish` -> `report`. A stage is marked running in `suite.json` before it
 starts and done after it ends; a rerun skips done stages and resumes the interrupted one through its
 own resume (cache shards, training checkpoints, the results of each layer already evaluated), so a
-killed suite finishes with the same SAEs and results as an uninterrupted one. `suite_status` reads the same file and the training logs.
+killed suite finishes with the same SAEs and results as an uninterrupted one. `suite_status` reads
+the same file, the training logs and the results written so far.
 
 Under `torchrun` every rank runs the same stages in step: the cache and training stages are shared
 out as `gemmascope cache` and `gemmascope train` share them; rank 0 alone writes `suite.json`,
@@ -174,6 +175,11 @@ _DEFAULTS = {
     for f in dataclasses.fields(SuiteConfig)
     if f.default is not dataclasses.MISSING
 }
+
+
+def results_file(out: Path, layer: int) -> Path:
+    """Where the suite at `out` keeps the evaluation records of one layer's SAEs."""
+    return out / "results" / f"L{layer:02d}.json"
 
 
 def parse_bytes(text: str | int) -> int:
@@ -444,7 +450,7 @@ class _Stages:
             self.show(f"dropped the cache of group {g} ({folder.name})")
 
     def _results(self, layer: int) -> Path:
-        return self.cfg.out / "results" / f"L{layer:02d}.json"
+        return results_file(self.cfg.out, layer)
 
     def _evaluate(self, layers: list[int]) -> None:
         """One layer at a time, each written when done: a resumed stage skips the layers it has."""

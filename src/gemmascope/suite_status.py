@@ -148,6 +148,8 @@ def _alive(rec: dict[str, Any]) -> bool:
 
 def _progress(out: Path, name: str, cfg: dict[str, Any], plan: Any) -> float:
     """Share of an unfinished stage done, from the files it writes (0 where they say nothing)."""
+    from gemmascope.suite import results_file
+
     kind, _, what = name.partition(":")
     try:
         if kind == "cache":
@@ -159,7 +161,7 @@ def _progress(out: Path, name: str, cfg: dict[str, Any], plan: Any) -> float:
             return max(steps, default=0) / (_train_tokens(cfg) // cfg["batch_size"])
         if kind == "eval":
             layers = plan.groups[int(what)]
-            return sum((out / "results" / f"L{x:02d}.json").exists() for x in layers) / len(layers)
+            return sum(results_file(out, x).exists() for x in layers) / len(layers)
     except (OSError, ValueError, KeyError):
         pass
     return 0.0
