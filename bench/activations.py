@@ -27,7 +27,7 @@ from timing import Timed  # bench/ is on sys.path when a bench script runs
 
 from gemmascope import hooks
 from gemmascope.activations import CacheConfig, build_cache
-from gemmascope.cache_files import read_manifest
+from gemmascope.activations.files import read_manifest
 from gemmascope.corpus import iter_documents, pack_sequences
 from gemmascope.models import load_model, model_info, parse_layers
 

@@ -28,7 +28,8 @@ import torch
 from torch import Tensor
 
 from gemmascope.corpus import iter_documents, pack_sequences, special_ids
-from gemmascope.evaluate import _clean_forward, _resume, evaluate_sequences, token_losses
+from gemmascope.evaluate import evaluate_sequences, token_losses
+from gemmascope.evaluate.passes import _clean_forward, _resume
 from gemmascope.hooks import collect
 from gemmascope.models import load_model, model_info, parse_layers
 from gemmascope.sae import SAE, SAEConfig

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from gemmascope.optim import adam_step
+from gemmascope.train.optim import adam_step
 
 
 def torch_ops(w: torch.Tensor, g: torch.Tensor, v: torch.Tensor, lr: float, step: int,

@@ -15,8 +15,8 @@ import argparse
 import tempfile
 import time
 
+from gemmascope.activations import CachedActivations
 from gemmascope.evaluate import evaluate
-from gemmascope.loader import CachedActivations
 from gemmascope.models import load_model
 from gemmascope.train import SAESpec, TrainConfig, train
 

@@ -25,13 +25,13 @@ from pathlib import Path
 
 import torch
 
-from gemmascope.objectives import forward_backward
-from gemmascope.train import Norm, SAESpec, TrainConfig, _adam, _new_run, estimate_norms
+from gemmascope.train import Norm, SAESpec, TrainConfig, estimate_norms
+from gemmascope.train.objectives import forward_backward
+from gemmascope.train.state import adam_update, new_run
 
 
 def activations(cache: Path | None, tokens: int) -> torch.Tensor:
-    from gemmascope.activations import CacheConfig, build_cache
-    from gemmascope.loader import CachedActivations
+    from gemmascope.activations import CacheConfig, CachedActivations, build_cache
     from gemmascope.models import cache_dir
 
     path = cache or cache_dir() / "bench" / "gemma-3-270m-l6-resid_post"
@@ -86,14 +86,14 @@ class Ours:
         spec = SAESpec(
             6, "resid_post", args.width, "jumprelu", l0_coefficient=lam, target_l0=target_l0
         )
-        self.run = _new_run(spec, d_in, self.cfg, 0)
+        self.run = new_run(spec, d_in, self.cfg, 0)
         self.norm = norm or Norm(torch.zeros(d_in), 1.0)
 
     def step(self, step: int, x: torch.Tensor) -> None:
         self.run.objective.coefficient = self.cfg.coefficient_at(step, self.lam)
         x = self.norm(x)
         forward_backward(self.run.params, x, x, self.run.objective)
-        _adam(self.run, self.cfg.lr_at(step), self.cfg, step)
+        adam_update(self.run, self.cfg.lr_at(step), self.cfg, step)
 
     def metrics(self, x: torch.Tensor) -> tuple[float, float]:
         p, x = self.run.params, self.norm(x)  # FVU does not change with the folded-back norm

@@ -18,8 +18,10 @@ import time
 
 import torch
 
-from gemmascope import distributed
-from gemmascope.train import Norm, SAESpec, TrainConfig, _new_run, _place, _train_step
+from gemmascope.common import devices, distributed
+from gemmascope.train import Norm, SAESpec, TrainConfig
+from gemmascope.train.loop import _train_step
+from gemmascope.train.state import new_run, place
 
 SITE = (0, "resid_post")
 
@@ -53,8 +55,8 @@ def bench(width: int, dtype: str, pool: torch.Tensor, args: argparse.Namespace) 
                       lr_warmup_steps=2, l0_warmup_steps=2, matmul_dtype=dtype,  # type: ignore[arg-type]
                       device=str(device))  # fmt: skip
     spec = SAESpec(*SITE, width, "jumprelu", l0_coefficient=3e-3)
-    run = _new_run(spec, pool.shape[1], cfg, 0)
-    _place(run, distributed.Split(), device)
+    run = new_run(spec, pool.shape[1], cfg, 0)
+    place(run, distributed.Split(), device)
     n_batches = pool.shape[0] // args.batch
     norms = {SITE: Norm(torch.zeros(pool.shape[1], device=device), 1.0)}  # pool is pre-scaled
     if device.type == "cuda":
@@ -86,7 +88,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--device", default="auto", help=distributed.DEVICE_HELP)
+    ap.add_argument("--device", default="auto", help=devices.DEVICE_HELP)
     ap.add_argument("--widths", default="16384,131072")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--d-in", type=int, default=640)
@@ -98,7 +100,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = distributed.resolve_device(args.device)
+    device = devices.resolve_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     pool = synthetic(args.batch * 8, args.d_in, device)
     print(f"device {device} ({name}), torch {torch.__version__}, d_in {args.d_in}, "

@@ -85,8 +85,7 @@ rerun the cell and finished work is skipped.""",
     (
         "code",
         """\
-from gemmascope.activations import CacheConfig, build_cache
-from gemmascope.loader import CachedActivations
+from gemmascope.activations import CacheConfig, CachedActivations, build_cache
 from gemmascope.train import SAESpec, TrainConfig, train
 
 if DEMO_SAE.exists():

@@ -67,12 +67,14 @@ def cache_config(out: Path, corpus: Path, **kw: Any) -> CacheConfig:
 
 def suite_config(out: Path, corpus: Path) -> Any:
     """A two-layer suite of 4 SAEs whose caches go in two groups (the disk budget holds one layer)."""
+    from gemmascope.evaluate import EvalConfig
     from gemmascope.suite import SuiteConfig
 
     return SuiteConfig(
         out=out, model="tiny-gemma3", layers="0-1", widths=[64], target_l0s=[2.0, 24.0],
-        tokens=2048, eval_tokens=256, corpus=str(corpus), eval_fraction=0.2, context_size=16,
-        model_batch_size=4, batch_size=128, lr=1e-2, checkpoint_every=8, disk_budget=600_000,
+        cache=CacheConfig(tokens=2048), eval=EvalConfig(tokens=256), corpus=str(corpus),
+        eval_fraction=0.2, context_size=16, model_batch_size=4,
+        train=TrainConfig(batch_size=128, lr=1e-2, checkpoint_every=8), disk_budget=600_000,
         device="cpu", base_model="test/tiny-saes",
     )  # fmt: skip
 

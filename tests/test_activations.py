@@ -24,12 +24,18 @@ from torch.testing import assert_close
 from typer.testing import CliRunner
 
 from gemmascope import activations
-from gemmascope.activations import CacheConfig, activation_stream, build_cache, parse_count
-from gemmascope.cache_files import read_manifest
+from gemmascope.activations import (
+    CacheConfig,
+    CachedActivations,
+    ModelActivations,
+    activation_stream,
+    build_cache,
+)
+from gemmascope.activations.files import read_manifest
 from gemmascope.cli import app
+from gemmascope.common.units import parse_count
 from gemmascope.corpus import collected_mask, iter_documents, pack_sequences, special_ids
 from gemmascope.hooks import collect
-from gemmascope.loader import CachedActivations, ModelActivations
 from gemmascope.models import load_model
 
 KEYS = [(0, "resid_post"), (1, "mlp_out"), (2, "attn_z")]
@@ -225,7 +231,7 @@ def test_refuses_to_start_without_disk(
     tmp_path: Path, corpus: Path, lm: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(
-        activations.shutil,
+        activations.files.shutil,
         "disk_usage",
         lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 10**6, 10**6),
     )  # type: ignore[attr-defined]
@@ -422,7 +428,7 @@ def test_trainer_reads_from_the_model_or_the_cache_alike(
 def test_the_model_runs_under_autocast_only_on_a_gpu_with_a_low_precision_cache():
     from torch import nn
 
-    from gemmascope.activations import model_autocast
+    from gemmascope.activations.stream import model_autocast
 
     cpu = nn.Linear(2, 2)
     assert isinstance(model_autocast(cpu, "bfloat16"), contextlib.nullcontext)

@@ -13,7 +13,6 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from gemmascope import default_corpus
 from gemmascope.corpus import (
     collected_mask,
     fingerprint,
@@ -22,7 +21,8 @@ from gemmascope.corpus import (
     pack_sequences,
     special_ids,
 )
-from gemmascope.default_corpus import clean_brown, clean_rst
+from gemmascope.corpus import default as default_corpus
+from gemmascope.corpus.default import clean_brown, clean_rst
 
 WORDS = "the a cat dog sat ran on in mat home big small red blue and then eos bos".split()
 
@@ -280,7 +280,7 @@ def test_default_corpus_fetch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert all(p["licence"] and len(p["archive_sha256"]) == 64 for p in parts.values())
     assert 30e6 < manifest["bytes"] < 80e6
     assert manifest["documents"] == sum(p["documents"] for p in parts.values())
-    from gemmascope.io.atomic import sha256_file
+    from gemmascope.common.files import sha256_file
 
     assert sha256_file(folder / "documents.jsonl") == manifest["file_sha256"]
     rows = [json.loads(line) for line in open(folder / "documents.jsonl", encoding="utf-8")]

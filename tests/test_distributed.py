@@ -18,13 +18,14 @@ from distributed_worker import SPECS, Killed, batches, cache_config, config, sui
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from gemmascope import distributed, io
-from gemmascope import train as train_mod
+from gemmascope import io
 from gemmascope.activations import CacheConfig, build_cache
-from gemmascope.cache_files import read_manifest
+from gemmascope.activations.files import read_manifest
 from gemmascope.cli import app
-from gemmascope.dense import dense_forward_backward
+from gemmascope.common import devices, distributed
 from gemmascope.train import TrainConfig, train
+from gemmascope.train import loop as train_mod
+from gemmascope.train.dense import dense_forward_backward
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
@@ -156,9 +157,9 @@ def test_device_and_dtype_options(tmp_path: Path, tiny_folder: Path) -> None:
     with pytest.raises(ValueError, match="`parallel` 'pipeline'"):
         TrainConfig(parallel="pipeline")  # type: ignore[arg-type]
     if not torch.cuda.is_available():
-        assert distributed.resolve_device("auto").type in ("cpu", "mps")
+        assert devices.resolve_device("auto").type in ("cpu", "mps")
         with pytest.raises(ValueError, match="sees no CUDA GPU"):
-            distributed.resolve_device("cuda")
+            devices.resolve_device("cuda")
     assert distributed.shard_range(10, 0, 3) == (0, 4) and distributed.shard_range(10, 2, 3) == (
         7,
         10,

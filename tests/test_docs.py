@@ -28,6 +28,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import gemmascope
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 BIN = Path(sys.executable).parent
@@ -149,7 +151,7 @@ def demo_sae(tmp_path_factory: pytest.TempPathFactory) -> Path:
         sae.W_dec.copy_(torch.randn(4096, 640, generator=g) / 640**0.5)
         sae.W_enc.copy_(sae.W_dec.T)
         sae.threshold.fill_(1.0)
-    sae.save(root / DEMO_SAE)
+    gemmascope.save(sae, root / DEMO_SAE)
     return root
 
 

@@ -14,7 +14,8 @@ from conftest import VOCAB, build_tiny, tiny_tokenizer
 from torch.testing import assert_close
 from typer.testing import CliRunner
 
-import gemmascope.evaluate as evaluate_module
+import gemmascope
+import gemmascope.common.progress as progress_module
 from gemmascope.evaluate import (
     evaluate,
     evaluate_sequences,
@@ -194,12 +195,12 @@ def test_progress_bar_counts_every_forward(
 ) -> None:
     bars: list[Any] = []
 
-    class Recording(evaluate_module.tqdm):  # type: ignore[misc,name-defined]
+    class Recording(progress_module.tqdm):  # type: ignore[misc,name-defined]
         def __init__(self, *args: Any, **kw: Any) -> None:
             super().__init__(*args, **kw)
             bars.append(self)
 
-    monkeypatch.setattr(evaluate_module, "tqdm", Recording)
+    monkeypatch.setattr(progress_module, "tqdm", Recording)
     model = build_tiny("gemma3")
     saes = [_random(model, 1, "resid_post", seed=1), _random(model, 0, "mlp_out", seed=2),
             _random(model, 1, "resid_post", seed=3)]  # fmt: skip
@@ -253,8 +254,8 @@ def test_errors_name_the_sae_and_the_fix() -> None:
 def test_results_file_round_trip_and_sources(tmp_path: Path) -> None:
     model = build_tiny("gemma3")
     for i in range(2):
-        _random(model, i, "resid_post").save(tmp_path / "run" / f"sae_{i}")
-    _random(model, 0, "resid_post", "relu").save(tmp_path / "one.npz", format="npz")
+        gemmascope.save(_random(model, i, "resid_post"), tmp_path / "run" / f"sae_{i}")
+    gemmascope.save(_random(model, 0, "resid_post", "relu"), tmp_path / "one.npz", format="npz")
     pairs = expand_sources([str(tmp_path / "run"), str(tmp_path / "one.npz")])
     assert pairs == [(str(tmp_path / "run"), "sae_0"), (str(tmp_path / "run"), "sae_1"),
                      (str(tmp_path / "one.npz"), None)]  # fmt: skip
@@ -271,8 +272,8 @@ def test_cli_eval_writes_results(tmp_path: Path, tiny_folder: Path) -> None:
     from gemmascope.cli import app
 
     model = build_tiny("llama")
-    _random(model, 1, "resid_post").save(tmp_path / "run" / "sae_a")
-    _random(model, 2, "mlp_out", "topk").save(tmp_path / "run" / "sae_b")
+    gemmascope.save(_random(model, 1, "resid_post"), tmp_path / "run" / "sae_a")
+    gemmascope.save(_random(model, 2, "mlp_out", "topk"), tmp_path / "run" / "sae_b")
     corpus = tmp_path / "doc.txt"
     corpus.write_text(" ".join(f"w{i % 60 + 3}" for i in range(400)))
     out = tmp_path / "results.json"

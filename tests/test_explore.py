@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from test_index import D_SAE, SCRIPT, build, index_config, make_assets
 
+import gemmascope
 from gemmascope.explore.app import MAX_BODY, MAX_NEW_TOKENS, create_app
 from gemmascope.explore.live import MAX_TOKENS
 
@@ -95,6 +97,37 @@ def test_fires_per_token(client: TestClient) -> None:
         assert acts == sorted(acts, reverse=True) and all(a > 0 for a in acts)
 
 
+def test_feature_lists_read_the_index_on_one_connection(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fires list's summary is one connection and reads no contexts; pages are one each."""
+    opened: list[sqlite3.Connection] = []
+    statements: list[str] = []
+    real_connect = sqlite3.connect
+
+    def connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        db = real_connect(*args, **kwargs)
+        db.set_trace_callback(statements.append)
+        opened.append(db)
+        return db
+
+    monkeypatch.setattr(sqlite3, "connect", connect)
+    r = client.post("/api/fires", json={"text": f"w10 w11 {SCRIPT} w12 w13 w14"})
+    assert r.status_code == 200, r.text
+    assert len(opened) == 1, statements
+    assert not any("contexts" in sql for sql in statements), statements
+    features = r.json()["features"]
+    assert len(features) > 1
+    for f in features[:5]:  # the summary is what the full feature says
+        full = client.get(f"/api/features/{f['id']}").json()
+        assert f["density"] == full["density"] and f["index_max_act"] == full["max_act"]
+        assert f["lens_top"] == [t["text"] for t in full["logit_lens"]["top"][:5]]
+    for url in ("/", "/?q=script", "/api/features?per_page=200", "/features/3"):
+        opened.clear()
+        assert client.get(url).status_code == 200, url
+        assert len(opened) == 1, url
+
+
 def test_steer_changes_generation_and_zero_strength_does_not(client: TestClient) -> None:
     req = {"prompt": "w10 w11", "feature": 3, "max_new_tokens": 8}
     zero = client.post("/api/steer", json={**req, "strength": 0}).json()
@@ -159,7 +192,7 @@ def test_real_gemma_index_lens_and_explorer(tmp_path: Path) -> None:
     cfg = SAEConfig("jumprelu", 640, 256, layer=6, site="resid_post", model="gemma-3-270m")
     sae = SAE.from_arrays(cfg, {"W_enc": w_dec.T.clone(), "W_dec": w_dec, "b_enc": torch.zeros(256),
                                 "b_dec": torch.zeros(640), "threshold": torch.full((256,), 20.0)})  # fmt: skip
-    sae.save(tmp_path / "sae")
+    gemmascope.save(sae, tmp_path / "sae")
     index = IndexConfig(sae_source=str(tmp_path / "sae"), out=tmp_path / "g.sqlite", tokens=2048)
     build_index(index, model=model, tokenizer=tok, sae=sae, progress=False)
     with torch.no_grad():

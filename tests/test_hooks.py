@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-from gemmascope.hooks import _decoder_layers, collect, run_from, splice
+from gemmascope.hooks import collect, decoder_layers, run_from, splice
 from gemmascope.models import SITES, model_info
 
 
@@ -61,7 +61,7 @@ def test_residual_decomposes(tiny: Any, tokens: torch.Tensor) -> None:
 def test_attn_z_projects_to_attn_out(tiny: Any, tokens: torch.Tensor) -> None:
     info = model_info(tiny)
     acts = collect(tiny, tokens, _all_sites(tiny))
-    for layer, block in enumerate(_decoder_layers(tiny)):
+    for layer, block in enumerate(decoder_layers(tiny)):
         z = acts[layer, "attn_z"]
         with torch.no_grad():
             if info.layout == "gemma":
@@ -77,7 +77,7 @@ def test_collect_stops_early(tiny: Any, tokens: torch.Tensor) -> None:
     n = model_info(tiny).n_layers
     full = collect(tiny, tokens, _all_sites(tiny))
     calls: list[str] = []
-    blocks = _decoder_layers(tiny)
+    blocks = decoder_layers(tiny)
     watched = {"last block": blocks[n - 1], "unembedding": tiny.get_output_embeddings()}
     handles = [m.register_forward_hook(lambda *_, k=k: calls.append(k)) for k, m in watched.items()]
     try:
@@ -136,7 +136,7 @@ def test_run_from_equals_full_forward(tiny: Any, tokens: torch.Tensor) -> None:
     for layer in range(n):
         assert_close(run_from(tiny, layer, acts[layer, "resid_pre"], attention_mask=mask), full)
     assert_close(run_from(tiny, n, acts[n - 1, "resid_post"], attention_mask=mask), full)
-    assert all(type(b).__name__ != "_Constant" for b in _decoder_layers(tiny))
+    assert all(type(b).__name__ != "_Constant" for b in decoder_layers(tiny))
 
 
 def test_run_from_applies_later_splices(tiny_gemma3: Any, tokens: torch.Tensor) -> None:
@@ -158,7 +158,7 @@ def test_hooks_removed_after_error(tiny_gemma3: Any, tokens: torch.Tensor) -> No
     with pytest.raises(KeyError, match="boom"), splice(tiny_gemma3, 0, "resid_pre", boom):
         run_from(tiny_gemma3, 0, torch.zeros(2, 12, 32))
     assert _hook_count(tiny_gemma3) == before
-    assert all(type(b).__name__ != "_Constant" for b in _decoder_layers(tiny_gemma3))
+    assert all(type(b).__name__ != "_Constant" for b in decoder_layers(tiny_gemma3))
 
 
 def test_collect_errors(tiny_gemma3: Any, tokens: torch.Tensor) -> None:
@@ -180,3 +180,21 @@ def test_run_from_errors(tiny_gemma3: Any) -> None:
         ValueError, match=r"`hidden` has shape \(1, 3, 64\); expected \[batch, seq, 32\]"
     ):
         run_from(tiny_gemma3, 1, torch.zeros(1, 3, 64))
+
+
+def test_the_splice_docstring_examples_run(tiny_gemma3: Any, tokens: torch.Tensor) -> None:
+    """Each `fn = ...` example in `splice`'s docstring is a working splice (one once was not)."""
+    import re
+
+    from gemmascope.sae import SAE, SAEConfig
+
+    width = model_info(tiny_gemma3).d_model
+    sae = SAE(SAEConfig("jumprelu", d_in=width, d_sae=8, layer=1, site="resid_post"))
+    namespace = {"sae": sae, "alpha": 2.0, "direction": torch.ones(width)}
+    examples = re.findall(r"`fn = (.+?)`", splice.__doc__ or "")
+    assert len(examples) == 2, examples
+    for example in examples:
+        fn = eval(example, namespace)  # noqa: S307 - our own docstring
+        with splice(tiny_gemma3, 1, "resid_post", fn):
+            got = collect(tiny_gemma3, tokens, [(1, "resid_post")])[1, "resid_post"]
+        assert got.shape[-1] == width

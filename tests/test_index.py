@@ -13,6 +13,7 @@ import torch
 from conftest import VOCAB, build_tiny
 from transformers import PreTrainedTokenizerFast
 
+import gemmascope
 from gemmascope.corpus import iter_documents, pack_sequences, special_ids
 from gemmascope.explore.index import IndexConfig, build_index, checkpoint_path
 from gemmascope.explore.stats import FeatureStats
@@ -64,7 +65,7 @@ def make_assets(tmp: Path) -> dict[str, Any]:
     model, tok, sae = build_tiny("gemma3"), html_tokenizer(), random_sae()
     model.save_pretrained(tmp / "model")
     tok.save_pretrained(tmp / "model")
-    sae.save(tmp / "sae")
+    gemmascope.save(sae, tmp / "sae")
     corpus = write_corpus(tmp / "corpus.jsonl")
     return {"model": model, "tokenizer": tok, "sae": sae, "corpus": corpus, "dir": tmp}
 

@@ -168,7 +168,7 @@ def test_native_round_trip_is_lossless(tmp_path: Path, arch: str) -> None:
         tokens_trained=10_000,
         extra={"lr": 3e-4, "note": ["a", 1]},
     )
-    out = sae.save(tmp_path / "sae")
+    out = gemmascope.save(sae, tmp_path / "sae")
     assert sorted(p.name for p in out.iterdir()) == ["cfg.json", "sae.safetensors"]
     back = io.load(out)
     assert back.cfg == sae.cfg
@@ -397,6 +397,6 @@ def test_published_layout_tells_the_site(tmp_path):
 
     sae = SAE(SAEConfig("jumprelu", d_in=8, d_sae=16))
     folder = tmp_path / "mlp_out" / "layer_3" / "width_16" / "average_l0_5"
-    sae.save(folder / "params.npz", format="npz")
+    gemmascope.save(sae, folder / "params.npz", format="npz")
     loaded = gemmascope.load(tmp_path / "mlp_out", sae_id="layer_3/width_16/average_l0_5")
     assert (loaded.cfg.layer, loaded.cfg.site) == (3, "mlp_out")

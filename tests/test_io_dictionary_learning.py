@@ -1,12 +1,22 @@
-"""dictionary_learning interop. Its PyPI release pins nnsight<0.4, whose dependencies replace torch,
-so it is no test dependency: the fixtures under tests/fixtures/dictionary_learning were written by its
-own `trainSAE` (see make_fixtures.py there), with the encodings its `load_dictionary` gives.
-Where the library is importable, the other direction is checked live as well."""
+"""dictionary_learning interop, both ways.
+
+Its PyPI release (0.1.0) pins nnsight<0.4, whose dependencies would replace our torch, so it is no
+test dependency. Their side is checked two ways instead:
+- fixtures under tests/fixtures/dictionary_learning were written by its own `trainSAE` (see
+  make_fixtures.py there), with the encodings its `load_dictionary` gives;
+- folders we write are loaded live by its `load_dictionary` in a separate venv (`dl_python`), built
+  once into a cache dir with our torch first and then only the packages that
+  `dictionary_learning.utils` imports, nnsight 0.3.7 among them, installed so that torch stays ours.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -84,22 +94,76 @@ def test_round_trip_through_ae_pt_keeps_encodings(tmp_path: Path, arch: str) -> 
     torch.testing.assert_close(back(x), sae(x), **TOL)
 
 
+TORCH = torch.__version__.split("+")[0]
+DL_ENV = (
+    Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    / "gemmascope-test-envs"
+    / f"dictionary-learning-0.1.0-torch-{TORCH}"
+)
+# What `import dictionary_learning.utils` needs (its __init__ and utils import nnsight, datasets and
+# zstandard at module level), pinned to versions known to import; installed with torch pinned to ours.
+DL_IMPORTS = ["einops==0.8.2", "pyyaml==6.0.4", "pydantic==2.14.4", "accelerate==1.15.0",
+              "transformers==5.24.0", "python-socketio[client]==5.18.1", "pillow==13.0.0",
+              "datasets==5.2.0", "zstandard==0.25.0"]  # fmt: skip
+PROBE = "import dictionary_learning.utils, torch; print(torch.__version__)"
+# Run in that venv: load_dictionary(folder), then its encode and forward of x, saved to out.
+LOAD_AND_ENCODE = """
+import sys, torch
+from dictionary_learning.utils import load_dictionary
+folder, x, out = sys.argv[1:]
+ae, _ = load_dictionary(folder, device="cpu")
+x = torch.load(x, weights_only=True)
+with torch.no_grad():
+    torch.save({"encode": ae.encode(x), "forward": ae(x)}, out)
+"""
+
+
+def _torch_in(python: Path) -> str | None:
+    if not python.exists():
+        return None
+    run = subprocess.run([python, "-c", PROBE], capture_output=True, text=True)
+    return run.stdout.strip() if run.returncode == 0 else None
+
+
+@pytest.fixture(scope="session")
+def dl_python() -> Path:
+    """The python of a venv with dictionary-learning 0.1.0 and our torch, built unless cached.
+    Building needs PyPI: without it this errors, it never skips."""
+    python = DL_ENV / "bin" / "python"
+    DL_ENV.parent.mkdir(parents=True, exist_ok=True)
+    with open(DL_ENV.parent / f"{DL_ENV.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time across pytest runs
+        found = _torch_in(python)
+        if found != torch.__version__:
+            shutil.rmtree(DL_ENV, ignore_errors=True)
+            subprocess.run([sys.executable, "-m", "venv", DL_ENV], check=True)
+            pip = [python, "-m", "pip", "install", "--quiet"]
+            subprocess.run([*pip, f"torch=={TORCH}"], check=True)  # first: a plain torch is CUDA
+            subprocess.run([*pip, "--no-deps", "dictionary-learning==0.1.0", "nnsight==0.3.7"],
+                           check=True)  # fmt: skip
+            subprocess.run([*pip, f"torch=={TORCH}", *DL_IMPORTS], check=True)
+            found = _torch_in(python)
+    assert found == torch.__version__, f"{DL_ENV}: torch {found}, not ours"
+    return python
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["relu", "jumprelu", "topk", "batchtopk"])
 def test_saved_folder_loads_in_dictionary_learning_with_same_encodings(
-    tmp_path: Path, arch: str
+    tmp_path: Path, arch: str, dl_python: Path
 ) -> None:
-    pytest.importorskip("nnsight", reason="dictionary_learning needs nnsight<0.4 (see module doc)")
-    from dictionary_learning.utils import load_dictionary
-
     sae = ours(arch, unit_rows=True, input_scale=2.0 if arch != "relu" else 1.0,
                apply_b_dec_to_input=arch == "relu")  # fmt: skip
     out = io.save(sae, tmp_path / "trainer_0", format="dictionary_learning")
-    theirs, _ = load_dictionary(str(out), device="cpu")
     x = x_batch()
+    torch.save(x, tmp_path / "x.pt")
+    args = [out, tmp_path / "x.pt", tmp_path / "theirs.pt"]
+    subprocess.run([dl_python, "-c", LOAD_AND_ENCODE, *args], check=True)
+    theirs = torch.load(tmp_path / "theirs.pt", weights_only=True)
     want = sae.encode(x).detach()
     assert (want > 0).any() and (want == 0).any()
-    torch.testing.assert_close(theirs.encode(x).detach(), want, **TOL)
-    torch.testing.assert_close(theirs(x).detach(), sae(x).detach(), **TOL)
+    torch.testing.assert_close(theirs["encode"], want, **TOL)
+    torch.testing.assert_close(theirs["forward"], sae(x).detach(), **TOL)
 
 
 def test_conversions_that_would_change_encodings_are_refused(tmp_path: Path) -> None:

@@ -5,9 +5,9 @@ import copy
 import pytest
 import torch
 
-from gemmascope.dense import dense_forward_backward
-from gemmascope.objectives import Objective, Params, dense_loss, forward_backward
-from gemmascope.sparse import from_topk, pair_dots, select
+from gemmascope.train.dense import dense_forward_backward, dense_loss
+from gemmascope.train.objectives import Objective, Params, forward_backward
+from gemmascope.train.sparse import from_topk, pair_dots, select
 
 CASES = [
     ("jumprelu", {"coefficient": 0.3}),

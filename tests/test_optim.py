@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from gemmascope.optim import adam_step
+from gemmascope.train.optim import adam_step
 
 
 def _reference(w, g, v, m, lr, beta1, beta2, step, unit_rows):
@@ -75,15 +75,16 @@ def test_missing_gradient_is_a_clear_error():
 
 
 def test_training_parameters_take_the_fused_path():
-    """After `_place` (every training run), each parameter, its gradient and its Adam state share a
+    """After `place` (every training run), each parameter, its gradient and its Adam state share a
     layout, so no step falls back to the torch ops."""
-    from gemmascope.objectives import ALONE, forward_backward
-    from gemmascope.optim import _row_views
-    from gemmascope.train import SAESpec, TrainConfig, _new_run, _place
+    from gemmascope.train import SAESpec, TrainConfig
+    from gemmascope.train.objectives import ALONE, forward_backward
+    from gemmascope.train.optim import _row_views
+    from gemmascope.train.state import new_run, place
 
     cfg = TrainConfig(encoder_init_scale=0.1)
-    run = _new_run(SAESpec(0, "resid_post", 256, "jumprelu", target_l0=8), 32, cfg, 0)
-    _place(run, ALONE, torch.device("cpu"))
+    run = new_run(SAESpec(0, "resid_post", 256, "jumprelu", target_l0=8), 32, cfg, 0)
+    place(run, ALONE, torch.device("cpu"))
     x = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
     forward_backward(run.params, x, x, run.objective)
     for name, q in run.params.named_parameters():

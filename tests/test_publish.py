@@ -45,7 +45,7 @@ def suite(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     saes = []
     for seed, (name, arch, layer, site, width) in enumerate(SUITE):
         saes.append(_sae(arch, layer, site, width, seed))
-        saes[-1].save(run / name)
+        gemmascope.save(saes[-1], run / name)
     ids = torch.randint(3, 64, (4, 16), generator=torch.Generator().manual_seed(0))
     ids[:, 0] = 2
     records = evaluate_sequences(
@@ -139,7 +139,7 @@ def test_refusals(suite: tuple[Path, Path], tmp_path: Path) -> None:
     same = [dict(r, l0=10.2 if r["sae_id"] == "a_jumprelu" else 9.9) for r in records]
     clash = tmp_path / "clash"
     for name in ("a_jumprelu", "c_batchtopk"):
-        _sae("jumprelu", 1, "resid_post", 1024, 0).save(clash / name)
+        gemmascope.save(_sae("jumprelu", 1, "resid_post", 1024, 0), clash / name)
     write_results(tmp_path / "same.json", [dict(r, source=str(clash), width=1024, architecture="jumprelu")
                                            for r in same if r["sae_id"] in ("a_jumprelu", "c_batchtopk")], {})  # fmt: skip
     with pytest.raises(
@@ -162,7 +162,7 @@ def test_base_model_must_be_a_hub_id(suite: tuple[Path, Path], tmp_path: Path) -
     for r in read_results(results)[:1]:
         sae = gemmascope.load(run, sae_id=r["sae_id"])
         sae.cfg.model = str(tmp_path / "my-model")
-        sae.save(local / r["sae_id"])
+        gemmascope.save(sae, local / r["sae_id"])
         records.append(dict(r, source=str(local)))
     write_results(tmp_path / "r.json", records, {})
     with pytest.raises(ValueError, match="is not a Hugging Face hub id; pass base_model"):

@@ -13,11 +13,19 @@ import torch
 from typer.testing import CliRunner
 
 import gemmascope
+from gemmascope.activations import CacheConfig
 from gemmascope.cli import app
-from gemmascope.evaluate import read_results
+from gemmascope.evaluate import EvalConfig, read_results
 from gemmascope.models import load_model
-from gemmascope.suite import SuiteConfig, build_suite, read_manifest, stage_names
-from gemmascope.suite_status import status_table, suite_status
+from gemmascope.suite import (
+    SuiteConfig,
+    build_suite,
+    read_manifest,
+    stage_names,
+    status_table,
+    suite_status,
+)
+from gemmascope.train import TrainConfig
 
 # 2 layers x 2 sites x 1 width x 2 target L0s = 8 SAEs on 4,096 tokens; the disk budget holds one
 # layer's cache (1.1 MB) at a time, so the layers go in two groups and each cache is dropped.
@@ -38,9 +46,10 @@ def _config(out: Path, model: Path, corpus: Path) -> SuiteConfig:
     f = FLAGS
     return SuiteConfig(
         out=out, model=str(model), sites=f["sites"].split(","), layers=f["layers"], widths=[64],
-        target_l0s=[2.0, 24.0], tokens=4096, eval_tokens=256, corpus=str(corpus),
-        eval_fraction=0.2, context_size=16, model_batch_size=4, batch_size=128, lr=1e-2,
-        checkpoint_every=8, base_model=f["base_model"], disk_budget=2_000_000,
+        target_l0s=[2.0, 24.0], cache=CacheConfig(tokens=4096), eval=EvalConfig(tokens=256),
+        corpus=str(corpus), eval_fraction=0.2, context_size=16, model_batch_size=4,
+        train=TrainConfig(batch_size=128, lr=1e-2, checkpoint_every=8),
+        base_model=f["base_model"], disk_budget=2_000_000,
     )  # fmt: skip
 
 
@@ -99,7 +108,7 @@ def test_kill_and_resume_equals_uninterrupted(
     tmp_path: Path, full: Path, tiny_folder: Path, corpus: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import gemmascope.report as report_mod
-    import gemmascope.suite as suite_mod
+    import gemmascope.suite.stages as suite_mod
     import gemmascope.train as train_mod
 
     model, tok = load_model(str(tiny_folder))
@@ -273,19 +282,23 @@ def test_clear_errors(tmp_path: Path, full: Path, tiny_folder: Path, corpus: Pat
 
 def test_train_tokens_and_center_reach_the_trainer(tmp_path: Path) -> None:
     """`--train-tokens` loops over the cache in epochs; `--center` is the trainer's option."""
-    one = SuiteConfig(out=tmp_path, tokens=4096, batch_size=128).train_config()
+    four_k = CacheConfig(tokens=4096)
+    one = SuiteConfig(out=tmp_path, cache=four_k, train=TrainConfig(batch_size=128)).train_config()
     assert one.tokens == 4096 and not one.center
-    more = SuiteConfig(out=tmp_path, tokens=4096, train_tokens=12288, center=True, batch_size=128)
+    more = SuiteConfig(out=tmp_path, cache=four_k, train_tokens=12288,
+                       train=TrainConfig(center=True, batch_size=128))  # fmt: skip
     assert more.train_config().tokens == 12288 and more.train_config().center
     assert more.identity()["train_tokens"] == 12288 and more.identity()["center"]
-    std = SuiteConfig(out=tmp_path, tokens=4096, standardize=True, batch_size=128)
+    std = SuiteConfig(
+        out=tmp_path, cache=four_k, train=TrainConfig(standardize=True, batch_size=128)
+    )
     assert std.train_config().standardize and std.identity()["standardize"]
 
 
 def test_a_suite_made_before_a_config_field_existed_resumes(
     tmp_path: Path, full: Path, tiny_folder: Path, corpus: Path
 ) -> None:
-    from gemmascope.suite import _open_manifest
+    from gemmascope.suite.manifest import open_manifest
 
     old = read_manifest(full)
     del old["identity"]["standardize"]  # as a suite.json from before --standardize
@@ -293,6 +306,8 @@ def test_a_suite_made_before_a_config_field_existed_resumes(
     copy.mkdir()
     (copy / "suite.json").write_text(json.dumps(old))
     cfg = dataclasses.replace(_config(full, tiny_folder, corpus), out=copy)
-    assert _open_manifest(cfg) == old
+    assert open_manifest(cfg) == old
     with pytest.raises(ValueError, match="standardize: suite has False, this run True"):
-        _open_manifest(dataclasses.replace(cfg, standardize=True))
+        open_manifest(
+            dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, standardize=True))
+        )

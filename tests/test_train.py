@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from gemmascope import io
-from gemmascope.objectives import Objective, Params, forward_backward
-from gemmascope.train import Run, SAESpec, TrainConfig, _adam, expand_sweep, tensor_batches, train
+from gemmascope.train import Run, SAESpec, TrainConfig, expand_sweep, tensor_batches, train
+from gemmascope.train.objectives import Objective, Params, forward_backward
+from gemmascope.train.state import adam_update
 
 SITE = (0, "resid_post")
 
@@ -86,7 +87,7 @@ def test_decoder_rows_stay_unit_norm_and_gradient_is_projected():
     x = torch.randn(128, 16)
     forward_backward(p, x, x, run.objective)
     W_before = p.W_dec.detach().clone()
-    _adam(run, 1e-2, TrainConfig(tokens=10_000, batch_size=128), 0)
+    adam_update(run, 1e-2, TrainConfig(tokens=10_000, batch_size=128), 0)
     torch.testing.assert_close(p.W_dec.norm(dim=1), torch.ones(64))
     assert not torch.allclose(p.W_dec, W_before)
 
@@ -98,7 +99,7 @@ def test_folding_the_input_scale_leaves_encodings_unchanged(tmp_path, mode):
     spec = SAESpec(0, "resid_post", 128, "jumprelu", l0_coefficient=1e-3)
     cfg = TrainConfig(tokens=8192 * 2, center=mode == "center", standardize=mode == "standardize",
                       **FAST)  # fmt: skip
-    from gemmascope import train as train_mod
+    from gemmascope.train import loop as train_mod
 
     captured = {}
     real_export = train_mod.export
@@ -235,8 +236,7 @@ def test_clear_errors(tmp_path):
 @pytest.mark.slow
 def test_jumprelu_on_real_gemma3_activations(tmp_path):
     """Layer 6 resid_post of the real Gemma 3 270M on the default corpus: FVU < 0.2 at L0 ~ 30."""
-    from gemmascope.activations import CacheConfig, build_cache
-    from gemmascope.loader import CachedActivations
+    from gemmascope.activations import CacheConfig, CachedActivations, build_cache
 
     key = (6, "resid_post")
     data = {}
@@ -302,3 +302,48 @@ def test_cli_standardize_reaches_the_trainer_and_the_exported_sae(tmp_path, tiny
     (folder,) = [p.parent for p in (tmp_path / "run").rglob("cfg.json")]
     sae = io.load(folder)
     assert sae.cfg.extra["train_config"]["standardize"]
+
+
+def test_toml_sweeps_read_on_python_3_10_through_tomli(tmp_path, monkeypatch):
+    """Python 3.10 has no `tomllib`; the same parser comes as `tomli` (a dependency there)."""
+    import sys
+
+    import tomllib
+
+    from gemmascope.train import load_sweep
+
+    file = tmp_path / "sweep.toml"
+    file.write_text('[train]\nlr = 0.002\n[[saes]]\nlayer = 6\nsite = "resid_post"\nwidth = "1k"\n'
+                    'architecture = "topk"\nk = 8\n')  # fmt: skip
+    monkeypatch.setitem(sys.modules, "tomllib", None)  # `import tomllib` fails, as on 3.10
+    monkeypatch.setitem(sys.modules, "tomli", tomllib)
+    specs, options, _ = load_sweep(file)
+    assert [s.width for s in specs] == [1024] and options == {"lr": 0.002}
+
+
+def test_a_sweep_file_of_train_options_alone_takes_the_saes_from_flags(tmp_path):
+    from gemmascope.train import Grid
+    from gemmascope.train.job import TrainJob, run_job
+
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text("train: {tokens: 1024, batch_size: 256, lr: 0.004}\n")
+    grid = Grid(layers="0", widths=[64], k=[4], architecture="topk")
+    job = TrainJob(out=tmp_path / "run", spec=spec, grid=grid, activations=tmp_path / "acts")
+    with pytest.raises(FileNotFoundError, match="acts/manifest.json"):  # the SAEs were accepted
+        run_job(job)
+    with pytest.raises(ValueError, match="no SAEs to train"):
+        run_job(TrainJob(out=tmp_path / "run", spec=spec, activations=tmp_path / "acts"))
+
+
+def test_docs_named_in_docstrings_exist():
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    named = {
+        m
+        for p in (root / "src").rglob("*.py")
+        for m in re.findall(r"docs/[\w/.-]+\.md", p.read_text())
+    }
+    missing = sorted(n for n in named if not (root / n).exists())
+    assert not missing, missing

@@ -4,12 +4,12 @@ from gemmascope.sae import SAE, SAEConfig
 
 __version__ = "0.1.0"
 
-__all__ = ["SAE", "SAEConfig", "__version__", "load", "list_sae_ids"]
+__all__ = ["SAE", "SAEConfig", "__version__", "list_sae_ids", "load", "save"]
 
 
 def __getattr__(name: str):
     # Lazy so that `import gemmascope` stays cheap; io pulls in safetensors and huggingface_hub.
-    if name in ("load", "list_sae_ids"):
+    if name in ("load", "save", "list_sae_ids"):
         from gemmascope import io
 
         return getattr(io, name)

@@ -21,24 +21,27 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from gemmascope.models import ModelInfo, check_site, model_info
+from gemmascope.models import ModelInfo, SiteKey, check_site, model_info
 
-SitePair = tuple[int, str]
 # Order in which a block computes its sites; collect stops right after the last one it needs.
 _ORDER = {"resid_pre": 0, "attn_z": 1, "attn_out": 2, "mlp_out": 3, "resid_post": 4}
 
 
-class _Stop(Exception):
-    """Raised from a hook once every requested value exists, to skip the rest of the forward."""
+class StopForward(Exception):
+    """Raised from a hook to end a forward early (the rest is not needed), carrying its `value`."""
+
+    def __init__(self, value: Tensor | None = None) -> None:
+        super().__init__()
+        self.value = value
 
 
 def collect(
     model: nn.Module,
     input_ids: Tensor,
-    sites: Sequence[SitePair],
+    sites: Sequence[SiteKey],
     *,
     attention_mask: Tensor | None = None,
-) -> dict[SitePair, Tensor]:
+) -> dict[SiteKey, Tensor]:
     """Read activations at several `(layer, site)` pairs in one forward pass.
 
     The forward stops as soon as the deepest requested value exists, so later blocks, the final norm
@@ -61,13 +64,13 @@ def collect(
     for layer, site in pairs:
         check_site(info, layer, site)
     last = max(pairs, key=lambda p: (p[0], _ORDER[p[1]]))
-    values: dict[SitePair, Tensor] = {}
+    values: dict[SiteKey, Tensor] = {}
 
-    def recorder(pair: SitePair) -> Callable[[Tensor], None]:
+    def recorder(pair: SiteKey) -> Callable[[Tensor], None]:
         def record(value: Tensor) -> None:
             values[pair] = value.detach()
             if pair == last:
-                raise _Stop
+                raise StopForward
 
         return record
 
@@ -82,7 +85,7 @@ def collect(
                 attention_mask=None if attention_mask is None else attention_mask.to(device),
                 use_cache=False,
             )
-    except _Stop:
+    except StopForward:
         pass
     finally:
         for handle in handles:
@@ -101,7 +104,7 @@ def splice(
 ) -> Iterator[None]:
     """While active, every forward uses `fn(value)` in place of the value at `(layer, site)`.
 
-    Use it to insert an SAE reconstruction (`fn = lambda x: sae(x).output`) or to steer
+    Use it to insert an SAE reconstruction (`fn = sae`: calling an SAE reconstructs) or to steer
     (`fn = lambda x: x + alpha * direction`). Splices nest; `collect` inside a splice sees the
     replaced value.
 
@@ -157,7 +160,7 @@ def run_from(
         )
     param = next(model.parameters())
     hidden = hidden.to(param.device, param.dtype)
-    blocks = _decoder_layers(model)
+    blocks = decoder_layers(model)
     skipped = [blocks[i] for i in range(layer)]
     handle = None
     try:
@@ -178,6 +181,24 @@ def run_from(
             handle.remove()
 
 
+def run_until_head(model: nn.Module, forward: Callable[[], Any]) -> Tensor:
+    """Run `forward` up to the output embedding and return what would enter it `[B, T, d_model]`."""
+
+    def stop(_: nn.Module, args: tuple[Any, ...]) -> None:
+        raise StopForward(args[0])
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(stop)
+    try:
+        forward()
+    except StopForward as early:
+        return early.value  # type: ignore[return-value]
+    finally:
+        handle.remove()
+    raise RuntimeError(
+        "the forward never reached the output embedding; is the model's code patched?"
+    )
+
+
 class _Constant(nn.Module):
     """Stands in for a skipped block: ignores its input and returns the given residual stream."""
 
@@ -189,7 +210,7 @@ class _Constant(nn.Module):
         return self.value
 
 
-def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The list of decoder blocks, wherever the family keeps it."""
     base = model.base_model
     for path in ("layers", "h", "language_model.layers"):
@@ -205,7 +226,7 @@ def _site_module(
     model: nn.Module, info: ModelInfo, layer: int, site: str
 ) -> tuple[nn.Module, bool]:
     """The module whose input (True) or output (False) is the site's value."""
-    block: Any = _decoder_layers(model)[layer]
+    block: Any = decoder_layers(model)[layer]
     if site in ("resid_pre", "resid_post"):
         return block, site == "resid_pre"
     if info.layout == "gemma":

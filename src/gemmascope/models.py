@@ -13,9 +13,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from gemmascope.io.atomic import atomic_dir
+from gemmascope.common.devices import resolve_device
+from gemmascope.common.files import atomic_dir
 
 EMBEDDED_DEFAULT = "gemma-3-270m"
+SiteKey = tuple[int, str]
+"""A (layer, site) pair: where in the model an activation is read."""
 SITES: tuple[str, ...] = ("resid_pre", "resid_post", "mlp_out", "attn_out", "attn_z")
 
 # model_type -> block layout. "gemma": sandwich norms, what a sublayer adds is its post-norm's output.
@@ -163,7 +166,7 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _check_device(device)
+    device = resolve_device(device)  # a device this machine lacks fails here, before the slow load
     local = Path(name_or_path).expanduser()
     if name_or_path == EMBEDDED_DEFAULT:
         source = str(_embedded_folder())
@@ -191,20 +194,6 @@ def load_model(
     model_info(model)  # reject unsupported families before anyone hooks them
     model.to(device).eval().requires_grad_(False)
     return model, tokenizer
-
-
-def _check_device(device: str | torch.device) -> None:
-    """Fail before a slow load, not after it, on a device this machine cannot use."""
-    try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        raise ValueError(
-            f"unknown device {device!r}; use `cpu`, `cuda`, `cuda:N` or `mps`"
-        ) from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} asked for, but torch sees no CUDA GPU; use `cpu`")
-    if kind == "mps" and not torch.backends.mps.is_available():
-        raise RuntimeError(f"device {device!r} asked for, but MPS is not available; use `cpu`")
 
 
 def _embedded_folder() -> Path:

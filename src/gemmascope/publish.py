@@ -25,9 +25,9 @@ from typing import Any
 import torch
 import yaml
 
+from gemmascope.common.files import atomic_dir
 from gemmascope.evaluate import read_results, write_results
 from gemmascope.io import list_sae_ids, load
-from gemmascope.io.atomic import atomic_dir
 from gemmascope.io.gemmascope_npz import write_npz
 from gemmascope.io.hub import is_repo_id
 from gemmascope.io.native import write_native

@@ -18,8 +18,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from gemmascope.common.files import atomic_dir
 from gemmascope.evaluate import read_results
-from gemmascope.io.atomic import atomic_dir
 
 Record = dict[str, Any]
 _OURS = re.compile(r"(index\.html|[\w.-]+\.png)")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -244,12 +243,6 @@ class SAE(nn.Module):
             with torch.no_grad():
                 getattr(sae, name).copy_(t.to(sae.dtype))
         return sae
-
-    def save(self, path: str | Path, format: str = "gemmascope") -> Path:
-        """Write the SAE to a folder (or `.npz` file) atomically. See `gemmascope.io.save`."""
-        from gemmascope.io import save
-
-        return save(self, path, format=format)
 
     def __repr__(self) -> str:
         c = self.cfg

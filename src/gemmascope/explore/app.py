@@ -134,13 +134,10 @@ def create_app(index: str | Path, *, live: Live | None = None, device: str = "cp
         return feature
 
     def lens_summary(ids: list[int]) -> dict[int, dict[str, Any]]:
-        out = {}
-        for fid in ids:
-            f = db.feature(fid)
-            if f is not None:
-                out[fid] = {"density": f["density"], "index_max_act": f["max_act"],
-                            "lens_top": [t["text"] for t in f["logit_lens"]["top"][:5]]}  # fmt: skip
-        return out
+        """What the index knows of each id for a list of features: one connection, no contexts."""
+        return {fid: {"density": s["density"], "index_max_act": s["max_act"],
+                      "lens_top": s["lens_top"]}
+                for fid, s in db.summaries(ids, top=5).items()}  # fmt: skip
 
     # ------------------------------------------------------------ JSON API
     @app.get("/api/meta")

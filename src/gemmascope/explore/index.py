@@ -26,11 +26,15 @@ import numpy as np
 import torch
 
 import gemmascope
-from gemmascope.corpus import Split, fingerprint, iter_documents, pack_sequences, special_ids
+from gemmascope.common.config import option
+from gemmascope.common.devices import resolve_device
+from gemmascope.common.files import atomic_file
+from gemmascope.common.progress import progress_bar
+from gemmascope.common.units import Count
+from gemmascope.corpus import CorpusSplit, fingerprint, iter_documents, pack_sequences, special_ids
 from gemmascope.explore.lens import logit_lens
 from gemmascope.explore.stats import FeatureStats
 from gemmascope.explore.store import write_index
-from gemmascope.io.atomic import atomic_file
 from gemmascope.sae import SAE
 
 
@@ -38,7 +42,7 @@ from gemmascope.sae import SAE
 class IndexConfig:
     """One index run; every field but `out`, `device` and `checkpoint_seconds` must match to resume."""
 
-    sae_source: str
+    sae_source: str = option(positional=True)
     """params.npz, SAE folder or Hugging Face repo id (as `gemmascope.io.load` takes)."""
     out: Path
     """The `.sqlite` file to write; `OUT.partial` holds the checkpoint while it runs."""
@@ -52,11 +56,11 @@ class IndexConfig:
     """Site the SAE reads; default the SAE config's `site`."""
     corpus: str = "default"
     """Text source (see `gemmascope.corpus`)."""
-    split: Split = "train"
+    split: CorpusSplit = "train"
     """`train`, `eval` or `all` documents of the corpus."""
     text_column: str = "text"
     """Text field of .jsonl/.parquet/HF rows."""
-    tokens: int = 1_000_000
+    tokens: Count = 1_000_000
     """Positions to forward (rounded up to whole sequences); BOS/EOS/pad among them do not count."""
     context_size: int = 1024
     """Tokens per sequence, BOS included."""
@@ -78,8 +82,8 @@ class IndexConfig:
     """Seeds the band sampling."""
     checkpoint_seconds: float = 60.0
     """Save the running statistics at most this often (0: after every chunk)."""
-    device: str = "cpu"
-    """Torch device for the model and the SAE."""
+    device: str = "auto"
+    """Torch device for the model and the SAE: cpu, cuda, cuda:N, mps or auto (a GPU if any)."""
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -139,7 +143,7 @@ def build_index(
     skip = special_ids(tokenizer)
     docs = iter_documents(cfg.corpus, cfg.split, text_column=cfg.text_column)
     sequences = itertools.islice(pack_sequences(docs, tokenizer, cfg.context_size), n_seq)
-    bar = _progress_bar(math.ceil(n_seq / cfg.batch_size), done, progress)
+    bar = _index_bar(math.ceil(n_seq / cfg.batch_size), done, progress)
     saved_at, saved, seen = time.monotonic(), done, 0
     try:
         for chunk, batch in enumerate(_batched(sequences, cfg.batch_size)):
@@ -201,14 +205,15 @@ def _load(cfg: IndexConfig, model: Any, tokenizer: Any, sae: SAE | None) -> tupl
         raise ValueError(
             "build_index got only one of `model` and `tokenizer`; pass both, or neither"
         )
+    device = resolve_device(cfg.device)
     if sae is None:
         from gemmascope import io
 
-        sae = io.load(cfg.sae_source, cfg.sae_id, device=cfg.device)
+        sae = io.load(cfg.sae_source, cfg.sae_id, device=device)
     if model is None:
         from gemmascope.models import load_model
 
-        model, tokenizer = load_model(cfg.model, device=cfg.device)
+        model, tokenizer = load_model(cfg.model, device=device)
     return model, tokenizer, sae.eval()
 
 
@@ -300,8 +305,5 @@ def _batched(items: Iterable[np.ndarray], n: int) -> Iterator[list[np.ndarray]]:
         yield batch
 
 
-def _progress_bar(total: int, done: int, enabled: bool) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=done, unit="chunk", desc="index", disable=not enabled,
-                file=sys.stderr, dynamic_ncols=True)  # fmt: skip
+def _index_bar(total: int, done: int, enabled: bool) -> Any:
+    return progress_bar(total, initial=done, unit="chunk", desc="index", enabled=enabled)

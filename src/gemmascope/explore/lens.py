@@ -39,9 +39,9 @@ def residual_directions(model: Any, sae: SAE, layer: int, site: str) -> Tensor:
         dirs = sae.W_dec.float() * sae.cfg.input_scale  # (m, width)
         if site != "attn_z":
             return dirs
-        from gemmascope.hooks import _decoder_layers
+        from gemmascope.hooks import decoder_layers
 
-        block: Any = _decoder_layers(model)[layer]
+        block: Any = decoder_layers(model)[layer]
         if info.layout == "gpt2":  # Conv1D stores its weight as (in, out)
             return dirs @ block.attn.c_proj.weight.float()
         dirs = dirs @ block.self_attn.o_proj.weight.float().T  # (m, d_model)

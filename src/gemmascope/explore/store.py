@@ -20,15 +20,16 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
+from gemmascope.common.files import atomic_file
 from gemmascope.explore.lens import LogitLens
 from gemmascope.explore.stats import FeatureStats
-from gemmascope.io.atomic import atomic_file
 
 FORMAT = "gemmascope-index"
 FORMAT_VERSION = 1
@@ -210,21 +211,38 @@ class IndexDB:
             )
         self.n_features = int(self._query("SELECT count(*) FROM features")[0][0])
 
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True)
+
     def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True)
-        try:
+        """One statement on its own connection."""
+        with closing(self._connect()) as db:
             return db.execute(sql, args).fetchall()
-        finally:
-            db.close()
 
     def token_texts(self, ids: list[int]) -> dict[int, str]:
         """Strings of the given token ids (those the index stored)."""
-        if not ids:
+        with closing(self._connect()) as db:
+            return _token_texts(db, ids)
+
+    def summaries(self, ids: list[int], top: int = 5) -> dict[int, dict[str, Any]]:
+        """Density, max activation and the first `top` logit-lens token strings of each known id.
+
+        One connection and two small queries (no contexts are read); unknown ids are left out.
+        """
+        unique = list(dict.fromkeys(ids))
+        if not unique:
             return {}
-        marks = ",".join("?" * len(set(ids)))
-        return dict(
-            self._query(f"SELECT id, text FROM vocab WHERE id IN ({marks})", tuple(set(ids)))
-        )
+        with closing(self._connect()) as db:
+            rows = db.execute(
+                f"SELECT id, density, max_act, logit_lens FROM features WHERE id IN ({_marks(unique)})",
+                tuple(unique),
+            ).fetchall()
+            lens_top = {fid: [t for t, _ in json.loads(lens_json)["top"][:top]]
+                        for fid, _, _, lens_json in rows}  # fmt: skip
+            texts = _token_texts(db, [t for tokens in lens_top.values() for t in tokens])
+        return {fid: {"density": density, "max_act": max_act,
+                      "lens_top": [texts.get(t, "") for t in lens_top[fid]]}
+                for fid, density, max_act, _ in rows}  # fmt: skip
 
     def list_features(
         self,
@@ -253,64 +271,48 @@ class IndexDB:
             where = ("WHERE id IN (SELECT feature FROM lens_tokens JOIN vocab ON vocab.id = token "
                      "WHERE lower(trim(vocab.text)) LIKE ? ESCAPE '\\')")  # fmt: skip
             args = (like,)
-        total = int(self._query(f"SELECT count(*) FROM features {where}", args)[0][0])
         direction = "DESC" if descending else "ASC"
-        rows = self._query(
-            f"SELECT id, density, max_act, logit_lens FROM features {where} "
-            f"ORDER BY {sort} {direction}, id LIMIT ? OFFSET ?",
-            (*args, per_page, (page - 1) * per_page),
-        )
-        snippets = self._snippets([r[0] for r in rows])
-        out = []
-        for fid, density, max_act, lens_json in rows:
-            top = [t for t, _ in json.loads(lens_json)["top"][:6]]
-            out.append({"id": fid, "density": density, "max_act": max_act, "lens_top": top,
-                        "snippet": snippets.get(fid)})  # fmt: skip
-        ids = [t for f in out for t in f["lens_top"]]
-        ids += [t["id"] for f in out if f["snippet"] for t in f["snippet"]["tokens"]]
-        texts = self.token_texts(ids)
+        with closing(self._connect()) as db:
+            total = int(db.execute(f"SELECT count(*) FROM features {where}", args).fetchone()[0])
+            rows = db.execute(
+                f"SELECT id, density, max_act, logit_lens FROM features {where} "
+                f"ORDER BY {sort} {direction}, id LIMIT ? OFFSET ?",
+                (*args, per_page, (page - 1) * per_page),
+            ).fetchall()
+            snippets = _snippets(db, [r[0] for r in rows])
+            out = []
+            for fid, density, max_act, lens_json in rows:
+                top = [t for t, _ in json.loads(lens_json)["top"][:6]]
+                out.append({"id": fid, "density": density, "max_act": max_act, "lens_top": top,
+                            "snippet": snippets.get(fid)})  # fmt: skip
+            ids = [t for f in out for t in f["lens_top"]]
+            ids += [t["id"] for f in out if f["snippet"] for t in f["snippet"]["tokens"]]
+            texts = _token_texts(db, ids)
         for f in out:
             f["lens_top"] = [texts.get(t, "") for t in f["lens_top"]]
             for t in f["snippet"]["tokens"] if f["snippet"] else []:
                 t["text"] = texts.get(t["id"], "")
         return total, out
 
-    def _snippets(self, ids: list[int], radius: int = 6) -> dict[int, dict[str, Any]]:
-        """The top context of each feature, cut to `radius` tokens around its peak."""
-        if not ids:
-            return {}
-        marks = ",".join("?" * len(ids))
-        rows = self._query(
-            f"SELECT feature, peak, tokens, acts FROM contexts WHERE kind = 'top' AND rank = 0 "
-            f"AND feature IN ({marks})",
-            tuple(ids),
-        )
-        out = {}
-        for fid, peak, tokens_json, acts_json in rows:
-            lo = max(peak - radius, 0)
-            tokens, acts = json.loads(tokens_json)[lo : peak + radius + 1], json.loads(acts_json)
-            out[fid] = {"tokens": [{"id": t} for t in tokens], "peak": peak - lo,
-                        "acts": acts[lo : peak + radius + 1]}  # fmt: skip
-        return out
-
     def feature(self, fid: int) -> dict[str, Any] | None:
         """Everything stored about one feature, token ids resolved to strings; None if unknown."""
-        rows = self._query(
-            "SELECT density, max_act, fired, histogram, logit_lens FROM features WHERE id = ?",
-            (fid,),
-        )
-        if not rows:
-            return None
-        density, max_act, fired, hist_json, lens_json = rows[0]
-        lens, hist = json.loads(lens_json), json.loads(hist_json)
-        contexts = self._query(
-            "SELECT kind, band, rank, value, peak, sequence, position, tokens, acts FROM contexts "
-            "WHERE feature = ? ORDER BY kind DESC, band, value DESC, rank",
-            (fid,),
-        )
-        parsed = [(*c[:7], json.loads(c[7]), json.loads(c[8])) for c in contexts]
-        ids = [t for c in parsed for t in c[7]] + [t for side in lens.values() for t, _ in side]
-        texts = self.token_texts(ids)
+        with closing(self._connect()) as db:
+            row = db.execute(
+                "SELECT density, max_act, fired, histogram, logit_lens FROM features WHERE id = ?",
+                (fid,),
+            ).fetchone()
+            if row is None:
+                return None
+            density, max_act, fired, hist_json, lens_json = row
+            lens, hist = json.loads(lens_json), json.loads(hist_json)
+            contexts = db.execute(
+                "SELECT kind, band, rank, value, peak, sequence, position, tokens, acts "
+                "FROM contexts WHERE feature = ? ORDER BY kind DESC, band, value DESC, rank",
+                (fid,),
+            ).fetchall()
+            parsed = [(*c[:7], json.loads(c[7]), json.loads(c[8])) for c in contexts]
+            ids = [t for c in parsed for t in c[7]] + [t for side in lens.values() for t, _ in side]
+            texts = _token_texts(db, ids)
 
         def ctx(c: tuple[Any, ...]) -> dict[str, Any]:
             return {"value": c[3], "peak": c[4], "sequence": c[5], "position": c[6],
@@ -336,3 +338,35 @@ class IndexDB:
             "top_contexts": [ctx(c) for c in parsed if c[0] == "top"],
             "bands": bands if hist["hi"] > 0 else [],
         }
+
+
+def _marks(values: list[Any]) -> str:
+    """`?, ?, ...`: one bound parameter per value, for `IN (...)`."""
+    return ",".join("?" * len(values))
+
+
+def _token_texts(db: sqlite3.Connection, ids: list[int]) -> dict[int, str]:
+    unique = list(set(ids))
+    if not unique:
+        return {}
+    return dict(
+        db.execute(f"SELECT id, text FROM vocab WHERE id IN ({_marks(unique)})", tuple(unique))
+    )
+
+
+def _snippets(db: sqlite3.Connection, ids: list[int], radius: int = 6) -> dict[int, dict[str, Any]]:
+    """The top context of each feature, cut to `radius` tokens around its peak."""
+    if not ids:
+        return {}
+    rows = db.execute(
+        f"SELECT feature, peak, tokens, acts FROM contexts WHERE kind = 'top' AND rank = 0 "
+        f"AND feature IN ({_marks(ids)})",
+        tuple(ids),
+    ).fetchall()
+    out = {}
+    for fid, peak, tokens_json, acts_json in rows:
+        lo = max(peak - radius, 0)
+        tokens, acts = json.loads(tokens_json)[lo : peak + radius + 1], json.loads(acts_json)
+        out[fid] = {"tokens": [{"id": t} for t in tokens], "peak": peak - lo,
+                    "acts": acts[lo : peak + radius + 1]}  # fmt: skip
+    return out

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import json
 import re
 from collections.abc import Collection, Iterable
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 
 import torch
 
+from gemmascope.common.files import read_json
 from gemmascope.sae import DTYPES, SAEConfig, dtype_of
 
 FORMATS: dict[str, str] = {
@@ -161,17 +161,6 @@ def dtype_name(dtype: torch.dtype | str) -> str:
         if dt == dtype:
             return name
     raise ValueError(f"unsupported dtype {dtype}; choose one of {sorted(DTYPES)}")
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from `path`, or an error naming the file."""
-    try:
-        obj = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: expected a JSON object, could not read it ({e})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a JSON object, found {type(obj).__name__}")
-    return obj
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:

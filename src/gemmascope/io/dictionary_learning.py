@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
-from gemmascope.io._common import our_fields, read_json, read_our_fields
-from gemmascope.io.atomic import atomic_dir, write_json
+from gemmascope.common.files import atomic_dir, read_json, write_json
+from gemmascope.io._common import our_fields, read_our_fields
 from gemmascope.sae import SAE, SAEConfig
 
 _KEYS: dict[str, set[str]] = {

@@ -17,15 +17,14 @@ from typing import Any
 
 import torch
 
+from gemmascope.common.files import atomic_dir, read_json, write_json
 from gemmascope.io._common import (
     check_names,
     our_fields,
-    read_json,
     read_our_fields,
     read_safetensors,
     site_to_hook,
 )
-from gemmascope.io.atomic import atomic_dir, write_json
 from gemmascope.io.gemmascope_npz import WIDTHS
 from gemmascope.sae import SAE, SAEConfig
 

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from gemmascope.common.files import atomic_file
 from gemmascope.io._common import check_names, site_to_hook
-from gemmascope.io.atomic import atomic_file
 from gemmascope.sae import SAE, SAEConfig
 
 ARRAYS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")

@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from gemmascope.io._common import check_names, read_json, read_safetensors
-from gemmascope.io.atomic import atomic_dir, write_json
+from gemmascope.common.files import atomic_dir, read_json, write_json
+from gemmascope.io._common import check_names, read_safetensors
 from gemmascope.sae import SAE, SAEConfig
 
 FORMAT = "gemmascope"

@@ -22,14 +22,13 @@ from typing import Any
 
 import torch
 
+from gemmascope.common.files import atomic_dir, read_json, write_json
 from gemmascope.io._common import (
     check_names,
     hook_to_site,
-    read_json,
     read_safetensors,
     site_to_hook,
 )
-from gemmascope.io.atomic import atomic_dir, write_json
 from gemmascope.sae import SAE, Architecture, SAEConfig
 
 WRITTEN_VERSION = "6.0.0"

@@ -18,15 +18,14 @@ import re
 from pathlib import Path
 from typing import Any
 
+from gemmascope.common.files import atomic_dir, read_json, write_json
 from gemmascope.io._common import (
     check_names,
     our_fields,
-    read_json,
     read_our_fields,
     read_safetensors,
     site_to_hook,
 )
-from gemmascope.io.atomic import atomic_dir, write_json
 from gemmascope.sae import SAE, SAEConfig
 
 _WEIGHTS = ("encoder.weight", "encoder.bias", "W_dec", "b_dec", "W_skip")

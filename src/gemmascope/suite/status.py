@@ -16,7 +16,9 @@ from typing import Any
 from rich.console import Group
 from rich.table import Table
 
-from gemmascope.suite_plan import (
+from gemmascope.activations import site_dir
+from gemmascope.suite.manifest import config_view, plan_of, read_manifest, results_file, stage_names
+from gemmascope.suite.plan import (
     H100_BF16,
     H100_FP32,
     flop_estimate,
@@ -27,9 +29,8 @@ from gemmascope.suite_plan import (
 
 def plan_table(manifest: dict[str, Any]) -> Table:
     """The plan as a two-column table: grid, disk, memory, measured speeds and time estimates."""
-    from gemmascope.suite import plan_of
 
-    plan, cfg, rates = plan_of(manifest), _Cfg(manifest["config"]), manifest["rates"]
+    plan, cfg, rates = plan_of(manifest), config_view(manifest), manifest["rates"]
     est = manifest["estimates"]
     t = Table("", "", title=f"suite plan: {cfg.model} -> {cfg.out}", show_header=False)
     t.add_row("SAEs", f"{len(plan.layers)} layers x {len(plan.sites)} sites "
@@ -61,13 +62,6 @@ def plan_table(manifest: dict[str, Any]) -> Table:
     return t
 
 
-class _Cfg:
-    """Attribute access to a manifest's config dict (what the estimators read)."""
-
-    def __init__(self, d: dict[str, Any]) -> None:
-        self.__dict__.update(d)
-
-
 def suite_status(out: str | Path) -> dict[str, Any]:
     """Each stage's state (`done`, `running`, `stopped`, `left`), progress and the ETA.
 
@@ -77,7 +71,6 @@ def suite_status(out: str | Path) -> dict[str, Any]:
         `{"stages": {name: {"state", "progress", "seconds", "estimate_s"}}, "done", "running",
         "left", "elapsed_s", "eta_s"}`; stages in the order they run.
     """
-    from gemmascope.suite import plan_of, read_manifest, stage_names
 
     out = Path(out)
     manifest = read_manifest(out)
@@ -148,7 +141,6 @@ def _alive(rec: dict[str, Any]) -> bool:
 
 def _progress(out: Path, name: str, cfg: dict[str, Any], plan: Any) -> float:
     """Share of an unfinished stage done, from the files it writes (0 where they say nothing)."""
-    from gemmascope.suite import results_file
 
     kind, _, what = name.partition(":")
     try:
@@ -169,8 +161,6 @@ def _progress(out: Path, name: str, cfg: dict[str, Any], plan: Any) -> float:
 
 def status_table(out: str | Path) -> Group:
     """`gemmascope suite status`: one row per (layer, site), the last stages, then counts and ETA."""
-    from gemmascope.activations import site_dir
-    from gemmascope.suite import plan_of, read_manifest
 
     out = Path(out)
     manifest, st = read_manifest(out), suite_status(out)

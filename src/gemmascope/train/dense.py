@@ -2,29 +2,63 @@
 
 `objectives.forward_backward` runs sparse numba kernels, which only exist for the CPU. On CUDA and
 MPS the trainer calls `dense_forward_backward` instead: the same loss, the same straight-through
-estimators (`objectives.JumpReLU`, `objectives.Step`), the same handling of a `Split` over ranks and the
+estimators (`JumpReLU`, `Step` below), the same handling of a `Partition` over ranks and the
 same `StepStats`; tests check the two give the same gradients. It costs 10 * d * m FLOPs per token
 (2 products forward, 3 backward) where the sparse path's dense part is the encoder's 2 * d * m.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-from gemmascope.distributed import Split
-from gemmascope.objectives import (
+from gemmascope.common.distributed import Partition
+from gemmascope.train.objectives import (
     ALONE,
-    JumpReLU,
     Objective,
     Params,
-    Step,
     StepStats,
     _n_dead,
     batch_threshold,
     centered_sq,
     row_topk,
 )
+
+
+# The straight-through estimators of JumpReLU and of its L0 (rectangle kernel, see `objectives`).
+def _rect(u: Tensor) -> Tensor:
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+class JumpReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pre, theta, eps):  # noqa: D102
+        ctx.save_for_backward(pre, theta)
+        ctx.eps = eps
+        return pre * (pre > theta)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        pre, theta = ctx.saved_tensors
+        d_pre = (pre > theta) * grad
+        d_theta = (-(theta / ctx.eps) * _rect((pre - theta) / ctx.eps) * grad).sum(0)
+        return d_pre, d_theta, None
+
+
+class Step(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pre, theta, eps):  # noqa: D102
+        ctx.save_for_backward(pre, theta)
+        ctx.eps = eps
+        return (pre > theta).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        pre, theta = ctx.saved_tensors
+        d_theta = (-(1.0 / ctx.eps) * _rect((pre - theta) / ctx.eps) * grad).sum(0)
+        return torch.zeros_like(pre), d_theta, None
 
 
 class _Summed(torch.autograd.Function):
@@ -50,13 +84,27 @@ def _mm(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
     return (a.to(dtype) @ b.to(dtype)).to(b.dtype)
 
 
+def dense_loss(
+    p: Params,
+    x: Tensor,
+    y: Tensor,
+    obj: Objective,
+    dead: Tensor | None = None,
+    split: Partition = ALONE,
+) -> Tensor:
+    """The objective of `objectives.forward_backward` as a tensor to back-propagate (AuxK too when
+    `dead` is given): the autograd reference the sparse kernels are tested against."""
+    with torch.enable_grad():
+        return _terms(p, x, y, obj, dead, split).loss
+
+
 def dense_forward_backward(
     p: Params,
     x: Tensor,
     y: Tensor,
     obj: Objective,
     dead: Tensor | None = None,
-    split: Split = ALONE,
+    split: Partition = ALONE,
 ) -> StepStats:
     """`forward_backward` through autograd on dense tensors: the trainer's path off the CPU.
 
@@ -64,46 +112,65 @@ def dense_forward_backward(
     decoder products run in `obj.matmul_dtype` (bfloat16/float16 use tensor cores); thresholds, the
     STEs, the loss and the gradients stay in the parameters' dtype.
     """
-    B = int(split.over_rows(torch.tensor(x.shape[0], device=x.device)))
     for q in p.parameters():
         q.grad = None
     with torch.enable_grad():
-        pre = _mm(x, p.W_enc, obj.matmul_dtype) + p.b_enc  # (B_local, m_local)
-        z, mask, n_active, min_selected = _dense_select(pre, p, obj, B, split)
-        partial = _mm(z, p.W_dec, obj.matmul_dtype)  # (B_local, d)
-        y_hat = _Summed.apply(partial, split.over_latents) + p.b_dec
-        sq = (y_hat - y).pow(2).sum()
-        l0 = _Summed.apply(n_active, split.over_all) / B
-        if obj.architecture == "jumprelu" and obj.target_l0 is None:
-            penalty = obj.coefficient * l0
-        elif obj.architecture == "jumprelu":
-            penalty = obj.coefficient * (l0 / obj.target_l0 - 1) ** 2
-        elif obj.architecture == "relu":
-            penalty = obj.coefficient * _Summed.apply(z.sum(), split.over_all) / B
-        else:
-            penalty = torch.zeros((), device=x.device)
-        loss = sq / B + penalty
-        aux = 0.0
-        if obj.architecture in ("topk", "batchtopk") and obj.aux_k and _n_dead(dead, split):
-            aux_loss, aux = _dense_aux_k(p, pre, (y - y_hat).detach(), dead, obj, B, split)
-            loss = loss + aux_loss
-        loss.backward()
+        t = _terms(p, x, y, obj, dead, split)
+        t.loss.backward()
     for q in p.parameters():
         if q.grad is None:
             q.grad = torch.zeros_like(q)
-    mse = float(split.over_rows(sq.detach().clone())) / B
+    mse = float(split.over_rows(t.sq.detach().clone())) / t.B
     return StepStats(
-        loss=mse + float(penalty.detach()) + aux,
+        loss=mse + float(t.penalty.detach()) + t.aux,
         mse=mse,
-        fvu=mse * B / max(centered_sq(y, split), 1e-12),
-        l0=float(l0.detach()),
-        fired=split.over_rows(mask.sum(0).to(p.W_enc.dtype)),
-        min_selected=min_selected,
+        fvu=mse * t.B / max(centered_sq(y, split), 1e-12),
+        l0=float(t.l0.detach()),
+        fired=split.over_rows(t.mask.sum(0).to(p.W_enc.dtype)),
+        min_selected=t.min_selected,
     )
 
 
+@dataclass
+class _Terms:
+    """The parts of one step's loss, kept for its statistics."""
+
+    loss: Tensor
+    sq: Tensor  # sum of squared errors over this rank's rows
+    penalty: Tensor
+    l0: Tensor
+    mask: Tensor  # (B_local, m_local) active entries
+    min_selected: float
+    aux: float
+    B: int  # rows of the whole batch
+
+
+def _terms(
+    p: Params, x: Tensor, y: Tensor, obj: Objective, dead: Tensor | None, split: Partition
+) -> _Terms:
+    B = int(split.over_rows(torch.tensor(x.shape[0], device=x.device)))
+    pre = _mm(x, p.W_enc, obj.matmul_dtype) + p.b_enc  # (B_local, m_local)
+    z, mask, n_active, min_selected = _dense_select(pre, p, obj, B, split)
+    partial = _mm(z, p.W_dec, obj.matmul_dtype)  # (B_local, d)
+    y_hat = _Summed.apply(partial, split.over_latents) + p.b_dec
+    sq = (y_hat - y).pow(2).sum()
+    l0 = _Summed.apply(n_active, split.over_all) / B
+    if obj.architecture == "jumprelu":
+        penalty = obj.l0_penalty(l0)
+    elif obj.architecture == "relu":
+        penalty = obj.coefficient * _Summed.apply(z.sum(), split.over_all) / B
+    else:
+        penalty = torch.zeros((), device=x.device)
+    loss = sq / B + penalty
+    aux = 0.0
+    if obj.architecture in ("topk", "batchtopk") and obj.aux_k and _n_dead(dead, split):
+        aux_loss, aux = _dense_aux_k(p, pre, (y - y_hat).detach(), dead, obj, B, split)
+        loss = loss + aux_loss
+    return _Terms(loss, sq, penalty, l0, mask, min_selected, aux, B)  # type: ignore[arg-type]
+
+
 def _dense_select(
-    pre: Tensor, p: Params, obj: Objective, B: int, split: Split
+    pre: Tensor, p: Params, obj: Objective, B: int, split: Partition
 ) -> tuple[Tensor, Tensor, Tensor, float]:
     """Latent values `z`, the active mask, the active count (differentiable for JumpReLU's L0 STE)
     and, for BatchTopK, the smallest positive selected value."""
@@ -134,7 +201,7 @@ def _dense_select(
 
 
 def _dense_aux_k(
-    p: Params, pre: Tensor, residual: Tensor, dead: Tensor, obj: Objective, B: int, split: Split
+    p: Params, pre: Tensor, residual: Tensor, dead: Tensor, obj: Objective, B: int, split: Partition
 ) -> tuple[Tensor, float]:
     """AuxK on dense tensors: the loss to back-propagate (this rank's rows) and its global value."""
     dead_idx = dead.nonzero().squeeze(1)

@@ -1,4 +1,8 @@
-"""Atomic writes: everything the project writes goes through a temp name and one rename."""
+"""Files written atomically, and JSON read back with the check of its format and version.
+
+Everything the project writes goes through a temp name and one rename; every manifest and results
+file carries `format` and `format_version`, checked by `read_versioned` when it is read back.
+"""
 
 from __future__ import annotations
 
@@ -88,3 +92,36 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def read_json(path: str | Path) -> dict[str, Any]:
+    """A JSON object from `path`, or an error naming the file."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: expected a JSON object, could not read it ({e})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(obj).__name__}")
+    return obj
+
+
+def read_versioned(path: str | Path, fmt: str, version: int, *, fix: str, missing: str) -> dict:
+    """The JSON object at `path`, refused unless its `format` and `format_version` are ours.
+
+    Args:
+        path: the file.
+        fmt, version: what its `format` and `format_version` must be.
+        fix: what to do about a file of another format, e.g. "recreate it with `gemmascope cache`".
+        missing: what to say when the file does not exist, e.g. "is X a cache?".
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not found; {missing}")
+    obj = read_json(path)
+    if obj.get("format") != fmt or obj.get("format_version") != version:
+        raise ValueError(
+            f"{path}: format {obj.get('format')!r} version {obj.get('format_version')!r}, "
+            f"expected {fmt!r} version {version}; {fix}"
+        )
+    return obj

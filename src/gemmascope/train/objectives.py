@@ -8,7 +8,7 @@ rectangle kernel of bandwidth eps:
 The threshold is trained directly (not as exp(log_t)), clamped at 0 after each step, as SAELens 6 does:
 in log space Adam moves it by a factor ~(1 + lr) per step, so from its 0.001 start a short run never
 reaches the ~0.1 thresholds that L0 ~ 50 needs.
-`dense_loss` is the plain autograd version of the same objective; tests check one against the other.
+`dense.dense_loss` is the same objective through autograd; tests check one against the other.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from gemmascope.distributed import Split
-from gemmascope.sparse import Active, DenseActive, Window, from_topk, pair_dots, select
+from gemmascope.common.distributed import Partition
+from gemmascope.train.sparse import Active, DenseActive, Window, from_topk, pair_dots, select
 
-ALONE = Split()
+ALONE = Partition()
 
 
 @dataclass
@@ -42,6 +42,18 @@ class Objective:
     """Above this fraction of active entries, products run dense instead of sparse."""
     matmul_dtype: torch.dtype = torch.float32
     """Dtype of the encoder matmul, the one dense product; bfloat16 is ~2.5x faster on AVX512-BF16."""
+
+    def l0_penalty(self, l0: float | Tensor) -> float | Tensor:
+        """JumpReLU's sparsity penalty at mean L0 `l0` (a float, or a tensor for autograd)."""
+        if self.target_l0 is None:
+            return self.coefficient * l0
+        return self.coefficient * (l0 / self.target_l0 - 1.0) ** 2
+
+    def l0_penalty_grad(self, l0: float) -> float:
+        """d `l0_penalty` / d L0 at `l0`."""
+        if self.target_l0 is None:
+            return self.coefficient
+        return 2 * self.coefficient * (l0 / self.target_l0 - 1.0) / self.target_l0
 
 
 @dataclass
@@ -76,7 +88,7 @@ class Params(nn.Module):
         w /= w.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(w)
         # W_enc is (d_in, d_sae) stored one latent per row of memory, as the sparse kernels write its
-        # gradient; keep that layout (`train._place` does) so Adam runs in one pass (`optim`).
+        # gradient; keep that layout (`train.place` does) so Adam runs in one pass (`optim`).
         self.W_enc = nn.Parameter(w.T * encoder_scale)
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
@@ -97,7 +109,7 @@ def forward_backward(
     y: Tensor,
     obj: Objective,
     dead: Tensor | None = None,
-    split: Split = ALONE,
+    split: Partition = ALONE,
 ) -> StepStats:
     """One step's loss and gradients (written to `.grad`) for inputs `x [B, d]` and targets `y [B, d]`.
 
@@ -165,7 +177,7 @@ def forward_backward(
     )
 
 
-def centered_sq(t: Tensor, split: Split = ALONE) -> float:
+def centered_sq(t: Tensor, split: Partition = ALONE) -> float:
     """`sum ||t_i - mean(t)||^2` over the rows of the whole batch `t [B, d]`."""
     if not split.rows:
         return float((t - t.mean(0)).pow(2).sum())
@@ -175,14 +187,14 @@ def centered_sq(t: Tensor, split: Split = ALONE) -> float:
     return float(s2 - s1.pow(2).sum() / n)
 
 
-def _n_dead(dead: Tensor | None, split: Split) -> int:
+def _n_dead(dead: Tensor | None, split: Partition) -> int:
     """Dead latents over every rank's slice (all ranks agree, so they take the same branches)."""
     if dead is None:
         return 0
     return int(split.over_latents(dead.sum()))
 
 
-def row_topk(pre: Tensor, k: int, split: Split = ALONE) -> tuple[Tensor, Tensor, Tensor | None]:
+def row_topk(pre: Tensor, k: int, split: Partition = ALONE) -> tuple[Tensor, Tensor, Tensor | None]:
     """Per row, the `k` largest of `pre [B, m]` over the latents of every rank.
 
     Returns `(vals, cols, won)`, each `[B, min(k, m)]`: this rank's candidates, their columns, and
@@ -203,7 +215,7 @@ def row_topk(pre: Tensor, k: int, split: Split = ALONE) -> tuple[Tensor, Tensor,
     return vals, cols, won[:, r * k : r * k + c]
 
 
-def _topk_active(pre: Tensor, k: int, split: Split) -> Active:
+def _topk_active(pre: Tensor, k: int, split: Partition) -> Active:
     vals, cols, won = row_topk(pre, k, split)
     if won is None:
         return from_topk(cols, vals.relu(), pre.shape[1])
@@ -211,7 +223,7 @@ def _topk_active(pre: Tensor, k: int, split: Split) -> Active:
     return _from_entries(rows[won], cols[won], vals[won].relu(), pre.shape)
 
 
-def batch_threshold(pre: Tensor, n: int, k: int, split: Split = ALONE) -> Tensor:
+def batch_threshold(pre: Tensor, n: int, k: int, split: Partition = ALONE) -> Tensor:
     """The `n`-th largest entry of the whole batch's `pre` (over every rank's rows and latents).
 
     Each row offers its top `4k` candidates first; the n-th largest of candidates is at most the
@@ -238,20 +250,14 @@ def _jumprelu_threshold_grad(
     dz_w = pair_dots(r, c, g, p.W_dec)  # dL/dz at window entries, (n_window,)
     t_w = theta[c]
     # JumpReLU STE: dz * -(t / eps); L0 STE: dpenalty/dL0 * -(1 / eps) / B per entry.
-    if obj.target_l0 is None:
-        dpen_dl0 = obj.coefficient
-        penalty = obj.coefficient * l0
-    else:
-        ratio = l0 / obj.target_l0 - 1.0
-        dpen_dl0 = 2 * obj.coefficient * ratio / obj.target_l0
-        penalty = obj.coefficient * ratio**2
+    dpen_dl0, penalty = obj.l0_penalty_grad(l0), obj.l0_penalty(l0)
     per_entry = dz_w * (-t_w / eps) - dpen_dl0 / (eps * B)
     d_theta = torch.zeros_like(theta).index_add_(0, c, per_entry)
     p.threshold.grad = d_theta
     return penalty
 
 
-def _batch_topk(pre: Tensor, n: int, k: int, split: Split) -> Active:
+def _batch_topk(pre: Tensor, n: int, k: int, split: Partition) -> Active:
     """The `n = k * B` largest relu'd pre-activations of the whole batch, as entries of this rank."""
     keep = pre >= batch_threshold(pre, n, k, split)  # (B, m)
     rows, cols = keep.nonzero(as_tuple=True)  # row-major: CSR order
@@ -275,7 +281,7 @@ def _aux_k(
     residual: Tensor,
     dead: Tensor,
     obj: Objective,
-    split: Split = ALONE,
+    split: Partition = ALONE,
 ) -> float:
     """AuxK (Gao et al. 2024): dead latents learn to reconstruct what the live ones missed."""
     B = int(split.over_rows(torch.tensor(x.shape[0])))
@@ -298,63 +304,3 @@ def _aux_k(
     p.W_enc.grad += act.left_mul_t(dz, x).T
     p.b_enc.grad += act.col_sum(dz)
     return loss
-
-
-# ------------------------------------------------------------------ reference (autograd, dense)
-def _rect(u: Tensor) -> Tensor:
-    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
-
-
-class JumpReLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, pre, theta, eps):  # noqa: D102
-        ctx.save_for_backward(pre, theta)
-        ctx.eps = eps
-        return pre * (pre > theta)
-
-    @staticmethod
-    def backward(ctx, grad):  # noqa: D102
-        pre, theta = ctx.saved_tensors
-        d_pre = (pre > theta) * grad
-        d_theta = (-(theta / ctx.eps) * _rect((pre - theta) / ctx.eps) * grad).sum(0)
-        return d_pre, d_theta, None
-
-
-class Step(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, pre, theta, eps):  # noqa: D102
-        ctx.save_for_backward(pre, theta)
-        ctx.eps = eps
-        return (pre > theta).to(pre.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):  # noqa: D102
-        pre, theta = ctx.saved_tensors
-        d_theta = (-(1.0 / ctx.eps) * _rect((pre - theta) / ctx.eps) * grad).sum(0)
-        return torch.zeros_like(pre), d_theta, None
-
-
-def dense_loss(p: Params, x: Tensor, y: Tensor, obj: Objective) -> Tensor:
-    """The same objective as `forward_backward` (without AuxK) through autograd: the reference."""
-    pre = x @ p.W_enc + p.b_enc
-    if obj.architecture == "jumprelu":
-        theta = p.threshold
-        z = JumpReLU.apply(pre, theta, obj.bandwidth)
-        l0 = Step.apply(pre, theta, obj.bandwidth).sum(-1).mean()
-        if obj.target_l0 is None:
-            penalty = obj.coefficient * l0
-        else:
-            penalty = obj.coefficient * (l0 / obj.target_l0 - 1) ** 2
-    elif obj.architecture == "relu":
-        z = pre.relu()
-        penalty = obj.coefficient * z.sum(-1).mean()
-    elif obj.architecture == "topk":
-        vals, idx = pre.topk(obj.k, dim=-1)
-        z = torch.zeros_like(pre).scatter(-1, idx, vals.relu())
-        penalty = 0.0
-    else:
-        vals, pos = pre.reshape(-1).topk(obj.k * x.shape[0])
-        z = torch.zeros_like(pre).reshape(-1).scatter(0, pos, vals.relu()).reshape(pre.shape)
-        penalty = 0.0
-    y_hat = z @ p.W_dec + p.b_dec
-    return (y_hat - y).pow(2).sum(-1).mean() + penalty

@@ -35,18 +35,25 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from gemmascope.activations import Key, activation_stream, prefetch, site_dir
-from gemmascope.cache_files import check_file, read_manifest, shard_name
-from gemmascope.corpus import EVAL_FRACTION, Split, iter_documents, pack_sequences, special_ids
+from gemmascope.activations.files import check_file, read_manifest, shard_name
+from gemmascope.activations.stream import activation_stream, prefetch, site_dir
+from gemmascope.corpus import (
+    EVAL_FRACTION,
+    CorpusSplit,
+    iter_documents,
+    pack_sequences,
+    special_ids,
+)
+from gemmascope.models import SiteKey
 
-Batch = dict[Key, Tensor]
+Batch = dict[SiteKey, Tensor]
 
 
 class ActivationSource(Protocol):
     """What the trainer reads activations from (see the module docstring)."""
 
-    keys: tuple[Key, ...]
-    widths: dict[Key, int]
+    keys: tuple[SiteKey, ...]
+    widths: dict[SiteKey, int]
     batch_size: int
 
     def batches(self, start: int = 0) -> Iterator[Batch]: ...
@@ -79,7 +86,7 @@ class CachedActivations:
     def __init__(
         self,
         path: str | Path,
-        keys: Sequence[Key] | Key,
+        keys: Sequence[SiteKey] | SiteKey,
         *,
         batch_size: int = 4096,
         buffer_size: int = 1 << 19,
@@ -132,7 +139,7 @@ class CachedActivations:
                 f"not {model!r}; cache activations of {model!r} or train on {recorded['name']!r}"
             )
 
-    def _open(self, shard: dict[str, Any], key: Key, verify: bool) -> Any:
+    def _open(self, shard: dict[str, Any], key: SiteKey, verify: bool) -> Any:
         rel = f"{site_dir(key)}/{shard_name(shard['index'])}"
         path = self.path / rel
         problem = check_file(path, shard["files"][rel], sha=verify)
@@ -154,7 +161,7 @@ class CachedActivations:
             )
         return handle
 
-    def _read(self, key: Key, lo: int, hi: int) -> Tensor:
+    def _read(self, key: SiteKey, lo: int, hi: int) -> Tensor:
         """Vectors [lo, hi) of the stream, across shard boundaries: (hi - lo, W) in the cache dtype."""
         parts = []
         i = bisect.bisect_right(self._starts, lo) - 1
@@ -226,10 +233,10 @@ class ModelActivations:
         self,
         model: Any,
         tokenizer: Any,
-        keys: Sequence[Key] | Key,
+        keys: Sequence[SiteKey] | SiteKey,
         *,
         corpus: str = "default",
-        split: Split = "train",
+        split: CorpusSplit = "train",
         text_column: str = "text",
         eval_fraction: float = EVAL_FRACTION,
         context_size: int = 1024,

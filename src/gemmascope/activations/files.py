@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,20 +18,32 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from gemmascope.activations import (
-    FORMAT,
-    FORMAT_VERSION,
-    SHARD_BYTES,
-    CacheConfig,
-    Chunk,
-    Key,
-    config_dict,
-    corpus_identity,
-    disk_free,
-    model_identity,
-    site_dir,
-)
-from gemmascope.io.atomic import atomic_file, sha256_file, write_json
+from gemmascope.activations.config import CacheConfig, config_dict, corpus_identity, model_identity
+from gemmascope.activations.stream import Chunk, site_dir
+from gemmascope.common.files import atomic_file, read_versioned, sha256_file, write_json
+from gemmascope.models import SiteKey
+
+FORMAT = "gemmascope-activations"
+
+
+FORMAT_VERSION = 1
+
+
+SHARD_BYTES = 1 << 30
+"""Default shard size in bytes over all sites: at most this much work is redone after a kill."""
+
+
+TOKEN_BYTES = 24
+"""Disk per token for the token files (ids, sequence, position, and the sequences table)."""
+
+
+def disk_free(path: Path) -> int:
+    """Free bytes on the filesystem that holds `path` (or its nearest existing parent)."""
+    for p in [path, *path.parents]:
+        if p.exists():
+            return shutil.disk_usage(p).free
+    return shutil.disk_usage(".").free
+
 
 _SHARD = re.compile(r"shard-\d{5}\.safetensors")
 
@@ -43,22 +56,10 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     """Read `manifest.json` of the cache at `path` (the folder or the file), checking its format."""
     path = Path(path)
     file = path if path.suffix == ".json" else path / "manifest.json"
-    if not file.exists():
-        raise FileNotFoundError(
-            f"{file}: not found; is {file.parent} an activation cache written by `gemmascope cache`?"
-        )
-    try:
-        manifest = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(
-            f"{file}: not valid JSON ({err}); the cache is damaged, rerun the cache"
-        ) from None
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{file}: format {manifest.get('format')!r} version {manifest.get('format_version')!r}, "
-            f"expected {FORMAT!r} version {FORMAT_VERSION}; recreate it with `gemmascope cache`"
-        )
-    return manifest
+    return read_versioned(
+        file, FORMAT, FORMAT_VERSION, fix="recreate it with `gemmascope cache` in a new folder",
+        missing=f"is {file.parent} an activation cache written by `gemmascope cache`?",
+    )  # fmt: skip
 
 
 def open_manifest(
@@ -66,8 +67,8 @@ def open_manifest(
     model: Any,
     tokenizer: Any,
     info: Any,
-    keys: list[Key],
-    widths: dict[Key, int],
+    keys: list[SiteKey],
+    widths: dict[SiteKey, int],
     skip: list[int],
     bytes_per_token: int,
 ) -> dict[str, Any]:
@@ -198,7 +199,7 @@ def shard_writer(
     out: Path,
     manifest: dict[str, Any],
     stream: Iterator[Chunk],
-    widths: dict[Key, int],
+    widths: dict[SiteKey, int],
     dtype: torch.dtype,
     bar: Any,
     *,
@@ -256,7 +257,7 @@ def _finish_shard(
     out: Path,
     shard_tokens: int,
     k: int,
-    bufs: dict[Key, torch.Tensor],
+    bufs: dict[SiteKey, torch.Tensor],
     n: int,
     tok_parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     seqs: dict[int, Any],
@@ -339,7 +340,7 @@ def absorb_pending(out: Path, manifest: dict[str, Any], *, verify: bool) -> list
 def rank_shards(n_shards: int, done: set[int], index: int, count: int) -> list[range]:
     """The shards rank `index` of `count` writes: its share of those not done, as runs of
     consecutive indices (each run is one pass over the stream)."""
-    from gemmascope.distributed import shard_range
+    from gemmascope.common.distributed import shard_range
 
     todo = [k for k in range(n_shards) if k not in done]
     lo, hi = shard_range(len(todo), index, count)

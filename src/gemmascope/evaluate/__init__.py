@@ -1,0 +1,47 @@
+"""Evaluate SAEs on held-out tokens: reconstruction, sparsity, latent health and faithfulness.
+
+Conventions (Gemma Scope's where it had one):
+
+- Tokens are sequences packed from the corpus's `eval` split (`corpus.pack_sequences`). BOS, EOS and
+  pad positions ("special") are left out of every metric: the SAEs never see them, and splices and
+  ablations leave their activations clean, since Gemma Scope neither trained on nor spliced the BOS.
+- Next-token cross-entropy is averaged over the positions whose activation was replaced (token not
+  special) and whose label (the next token) exists and is not padding. The same positions are
+  scored clean, spliced, zero- and mean-ablated, so the losses compare like with like.
+- Logits are never materialised for a whole batch: the forward stops at the output embedding and
+  cross-entropy runs through it `ce_chunk` positions at a time (memory about 2 x ce_chunk x vocab x 4
+  bytes), with the model's final logit soft-capping where it has one.
+- One clean forward per batch serves every SAE (sites sharing a layer are read once); spliced and
+  ablated forwards resume from the spliced layer (`hooks.run_from`). Zero and mean ablation depend
+  only on the site, so they run once per distinct (layer, site), whatever the number of SAEs there.
+  The mean for mean ablation comes from a first pass that stops after the deepest site.
+
+Metrics, over the n evaluated tokens x (d wide), reconstructions x_hat and residuals r = x - x_hat:
+`mse` = sum ||r||^2 / (n d); `fvu` = sum ||r||^2 / sum ||x - mean x||^2; `explained_variance` =
+1 - sum ||r - mean r||^2 / sum ||x - mean x||^2 (sklearn's; unlike 1 - fvu it forgives a constant
+offset); `cosine` and `relative_norm` are token means of cos(x, x_hat) and ||x_hat|| / ||x||; `l0`
+is the mean count of non-zero latents per token. `delta_lm_loss` = ce_spliced - ce_clean;
+`frac_recovered` = (ce_zero - ce_spliced) / (ce_zero - ce_clean), `frac_recovered_mean` the same
+with ce_mean. `dead` latents are never active, `dense` ones on more than 10% of tokens; the density
+histogram counts live latents by log10 of the share of tokens they are active on.
+
+The modules: `config` (what an evaluation reads), `passes` (the forwards), `metrics` (running sums
+and the record of each SAE), `results` (the results file and the sources it names).
+"""
+
+from gemmascope.evaluate.config import EvalConfig
+from gemmascope.evaluate.metrics import DENSE_ABOVE, DENSITY_EDGES, token_losses
+from gemmascope.evaluate.passes import evaluate, evaluate_sequences
+from gemmascope.evaluate.results import expand_sources, read_results, write_results
+
+__all__ = [
+    "DENSE_ABOVE",
+    "DENSITY_EDGES",
+    "EvalConfig",
+    "evaluate",
+    "evaluate_sequences",
+    "expand_sources",
+    "read_results",
+    "token_losses",
+    "write_results",
+]

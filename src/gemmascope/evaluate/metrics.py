@@ -1,0 +1,145 @@
+"""Running sums over the evaluated tokens and the record of metrics each SAE gets (see the package
+docstring for the definitions)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gemmascope.models import SiteKey
+from gemmascope.sae import SAE
+
+DENSE_ABOVE = 0.1
+"""A latent active on more than this share of tokens counts as dense."""
+
+
+DENSITY_EDGES = [round(-10 + 0.25 * i, 2) for i in range(41)]
+"""Bin edges of the log10 feature-density histogram, fixed so histograms of any run compare."""
+
+
+L0_QUANTILES = {"p5": 0.05, "p25": 0.25, "p50": 0.5, "p75": 0.75, "p95": 0.95}
+
+
+def token_losses(model: nn.Module, hidden: Tensor, labels: Tensor, *, chunk: int = 512) -> Tensor:
+    """Next-token cross-entropy from final hidden states, `chunk` positions at a time.
+
+    Args:
+        model: the causal LM whose output embedding (and final logit soft-capping) to apply.
+        hidden: `[n, d_model]` final hidden states (after the final norm), as the head receives them.
+        labels: `[n]` target token ids.
+        chunk: positions per chunk; memory is about 2 x chunk x vocab x 4 bytes.
+    Returns:
+        `[n]` float32 losses in nats.
+    """
+    if chunk < 1:
+        raise ValueError(f"`chunk` must be at least 1, got {chunk}")
+    head = model.get_output_embeddings()
+    cap = getattr(model.config.get_text_config(decoder=True), "final_logit_softcapping", None)
+    out = torch.empty(len(labels), dtype=torch.float32, device=hidden.device)
+    for i in range(0, len(labels), chunk):
+        logits = F.linear(hidden[i : i + chunk], head.weight, head.bias).float()  # (c, vocab)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        out[i : i + chunk] = F.cross_entropy(logits, labels[i : i + chunk], reduction="none")
+    return out
+
+
+# ---------------------------------------------------------------- running sums
+@dataclass
+class Sums:
+    """Running sums of one SAE over the evaluated tokens (float64 where sums grow)."""
+
+    sum_x: Tensor  # (d,) float64
+    sum_r: Tensor  # (d,) float64, r = x - x_hat
+    fired: Tensor  # (d_sae,) int64 tokens on which each latent was active
+    l0: list[Tensor] = field(default_factory=list)  # per-token active counts
+    n: int = 0
+    sq_x: float = 0.0
+    sq_r: float = 0.0
+    cosine: float = 0.0
+    rel_norm: float = 0.0
+    ce: float = 0.0
+
+    @classmethod
+    def new(cls, d: int, d_sae: int) -> Sums:
+        z = torch.zeros(d, dtype=torch.float64)
+        return cls(sum_x=z, sum_r=z.clone(), fired=torch.zeros(d_sae, dtype=torch.int64))
+
+
+@dataclass
+class Totals:
+    """Everything accumulated over the batches, shared by every SAE."""
+
+    stats: list[Sums]
+    ablated: dict[tuple[SiteKey, str], float]  # ((layer, site), "zero" | "mean") -> sum of losses
+    ce_clean: float = 0.0
+    loss_tokens: int = 0
+
+
+def accumulate(st: Sums, x: Tensor, z: Tensor, x_hat: Tensor) -> None:
+    """Add one batch of `[n, d]` activations, `[n, d_sae]` latents and reconstructions."""
+    # float64: the centred sums below subtract large numbers, and means of the residual stream are large
+    x, x_hat = x.double(), x_hat.double()
+    r = x - x_hat
+    norm_x, norm_hat = x.norm(dim=-1), x_hat.norm(dim=-1)  # (n,)
+    active = z != 0  # (n, d_sae)
+    st.n += len(x)
+    st.sum_x += x.sum(0).cpu()
+    st.sum_r += r.sum(0).cpu()
+    st.sq_x += float(x.pow(2).sum())
+    st.sq_r += float(r.pow(2).sum())
+    st.cosine += float(F.cosine_similarity(x, x_hat, dim=-1, eps=1e-12).sum())
+    st.rel_norm += float((norm_hat / norm_x.clamp_min(1e-12)).sum())
+    st.fired += active.sum(0).cpu()
+    st.l0.append(active.sum(-1).to(torch.int32).cpu())
+
+
+def record(sae: SAE, key: SiteKey, st: Sums, run: Totals, model_name: str | None) -> dict[str, Any]:
+    c = sae.cfg
+    n, d = st.n, c.d_in
+    if n == 0:
+        raise ValueError(
+            "every evaluated position is a special token (BOS/EOS/pad); nothing to score"
+        )
+    mean_x = st.sum_x / n
+    tss = st.sq_x - n * float(mean_x.pow(2).sum())  # sum of ||x - mean(x)||^2
+    rss_centred = st.sq_r - float(st.sum_r.pow(2).sum()) / n
+    l0 = torch.cat(st.l0).double().numpy()
+    density = st.fired.double().numpy() / n
+    alive = density[density > 0]
+    hist, _ = np.histogram(np.log10(alive), bins=DENSITY_EDGES)
+    ce = {
+        "clean": run.ce_clean,
+        "spliced": st.ce,
+        **{k: run.ablated.get((key, k)) for k in ("zero", "mean")},
+    }
+    ce = {k: None if v is None else v / run.loss_tokens for k, v in ce.items()}
+    return {
+        "source": None, "sae_id": None, "model": model_name or c.model, "layer": c.layer,
+        "site": c.site, "width": c.d_sae, "d_in": d, "architecture": c.architecture, "k": c.k,
+        "dtype": c.dtype, "tokens": n, "loss_tokens": run.loss_tokens,
+        "l0": float(l0.mean()), "l0_std": float(l0.std()),
+        "l0_quantiles": {name: float(np.quantile(l0, q)) for name, q in L0_QUANTILES.items()},
+        "mse": st.sq_r / (n * d), "fvu": st.sq_r / tss if tss > 0 else None,
+        "explained_variance": 1 - rss_centred / tss if tss > 0 else None,
+        "cosine": st.cosine / n, "relative_norm": st.rel_norm / n,
+        "ce_clean": ce["clean"], "ce_spliced": ce["spliced"], "ce_zero": ce["zero"],
+        "ce_mean": ce["mean"], "delta_lm_loss": ce["spliced"] - ce["clean"],
+        "frac_recovered": _recovered(ce["zero"], ce["spliced"], ce["clean"]),
+        "frac_recovered_mean": _recovered(ce["mean"], ce["spliced"], ce["clean"]),
+        "dead": int((density == 0).sum()), "dense": int((density > DENSE_ABOVE).sum()),
+        "density_hist": {"log10_edges": DENSITY_EDGES, "counts": hist.tolist()},
+        "tokens_trained": c.tokens_trained,
+    }  # fmt: skip
+
+
+def _recovered(ablated: float | None, spliced: float, clean: float) -> float | None:
+    """(CE_ablated - CE_spliced) / (CE_ablated - CE_clean); None without the ablation."""
+    if ablated is None or ablated == clean:
+        return None
+    return (ablated - spliced) / (ablated - clean)

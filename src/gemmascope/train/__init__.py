@@ -1,0 +1,26 @@
+"""Training: many SAEs from one read of the activations, the Gemma Scope recipe on sparse kernels.
+
+`config` declares a run (the SAEs of a sweep and the hyper-parameters they share), `loop` runs it
+top to bottom, `state` holds each SAE's parameters, optimizer state, checkpoints and export; the
+math of a step is in `objectives` (losses and their gradients), `sparse` (kernels over the active
+latents), `dense` (the autograd path for GPUs) and `optim` (Adam with unit-norm decoder rows).
+"""
+
+from gemmascope.train.config import Grid, SAESpec, TrainConfig, expand_sweep, load_sweep
+from gemmascope.train.loop import Batches, tensor_batches, train
+from gemmascope.train.state import Norm, Run, estimate_norms, export
+
+__all__ = [
+    "Batches",
+    "Grid",
+    "Norm",
+    "Run",
+    "SAESpec",
+    "TrainConfig",
+    "estimate_norms",
+    "expand_sweep",
+    "export",
+    "load_sweep",
+    "tensor_batches",
+    "train",
+]

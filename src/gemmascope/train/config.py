@@ -1,0 +1,286 @@
+"""What a training run is: the SAEs of a sweep (`SAESpec`, a grid, a sweep file) and the
+hyper-parameters they share (`TrainConfig`, Gemma Scope's defaults)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from gemmascope.common.config import option
+from gemmascope.common.devices import check_device
+from gemmascope.common.units import Count, Width, parse_width
+from gemmascope.models import SiteKey, parse_layers
+from gemmascope.sae import Architecture
+
+
+@dataclass
+class SAESpec:
+    """One SAE of a sweep."""
+
+    layer: int
+    """Layer the SAE reads."""
+    site: str
+    """Site the SAE reads (and reconstructs, unless `target_site`)."""
+    width: int
+    """Latents."""
+    architecture: Architecture = "jumprelu"
+    """jumprelu, topk, batchtopk or relu."""
+    l0_coefficient: float | None = None
+    """lambda of the L0 penalty (jumprelu), the L1 penalty (relu) or the target-L0 penalty."""
+    target_l0: float | None = None
+    """jumprelu: aim for this L0 with a quadratic penalty instead of a fixed lambda."""
+    k: int | None = None
+    """topk/batchtopk: active latents per token."""
+    target_site: str | None = None
+    """Transcoder: reconstruct this site of the same layer (e.g. `mlp_out` from `resid_mid`)."""
+    aux_k: int = 0
+    """topk/batchtopk: dead latents used by the AuxK loss (0 = off)."""
+
+    def __post_init__(self) -> None:
+        where = f"SAE at layer {self.layer} {self.site} width {self.width}"
+        if self.architecture not in ("jumprelu", "topk", "batchtopk", "relu"):
+            raise ValueError(
+                f"{where}: unknown architecture {self.architecture!r}; "
+                "choose jumprelu, topk, batchtopk or relu"
+            )
+        if (
+            self.architecture == "jumprelu"
+            and self.l0_coefficient is None
+            and self.target_l0 is None
+        ):
+            raise ValueError(f"{where}: jumprelu needs `l0_coefficient` or `target_l0`")
+        if self.architecture in ("topk", "batchtopk") and not self.k:
+            raise ValueError(f"{where}: {self.architecture} needs `k`")
+        if self.architecture == "relu" and self.l0_coefficient is None:
+            raise ValueError(f"{where}: relu needs `l0_coefficient` (its L1 coefficient)")
+
+    @property
+    def source(self) -> SiteKey:
+        return (self.layer, self.site)
+
+    @property
+    def target(self) -> SiteKey:
+        return (self.layer, self.target_site or self.site)
+
+    @property
+    def name(self) -> str:
+        arch = self.architecture
+        if self.k:
+            sparsity = f"k{self.k}"
+        elif self.target_l0 is not None:
+            sparsity = f"l0_{self.target_l0:g}"
+        else:
+            sparsity = f"lambda{self.l0_coefficient:g}"
+        tc = f"_to_{self.target_site}" if self.target_site else ""
+        return f"layer_{self.layer}_{self.site}{tc}_w{self.width}_{arch}_{sparsity}"
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters shared by every SAE of a run. Defaults are Gemma Scope's (App. B)."""
+
+    tokens: Count = 2_000_000
+    """Activation vectors to train on, e.g. 2M (more than a cache holds loop over it in epochs)."""
+    batch_size: int = 4096
+    """Activation vectors per step."""
+    lr: float = 7e-5
+    """Adam learning rate (Gemma Scope's; short runs want more, e.g. 2e-3)."""
+    lr_warmup_steps: int = 1000
+    """Cosine warm-up from 0.1*lr; never longer than 5% of a short run."""
+    l0_warmup_steps: int = 10_000
+    """Linear warm-up of the sparsity coefficient from 0; never longer than 25% of a short run."""
+    beta1: float = 0.0
+    """Adam's first-moment decay (Gemma Scope: 0, no momentum)."""
+    beta2: float = 0.999
+    """Adam's second-moment decay."""
+    bandwidth: float = 0.001
+    """Width of the kernel of the JumpReLU straight-through estimator."""
+    threshold_init: float = 0.001
+    """JumpReLU threshold at init."""
+    encoder_init_scale: float = 1.0
+    """W_enc = scale * W_dec^T at init (0.1 suits short runs). The recipe's 1 starts with about half the latents firing and a
+    reconstruction ~m/(2d) times too large, which a long run forgets; 0.1 (like SAELens' 0.1 decoder
+    norm) makes the dense start a few steps long, which short runs need."""
+    center: bool = False
+    """Subtract each site's mean, estimated with C before training and folded into b_enc and
+    b_dec after it (encodings unchanged). Not in the recipe; Gemma 3's residual stream is mostly one
+    constant direction, which otherwise costs short runs dense latents and dead ones."""
+    standardize: bool = False
+    """Subtract each site's mean and divide each dimension by its standard deviation (floored at 1%
+    of the median), estimated before training and folded into the weights after it (encodings
+    unchanged). Not in the recipe: the loss then weighs every dimension alike instead of being
+    dominated by the few massive ones of Gemma's residual stream, which the model mostly normalises
+    away (see bench/sensitivity.py). Implies `center`."""
+    norm_batches: int = 8
+    """Batches used to estimate the input scale C with E||x/C||^2 = 1 before training."""
+    dead_tokens: int = 10_000_000
+    """A latent that has not fired in this many tokens counts as dead (capped at a quarter of the run)."""
+    matmul_dtype: Literal["float32", "bfloat16", "float16"] = option("float32", flags=("--dtype",))
+    """Dtype of the dense products (CPU: the encoder matmul; GPU: encoder and decoder); parameters,
+    thresholds and Adam states stay float32."""
+    device: str = "auto"
+    """cpu (sparse numba kernels), cuda, cuda:N, mps (torch path), or auto: this rank's GPU if any."""
+    parallel: Literal["data", "latents"] = "data"
+    """Under torchrun: split each batch's rows over the ranks (data), or each SAE's latents (latents:
+    for SAEs too wide for one device). Either way the result equals one process's."""
+    max_density: float = 0.02
+    """TopK/BatchTopK AuxK and logging: a latent firing on more than this share of tokens is dense."""
+    seed: int = 0
+    """Seed of SAE init and data order."""
+    log_every: int = 10
+    """Steps between lines of metrics.jsonl (and the progress bar's figures)."""
+    checkpoint_every: int = 200
+    """Steps between checkpoints: at most this much training is redone after a kill."""
+    dataset: str | None = option(None, cli=False)
+    """The corpus the activations came from, recorded in each SAE's config."""
+    context_size: int | None = option(None, cli=False)
+    """Tokens per sequence of those activations, recorded in each SAE's config."""
+    model: str | None = option(None, cli=False)
+    """The model the SAEs read, recorded in each SAE's config."""
+
+    def __post_init__(self) -> None:
+        if self.tokens < self.batch_size:
+            raise ValueError(
+                f"`tokens`={self.tokens} is less than one batch (`batch_size`={self.batch_size})"
+            )
+        check_device(self.device)
+        if self.matmul_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(
+                f"`matmul_dtype` {self.matmul_dtype!r}: choose float32, bfloat16 or float16"
+            )
+        if self.parallel not in ("data", "latents"):
+            raise ValueError(f"`parallel` {self.parallel!r}: choose data or latents")
+
+    @property
+    def steps(self) -> int:
+        return self.tokens // self.batch_size
+
+    def lr_at(self, step: int) -> float:
+        warm = min(self.lr_warmup_steps, max(1, self.steps // 20))
+        if step >= warm:
+            return self.lr
+        return self.lr * (0.1 + 0.9 * 0.5 * (1 - math.cos(math.pi * step / warm)))
+
+    def coefficient_at(self, step: int, final: float) -> float:
+        warm = min(self.l0_warmup_steps, max(1, self.steps // 4))
+        return final * min(1.0, step / warm)
+
+
+@dataclass
+class Grid:
+    """The SAEs of a sweep given by flags: sites x layers x widths x sparsities."""
+
+    layers: str = ""
+    """Layers of the grid: `6`, `0-17`, `3,6,9` (none: the SAEs of `--spec` alone)."""
+    sites: list[str] = dataclasses.field(default_factory=lambda: ["resid_post"])
+    """Sites of the grid."""
+    widths: list[Width] = dataclasses.field(default_factory=lambda: [16384])
+    """Widths of the grid, e.g. `4k,16k`."""
+    architecture: Architecture = "jumprelu"
+    """jumprelu, topk, batchtopk or relu."""
+    target_l0: list[float] = dataclasses.field(default_factory=list)
+    """Target L0s (jumprelu), e.g. `20,50`: one SAE each."""
+    l0_coefficient: list[float] = dataclasses.field(default_factory=list)
+    """Sparsity coefficients (lambda), e.g. `1e-3,3e-3`: one SAE each."""
+    k: list[int] = dataclasses.field(default_factory=list)
+    """k values (topk/batchtopk), e.g. `32,64`: one SAE each."""
+    target_site: str | None = None
+    """Train transcoders: reconstruct this site of the same layer."""
+
+    def specs(self, n_layers: int) -> list[SAESpec]:
+        """The grid's SAEs (none without `layers`)."""
+        if not self.layers:
+            return []
+        return expand_sweep(
+            parse_layers(self.layers, n_layers), self.sites, self.widths,
+            architecture=self.architecture, target_l0s=self.target_l0,
+            l0_coefficients=self.l0_coefficient, ks=self.k, target_site=self.target_site,
+        )  # fmt: skip
+
+
+def expand_sweep(
+    layers: Iterable[int],
+    sites: Iterable[str],
+    widths: Iterable[int],
+    *,
+    architecture: str = "jumprelu",
+    l0_coefficients: Iterable[float] = (),
+    target_l0s: Iterable[float] = (),
+    ks: Iterable[int] = (),
+    target_site: str | None = None,
+    aux_k: int = 0,
+) -> list[SAESpec]:
+    """The grid sites x layers x widths x sparsities as specs."""
+    sparsities = (
+        [{"l0_coefficient": c} for c in l0_coefficients]
+        + [{"target_l0": t} for t in target_l0s]
+        + [{"k": k} for k in ks]
+    )
+    if not sparsities:
+        raise ValueError("give at least one sparsity: l0 coefficients, target L0s or k values")
+    return [
+        SAESpec(
+            layer=layer,
+            site=site,
+            width=w,
+            architecture=architecture,
+            target_site=target_site,
+            aux_k=aux_k,
+            **sp,
+        )
+        for site in sites
+        for layer in layers
+        for w in widths
+        for sp in sparsities
+    ]
+
+
+def load_sweep(path: str | Path) -> tuple[list[SAESpec], dict, dict]:
+    """Read a sweep file (YAML or TOML): `saes` and/or a `sweep` grid, `train` options, and `source`.
+
+    Returns `(specs, train_options, source_options)`; the README's "Command line" shows the layout.
+    A file may hold no SAEs (only `train` options, say) when flags name them.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"no sweep file at {path}")
+    text = path.read_text()
+    if path.suffix == ".toml":
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10: the same parser, as a package
+            import tomli as tomllib
+
+        data = tomllib.loads(text)
+    else:
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    unknown = sorted(set(data) - {"saes", "sweep", "train", "source"})
+    if unknown:
+        raise ValueError(f"{path}: unknown sections {unknown}; expected saes, sweep, train, source")
+    specs = []
+    for i, s in enumerate(data.get("saes", [])):
+        try:
+            specs.append(SAESpec(**{**s, "width": parse_width(s.get("width", 0))}))
+        except TypeError as e:
+            raise ValueError(f"{path}: saes[{i}]: {e}") from None
+    if "sweep" in data:
+        g = dict(data["sweep"])
+        try:
+            specs += expand_sweep(
+                g.pop("layers"), g.pop("sites"), [parse_width(w) for w in g.pop("widths")], **g
+            )
+        except (KeyError, TypeError) as e:
+            raise ValueError(
+                f"{path}: sweep needs layers, sites, widths and a sparsity list ({e})"
+            ) from None
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    bad = sorted(set(data.get("train", {})) - fields)
+    if bad:
+        raise ValueError(f"{path}: unknown train options {bad}; valid: {sorted(fields)}")
+    return specs, dict(data.get("train", {})), dict(data.get("source", {}))

@@ -1,0 +1,284 @@
+"""The state of each SAE while it trains: parameters, Adam, input normalisation, placement on the
+ranks, checkpoints, and the export that folds the normalisation back into the weights."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from gemmascope.common import distributed
+from gemmascope.common.distributed import Partition
+from gemmascope.common.files import atomic_dir, write_json
+from gemmascope.models import SiteKey
+from gemmascope.sae import SAE, SAEConfig
+from gemmascope.train.config import SAESpec, TrainConfig
+from gemmascope.train.objectives import Objective, Params
+from gemmascope.train.optim import adam_step
+
+
+@dataclass
+class Run:
+    """The training state of one SAE."""
+
+    spec: SAESpec
+    params: Params
+    objective: Objective
+    adam_v: dict[str, Tensor]
+    last_fired: Tensor  # (m,) token count when each latent last fired
+    batchtopk_threshold: float = 0.0
+    sums: dict[str, float] = field(default_factory=dict)
+
+
+def adam_update(run: Run, lr: float, cfg: TrainConfig, step: int) -> None:
+    """Adam with beta1 = 0 by default (Gemma Scope); decoder rows stay unit-norm (see `optim`)."""
+    p = run.params
+    for name, q in p.named_parameters():
+        m = run.adam_v.setdefault(f"{name}.m", torch.zeros_like(q)) if cfg.beta1 > 0 else None
+        adam_step(q, run.adam_v[name], m, lr=lr, beta1=cfg.beta1, beta2=cfg.beta2, step=step,
+                  unit_rows=q is p.W_dec)  # fmt: skip
+    p.threshold.data.clamp_(min=0.0)
+
+
+def new_run(spec: SAESpec, d_in: int, cfg: TrainConfig, index: int) -> Run:
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + index)
+    params = Params(d_in, spec.width, cfg.threshold_init, gen, cfg.encoder_init_scale)
+    objective = Objective(
+        architecture=spec.architecture,
+        target_l0=spec.target_l0,
+        k=spec.k,
+        bandwidth=cfg.bandwidth,
+        aux_k=spec.aux_k,
+        max_density=cfg.max_density,
+        matmul_dtype=getattr(torch, cfg.matmul_dtype),
+    )
+    adam_v = {n: torch.zeros_like(q) for n, q in params.named_parameters()}
+    return Run(spec, params, objective, adam_v, torch.zeros(spec.width, dtype=torch.int64))
+
+
+@dataclass
+class Norm:
+    """How one site's activations are normalised for training: x_n = (x - mean) / (scale * dims)."""
+
+    mean: Tensor
+    scale: float
+    dims: Tensor | None = None
+    """Per-dimension divisor with root mean square 1 (`standardize`), or None."""
+
+    def divisor(self) -> Tensor:
+        """`[d]`: what each dimension is divided by after the mean is subtracted."""
+        ones = torch.ones_like(self.mean)
+        return self.scale * (ones if self.dims is None else self.dims.to(self.mean.device))
+
+    def __call__(self, x: Tensor) -> Tensor:
+        x = x.float() - self.mean.to(x.device)
+        if self.dims is not None:
+            x = x / self.dims.to(x.device)
+        return x / self.scale
+
+
+def estimate_norms(
+    first: list[dict[SiteKey, Tensor]], center: bool, standardize: bool = False
+) -> dict[SiteKey, Norm]:
+    """Per site: the mean (zero unless `center` or `standardize`), the per-dimension divisors
+    (`standardize`) and C such that E||x_n||^2 = 1."""
+    norms = {}
+    for k in first[0]:
+        x = torch.cat([b[k].float() for b in first])
+        mean = x.mean(0) if center or standardize else torch.zeros(x.shape[-1])
+        dims = None
+        if standardize:
+            std = (x - mean).pow(2).mean(0).sqrt()
+            std = std.clamp_min(0.01 * float(std.median()) + 1e-12)
+            dims = std / std.pow(2).mean().sqrt()
+        centred = (x - mean) if dims is None else (x - mean) / dims
+        norms[k] = Norm(mean, float(centred.pow(2).sum(-1).mean().sqrt()), dims)
+    return norms
+
+
+def partition_of(cfg: TrainConfig, specs: list[SAESpec]) -> Partition:
+    """How this run's steps are shared among the ranks (none without torchrun)."""
+    world = distributed.world_size()
+    if world == 1:
+        return Partition()
+    if cfg.parallel == "data":
+        return Partition(rows=True)
+    for s in specs:
+        if s.k and s.width // world < s.k:
+            raise ValueError(
+                f"{s.name}: {world} ranks leave {s.width // world} latents each, fewer than k; "
+                "use fewer ranks or `parallel` data"
+            )
+    return Partition(latents=True)
+
+
+# Which dimension of each parameter indexes latents; b_dec has none: every rank holds all of it.
+_LATENT_DIM = {"W_enc": 1, "W_dec": 0, "b_enc": 0, "threshold": 0, "last_fired": 0}
+
+
+def place(run: Run, split: Partition, device: torch.device) -> None:
+    """Move a full-width run to `device`, keeping only this rank's latents when they are split."""
+    lo, hi = distributed.shard_range(run.spec.width) if split.latents else (0, run.spec.width)
+
+    def take(name: str, t: Tensor) -> Tensor:
+        dim = _LATENT_DIM.get(name.split(".")[0])
+        if dim is not None:
+            t = t.narrow(dim, lo, hi - lo)
+        if name.startswith("W_enc"):  # one latent per row of memory, as its gradient is made
+            return t.T.contiguous().T.to(device)
+        return t.contiguous().to(device)
+
+    with torch.no_grad():
+        for n, q in run.params.named_parameters():
+            q.data = take(n, q.data)
+    run.adam_v = {n: take(n, v) for n, v in run.adam_v.items()}
+    run.last_fired = take("last_fired", run.last_fired)
+
+
+def full_state(run: Run, split: Partition) -> dict[str, Tensor]:
+    """Parameters, Adam state and counters at full width on the CPU, on rank 0 (empty elsewhere).
+
+    Every rank must call it: with latents split, rank 0 gathers the slices one tensor at a time.
+    """
+    state = {f"params.{n}": q.detach() for n, q in run.params.named_parameters()}
+    state.update({f"adam.{n}": v for n, v in run.adam_v.items()})
+    state["last_fired"] = run.last_fired
+    full = {}
+    for key, t in state.items():
+        dim = _LATENT_DIM.get(key.split(".")[-2] if key.endswith(".m") else key.split(".")[-1])
+        if split.latents and dim is not None:
+            t = distributed.gather_cat(t.contiguous(), dim)
+        if t is not None:
+            full[key] = t.cpu().contiguous()
+    return full if distributed.is_main() else {}
+
+
+def unplace(run: Run, split: Partition) -> None:
+    """Bring a run back to the CPU at full width on rank 0 (for export)."""
+    state = full_state(run, split)
+    if not state:
+        return
+    with torch.no_grad():
+        for n, q in run.params.named_parameters():
+            q.data = state[f"params.{n}"]
+    run.adam_v = {k[len("adam.") :]: v for k, v in state.items() if k.startswith("adam.")}
+    run.last_fired = state["last_fired"]
+
+
+def export(run: Run, norms: dict[SiteKey, Norm], cfg: TrainConfig) -> SAE:
+    """Fold the input normalisation into the weights so the SAE takes raw activations (encodings
+    unchanged): with s = C * dims, pre = ((x - mu) / s) W + b = x (W / s) + (b - (mu / s) W)."""
+    spec, p = run.spec, run.params
+    (mu_in, c_in), (mu_out, c_out) = (
+        (norms[k].mean, norms[k].divisor()) for k in (spec.source, spec.target)
+    )
+    d_in = p.W_enc.shape[0]
+    sae_cfg = SAEConfig(
+        architecture=spec.architecture,
+        d_in=d_in,
+        d_sae=spec.width,
+        k=spec.k,
+        model=cfg.model,
+        layer=spec.layer,
+        site=spec.site,
+        dataset=cfg.dataset,
+        context_size=cfg.context_size,
+        tokens_trained=cfg.steps * cfg.batch_size,
+        extra={
+            "trainer": "gemmascope",
+            "spec": dataclasses.asdict(spec),
+            "train_config": dataclasses.asdict(cfg),
+            "input_scale_folded": norms[spec.source].scale,
+            **(
+                {"target_site": spec.target_site, "target_scale_folded": norms[spec.target].scale}
+                if spec.target_site
+                else {}
+            ),
+        },
+    )
+    with torch.no_grad():
+        threshold = p.threshold.clone()
+        if spec.architecture == "batchtopk":
+            threshold = torch.full_like(threshold, run.batchtopk_threshold)
+        arrays = {
+            "W_enc": p.W_enc / c_in[:, None],
+            "W_dec": p.W_dec * c_out,
+            "b_enc": p.b_enc - (mu_in / c_in) @ p.W_enc,
+            "b_dec": p.b_dec * c_out + mu_out,
+            "threshold": threshold,
+        }
+    return SAE.from_arrays(sae_cfg, arrays, source=spec.name).eval()
+
+
+def write_run_config(out: Path, specs: list[SAESpec], cfg: TrainConfig) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(
+        out / "train_config.json",
+        {"train": dataclasses.asdict(cfg), "saes": [dataclasses.asdict(s) for s in specs]},
+    )
+
+
+def save_checkpoint(
+    ckpt: Path,
+    runs: list[Run],
+    norms: dict[SiteKey, Norm],
+    step: int,
+    split: Partition = Partition(),  # noqa: B008 - frozen
+) -> None:
+    """Weights, optimizer state and counters of every SAE at full width, written once (rank 0) as
+    one atomic folder, so a run resumes on any number of ranks."""
+    tensors: dict[str, Tensor] = {}
+    extra = {}
+    for i, run in enumerate(runs):
+        for key, t in full_state(run, split).items():
+            tensors[f"{i}.{key}"] = t
+        extra[run.spec.name] = {"index": i, "batchtopk_threshold": run.batchtopk_threshold}
+    tensors.update({f"mean.{k[0]}.{k[1]}": n.mean.contiguous() for k, n in norms.items()})
+    tensors.update(
+        {f"dims.{k[0]}.{k[1]}": n.dims.contiguous() for k, n in norms.items() if n.dims is not None}
+    )
+    if not distributed.is_main():
+        return
+    with atomic_dir(ckpt) as tmp:
+        save_file(tensors, tmp / "state.safetensors")
+        state = {
+            "step": step,
+            "scales": [[k[0], k[1], n.scale] for k, n in norms.items()],
+            "runs": extra,
+        }
+        (tmp / "state.json").write_text(json.dumps(state, indent=2))
+
+
+def load_checkpoint(ckpt: Path, specs: list[SAESpec], cfg: TrainConfig):
+    state = json.loads((ckpt / "state.json").read_text())
+    tensors = load_file(ckpt / "state.safetensors")
+    norms = {
+        (layer, site): Norm(tensors[f"mean.{layer}.{site}"], c, tensors.get(f"dims.{layer}.{site}"))
+        for layer, site, c in state["scales"]
+    }
+    missing = [s.name for s in specs if s.name not in state["runs"]]
+    if missing:
+        raise ValueError(
+            f"{ckpt}: the checkpoint has no state for {missing}; resume with the same sweep"
+        )
+    runs = []
+    for s in specs:
+        info = state["runs"][s.name]
+        i = info["index"]
+        d_in = tensors[f"{i}.params.W_enc"].shape[0]
+        run = new_run(s, d_in, cfg, i)
+        with torch.no_grad():
+            for n, q in run.params.named_parameters():
+                q.copy_(tensors[f"{i}.params.{n}"])
+        run.adam_v = {
+            k.split(".", 2)[2]: v.clone() for k, v in tensors.items() if k.startswith(f"{i}.adam.")
+        }
+        run.last_fired = tensors[f"{i}.last_fired"].clone()
+        run.batchtopk_threshold = info["batchtopk_threshold"]
+        runs.append(run)
+    return state["step"], norms, runs
