@@ -11,16 +11,31 @@ from fastapi.testclient import TestClient
 from test_index import D_SAE, SCRIPT, build, index_config, make_assets
 
 import gemmascope
-from gemmascope.explore.app import MAX_BODY, MAX_NEW_TOKENS, create_app
+from gemmascope.explore.app import CSP, MAX_BODY, MAX_NEW_TOKENS, create_app
 from gemmascope.explore.live import MAX_TOKENS
+from gemmascope.explore.store import IndexDB
+
+LOCAL = "http://127.0.0.1"
+"""Base URL of the test clients: the explorer only answers requests addressed to this machine."""
+HUGE = "99999999999999999999999999"
+SECURITY_HEADERS = {
+    "content-security-policy": CSP,
+    "x-content-type-options": "nosniff",
+    "x-frame-options": "DENY",
+    "referrer-policy": "no-referrer",
+}
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory: pytest.TempPathFactory) -> TestClient:
-    """An explorer that loads the model and SAE lazily from the folders its index names."""
+def index_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assets = make_assets(tmp_path_factory.mktemp("explore-api"))
-    out = build(assets, index_config(assets, assets["dir"] / "index.sqlite"))
-    return TestClient(create_app(out))
+    return build(assets, index_config(assets, assets["dir"] / "index.sqlite"))
+
+
+@pytest.fixture(scope="module")
+def client(index_file: Path) -> TestClient:
+    """An explorer that loads the model and SAE lazily from the folders its index names."""
+    return TestClient(create_app(index_file), base_url=LOCAL)
 
 
 def script_feature(client: TestClient) -> dict[str, Any]:
@@ -176,6 +191,119 @@ def test_create_app_rejects_a_non_index(tmp_path: Path) -> None:
         create_app(tmp_path / "junk.sqlite")
 
 
+def assert_security_headers(r: Any) -> None:
+    assert {k: r.headers.get(k) for k in SECURITY_HEADERS} == SECURITY_HEADERS, (
+        r.status_code,
+        r.headers,
+    )
+
+
+@pytest.mark.parametrize(
+    "url",
+    [f"/api/features?q={HUGE}", f"/api/features?q=%23{HUGE}", f"/api/features?q={D_SAE}",
+     f"/?q={HUGE}", f"/?q=%23{D_SAE}", f"/steer?feature={D_SAE}", f"/steer?feature={HUGE}"],
+)  # fmt: skip
+def test_a_number_out_of_range_in_a_query_is_422(client: TestClient, url: str) -> None:
+    r = client.get(url)
+    assert r.status_code == 422, r.text
+    assert f"features 0..{D_SAE - 1}" in r.text
+    assert_security_headers(r)
+
+
+@pytest.mark.parametrize("q", ["²", "٣", "#٣", "1²"])
+def test_a_query_of_unicode_digits_is_a_text_search(client: TestClient, q: str) -> None:
+    r = client.get("/api/features", params={"q": q})
+    assert r.status_code == 200, r.text
+    assert r.json()["total"] == 0  # no logit-lens token holds these characters
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["evil.example", "evil.example:8000", "127.0.0.1.evil.example", "localhost.evil.example:80",
+     "127.0.0.1:8000@evil.example", "127.0.0.1:x", "[::2]:8000", "[::1", "[::1]x", ""],
+)  # fmt: skip
+def test_a_foreign_host_header_is_400(client: TestClient, host: str) -> None:
+    r = client.get("/api/meta", headers={"host": host})
+    assert r.status_code == 400, r.text
+    detail = r.json()["detail"]
+    assert repr(host) in detail and "--host" in detail and "127.0.0.1" in detail
+    assert_security_headers(r)
+
+
+@pytest.fixture(scope="module")
+def lan_client(index_file: Path) -> TestClient:
+    """An explorer also serving the name `box.lan`, as `gemmascope explore --host box.lan` makes it."""
+    return TestClient(create_app(index_file, hosts=("127.0.0.1", "localhost", "::1", "box.lan")))
+
+
+@pytest.mark.parametrize(
+    "host", ["127.0.0.1:8000", "127.0.0.1", "localhost", "LocalHost:8000", "localhost.", "[::1]:8000",
+             "[::1]", "box.lan", "BOX.LAN:8080"]
+)  # fmt: skip
+def test_allowed_hosts_are_served(lan_client: TestClient, host: str) -> None:
+    r = lan_client.get("/api/meta", headers={"host": host})
+    assert r.status_code == 200, r.text
+    assert r.json()["n_features"] == D_SAE
+    assert_security_headers(r)
+
+
+def test_the_default_hosts_leave_out_other_names(lan_client: TestClient, index_file: Path) -> None:
+    assert lan_client.get("/api/meta", headers={"host": "evil.example"}).status_code == 400
+    plain = TestClient(create_app(index_file))  # host `testserver`: not this machine's name
+    r = plain.get("/api/meta", headers={"host": "box.lan"})
+    assert r.status_code == 400 and "box.lan" in r.json()["detail"]
+
+
+def _raise(*args: Any, **kwargs: Any) -> Any:
+    raise RuntimeError("forced failure")
+
+
+ERRORS: dict[str, tuple[int, Any]] = {
+    "404 api": (404, lambda c: c.get(f"/api/features/{D_SAE}")),
+    "404 page": (404, lambda c: c.get(f"/features/{D_SAE}")),
+    "404 route": (404, lambda c: c.get("/nope")),
+    "405": (405, lambda c: c.put("/api/meta")),
+    "413 declared": (413, lambda c: c.post("/api/fires", content=b"x" * (MAX_BODY + 1))),
+    "413 streamed": (413, lambda c: c.post("/api/fires", content=(b"x" * 1024 for _ in range(80)))),
+    "422": (422, lambda c: c.get("/api/features?sort=nope")),
+    "400": (400, lambda c: c.get("/", headers={"host": "evil.example"})),
+}
+
+
+@pytest.mark.parametrize("case", ERRORS)
+def test_errors_carry_the_security_headers(client: TestClient, case: str) -> None:
+    status, call = ERRORS[case]
+    r = call(client)
+    assert r.status_code == status, r.text
+    assert_security_headers(r)
+
+
+@pytest.mark.parametrize("url", ["/api/features/3", "/features/3", "/api/features", "/"])
+def test_an_unhandled_error_is_a_json_500_with_the_headers(
+    index_file: Path, monkeypatch: pytest.MonkeyPatch, url: str
+) -> None:
+    monkeypatch.setattr(IndexDB, "feature", _raise)
+    monkeypatch.setattr(IndexDB, "list_features", _raise)
+    client = TestClient(create_app(index_file), base_url=LOCAL, raise_server_exceptions=False)
+    r = client.get(url)
+    assert r.status_code == 500
+    assert "internal error" in r.json()["detail"] and "forced" not in r.text
+    assert_security_headers(r)
+
+
+@pytest.mark.parametrize(
+    "url", ["/", "/?q=w12", "/features/3", "/fires", "/steer?feature=3", "/api/meta",
+            "/api/features", "/api/features/3", "/static/style.css", "/static/explore.js"]
+)  # fmt: skip
+def test_head_works_where_get_does(client: TestClient, url: str) -> None:
+    get, head = client.get(url), client.head(url)
+    assert head.status_code == get.status_code == 200, head.text
+    assert head.content == b""
+    assert head.headers["content-type"] == get.headers["content-type"]
+    assert head.headers["content-length"] == str(len(get.content))
+    assert_security_headers(head)
+
+
 @pytest.mark.slow
 def test_real_gemma_index_lens_and_explorer(tmp_path: Path) -> None:
     """Gemma 3 270M: the lens applies the final RMSNorm's (1 + w); fires and steering run lazily."""
@@ -198,7 +326,7 @@ def test_real_gemma_index_lens_and_explorer(tmp_path: Path) -> None:
     with torch.no_grad():
         norm = model.model.norm
         direct = model.lm_head(norm(w_dec[:8]))  # the model's own norm also divides by the RMS
-    client = TestClient(create_app(index.out))
+    client = TestClient(create_app(index.out), base_url=LOCAL)
     for fid in range(8):
         lens = client.get(f"/api/features/{fid}").json()["logit_lens"]["top"]
         assert [t["id"] for t in lens] == direct[fid].topk(10).indices.tolist()

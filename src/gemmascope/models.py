@@ -98,6 +98,52 @@ def model_info(model: nn.Module) -> ModelInfo:
     )
 
 
+def max_context(model: nn.Module) -> int | None:
+    """The longest sequence the model was built for (`max_position_embeddings`, `n_positions`)."""
+    text = model.config.get_text_config(decoder=True)
+    for name in ("max_position_embeddings", "n_positions"):
+        if getattr(text, name, None):
+            return int(getattr(text, name))
+    return None
+
+
+def available_memory() -> int:
+    """Bytes of memory this process can still use (MemAvailable), or a large number if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
+def check_forward(model: nn.Module, batch_size: int, context_size: int) -> None:
+    """Refuse, before the first forward, sequences longer than the model takes, or a batch whose
+    forward cannot fit in memory (the attention scores of one layer, B x heads x T^2 floats, and the
+    activations of a few layers); say which option to lower."""
+    longest = max_context(model)
+    if longest is not None and context_size > longest:
+        raise ValueError(
+            f"--context-size {context_size:,} is more than the {longest:,} tokens this model takes "
+            "(its max_position_embeddings); use at most that"
+        )
+    info = model_info(model)
+    param = next(model.parameters())
+    item = param.element_size()
+    scores = batch_size * info.n_heads * context_size**2 * 4  # float32 softmax
+    hidden = 8 * batch_size * context_size * max(info.d_model, info.n_heads * info.head_dim) * item
+    need, have = scores + hidden, available_memory()
+    if param.device.type == "cpu" and need > 0.8 * have:
+        raise ValueError(
+            f"a forward of --batch-size {batch_size} sequences of --context-size {context_size:,} "
+            f"tokens needs about {need / 2**30:,.1f} GiB (attention scores alone "
+            f"{scores / 2**30:,.1f} GiB) but {have / 2**30:,.1f} GiB is free; lower --batch-size "
+            "or --context-size"
+        )
+
+
 def parse_layers(spec: str, n_layers: int) -> list[int]:
     """Parse a layer selection: `all`, `0-17`, `3,5,7` or `2-4,9` (ranges inclusive).
 

@@ -10,6 +10,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from gemmascope.common.config import check, option
+
 Architecture = Literal["jumprelu", "topk", "batchtopk", "relu"]
 ARCHITECTURES: tuple[str, ...] = ("jumprelu", "topk", "batchtopk", "relu")
 DTYPES: dict[str, torch.dtype] = {
@@ -34,22 +36,22 @@ class SAEConfig:
 
     architecture: Architecture
     """Activation rule: `jumprelu` (Gemma Scope), `topk`, `batchtopk` or `relu` (trained with L1)."""
-    d_in: int
+    d_in: int = option(ge=1)
     """Width of the activations the SAE reads (d_model for residual sites)."""
-    d_sae: int
+    d_sae: int = option(ge=1)
     """Number of latents."""
-    k: int | None = None
+    k: int | None = option(None, ge=1)
     """Active latents per token for `topk` and `batchtopk` (mean over the batch for the latter)."""
     dtype: str = "float32"
     """Dtype of the weights; inputs are cast to it."""
     apply_b_dec_to_input: bool = False
     """Subtract `b_dec` from the input before encoding. Gemma Scope does not; SAELens and sparsify may."""
-    input_scale: float = 1.0
+    input_scale: float = option(1.0, gt=0)
     """Activations are divided by this before encoding and the reconstruction multiplied by it again.
     1.0 once a training-time normalisation has been folded into the weights."""
     model: str | None = None
     """The model the SAE was trained on, e.g. `google/gemma-2-2b` or `gemma-3-270m`."""
-    layer: int | None = None
+    layer: int | None = option(None, ge=0)
     """Layer index of the site."""
     site: str | None = None
     """Site within the layer: `resid_pre`, `resid_post`, `mlp_out`, `attn_out`, `attn_z`."""
@@ -65,6 +67,7 @@ class SAEConfig:
     """Free-form metadata carried along (training hyper-parameters, source format, ...)."""
 
     def __post_init__(self) -> None:
+        check(self)
         if self.architecture not in ARCHITECTURES:
             raise ValueError(
                 f"unknown `architecture` {self.architecture!r}; choose one of {list(ARCHITECTURES)}"
@@ -212,10 +215,15 @@ class SAE(nn.Module):
         }
 
     @classmethod
-    def from_arrays(cls, cfg: SAEConfig, arrays: dict[str, Any], *, source: str = "arrays") -> SAE:
+    def from_arrays(
+        cls, cfg: SAEConfig, arrays: dict[str, Any], *, source: str = "arrays",
+        allow_nonfinite: bool = False,
+    ) -> SAE:  # fmt: skip
         """Build an SAE from arrays named as Gemma Scope names them; `threshold` may be absent.
 
-        Raises a ValueError naming `source` and the array when one is missing or misshapen.
+        Raises a ValueError naming `source` and the array when one is missing or misshapen, or holds
+        a NaN or an infinity (unless `allow_nonfinite`: such an SAE encodes to NaN, but may be
+        worth opening to see what went wrong).
         """
         sae = cls(cfg)
         d, m = cfg.d_in, cfg.d_sae
@@ -239,6 +247,13 @@ class SAE(nn.Module):
                 raise ValueError(
                     f"{source}: array {name!r} has shape {tuple(t.shape)}, expected {shape} "
                     f"for d_in={d}, d_sae={m}"
+                )
+            bad = int((~torch.isfinite(t)).sum()) if t.is_floating_point() else 0
+            if bad and not allow_nonfinite:
+                raise ValueError(
+                    f"{source}: array {name!r} holds {bad} non-finite value(s) (NaN or inf), so the "
+                    "SAE would compute NaNs; it was saved broken. To open it anyway, "
+                    "load(..., allow_nonfinite=True)"
                 )
             with torch.no_grad():
                 getattr(sae, name).copy_(t.to(sae.dtype))

@@ -65,6 +65,7 @@ def build_cache(
     ]
     for layer, site in keys:
         models.check_site(model, layer, site)
+    models.check_forward(model, cfg.batch_size, cfg.context_size)
     widths = {key: info.site_width(key[1]) for key in keys}
     skip = [] if cfg.keep_special else special_ids(tokenizer)
     if distributed.active():

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from gemmascope.common.config import flat, option
+from gemmascope.common.config import check, flat, option
 from gemmascope.common.devices import check_device
 from gemmascope.common.units import Count
 from gemmascope.corpus import EVAL_FRACTION, fingerprint
@@ -24,7 +24,7 @@ class CacheConfig:
     """Layer spec, e.g. `0-17`, `3,6,9` or `all`."""
     sites: list[str] = option(default_factory=lambda: ["resid_post"])
     """Sites within each layer: resid_pre, resid_post, mlp_out, attn_out, attn_z."""
-    tokens: Count = 1_000_000
+    tokens: Count = option(1_000_000, ge=1)
     """Activation vectors to cache per (layer, site): exactly this many collected positions."""
     corpus: str = "default"
     """`default`, a .txt/.jsonl/.parquet file, folder or glob, or a Hugging Face dataset name."""
@@ -32,17 +32,17 @@ class CacheConfig:
     """Text field of .jsonl/.parquet/Hugging Face rows."""
     split: Literal["train", "eval"] = "train"
     """`train` or the held-out `eval` documents (by hash, see `corpus.in_eval_split`)."""
-    eval_fraction: float = EVAL_FRACTION
+    eval_fraction: float = option(EVAL_FRACTION, ge=0, lt=1)
     """Share of documents held out for evaluation."""
-    context_size: int = 1024
+    context_size: int = option(1024, ge=2)
     """Tokens per sequence, BOS included (Gemma Scope: 1024)."""
-    batch_size: int = 8
+    batch_size: int = option(8, ge=1)
     """Sequences per forward."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Storage dtype: `float32`, `bfloat16` or `float16`."""
     keep_special: bool = False
     """Also collect BOS, EOS and padding positions (Gemma Scope did not)."""
-    shard_tokens: int | None = None
+    shard_tokens: int | None = option(None, ge=1)
     """Tokens per shard; None picks about 1 GiB per shard over all sites."""
     device: str = "auto"
     """Where the model runs: cpu, cuda, cuda:N, mps, or auto (this rank's GPU if there is one)."""
@@ -50,6 +50,7 @@ class CacheConfig:
     """On resume, check the sha256 of every existing shard, not only its size."""
 
     def __post_init__(self) -> None:
+        check(self)
         self.out = Path(self.out)
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"`dtype` {self.dtype!r}: choose float32, bfloat16 or float16")

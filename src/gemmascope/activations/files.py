@@ -178,11 +178,12 @@ def orphan_cleanup(out: Path, manifest: dict[str, Any], pending: list[dict[str, 
 def check_disk(out: Path, need: int, tokens: int, bytes_per_token: int) -> None:
     """Refuse to start when the cache will not fit on its filesystem."""
     free = disk_free(out)
-    margin = 64 << 20
+    margin = 64 << 20  # the manifest, the token files' tables, and room for the rest of the system
     if need + margin > free:
         raise RuntimeError(
             f"cache {out}: needs about {_fmt(need)} more ({tokens:,} tokens x {bytes_per_token:,} "
-            f"bytes) but only {_fmt(free)} is free there; ask for fewer --tokens, hook fewer "
+            f"bytes, plus {_fmt(margin)} kept free) but only {_fmt(free)} is free there; ask for "
+            "fewer --tokens, hook fewer "
             "--layers/--sites, store --dtype bfloat16, or choose another --out"
         )
 

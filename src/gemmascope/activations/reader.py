@@ -78,7 +78,8 @@ class CachedActivations:
         dtype: dtype of the batches (float32 by default, whatever the cache stores).
         device: where batches go.
         model: if given, the model name (or the folder it was loaded from) the cache must come from.
-        verify: also check every shard file's sha256 on open, not only its size (reads it all).
+        verify: check each shard file's sha256 on open, not only its size: flipped bytes are
+            caught before they train (it reads the shards once; `bench/verify.py` prints the cost).
         partial: read an unfinished cache (a run that was stopped) instead of refusing it.
         prefetch: buffers loaded ahead by the background thread (0: no thread).
     """
@@ -96,7 +97,7 @@ class CachedActivations:
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         model: str | None = None,
-        verify: bool = False,
+        verify: bool = True,
         partial: bool = False,
         prefetch: int = 1,
     ) -> None:
@@ -169,7 +170,10 @@ class CachedActivations:
             start = self._starts[i]
             end = start + self.manifest["shards"][i]["tokens"]
             take = min(hi, end)
-            parts.append(self._files[key][i].get_slice("activations")[lo - start : take - start])
+            part = self._files[key][i].get_slice("activations")[lo - start : take - start]
+            where = f"{self.path / site_dir(key) / shard_name(self.manifest['shards'][i]['index'])}"
+            finite_rows(part, lambda r, s=start, w=where, o=lo: f"{w}: row {o - s + r}")
+            parts.append(part)
             lo, i = take, i + 1
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
@@ -248,13 +252,14 @@ class ModelActivations:
         keep_special: bool = False,
         prefetch: int = 1,
     ) -> None:
-        from gemmascope.models import check_site, model_info
+        from gemmascope.models import check_forward, check_site, model_info
 
         keys = [keys] if isinstance(keys, tuple) and isinstance(keys[0], int) else keys
         self.keys = tuple((int(k[0]), str(k[1])) for k in keys)  # type: ignore[index]
         info = model_info(model)
         for layer, site in self.keys:
             check_site(info, layer, site)
+        check_forward(model, model_batch_size, context_size)
         self.widths = {k: info.site_width(k[1]) for k in self.keys}
         self.model, self.tokenizer = model, tokenizer
         self.corpus, self.split, self.text_column = corpus, split, text_column
@@ -279,6 +284,10 @@ class ModelActivations:
         parts: list[Batch] = []
         rows = 0
         for chunk in stream:  # no inference_mode: its tensors could not be saved for backward later
+            for key, acts in chunk.acts.items():
+                finite_rows(acts, lambda r, c=chunk, k=key: (
+                    f"the model's layer {k[0]} {k[1]} at sequence {int(c.sequence[r])} position "
+                    f"{int(c.position[r])}"))  # fmt: skip
             parts.append(chunk.acts)
             rows += len(chunk.token_ids)
             while rows >= self.buffer_size:
@@ -295,6 +304,18 @@ class ModelActivations:
         device = next(self.model.parameters()).device
         buffers = prefetch(lambda: self._buffers(start * self.batch_size), self.prefetch)
         return _batches(buffers, self.batch_size, self.dtype, device)
+
+
+def finite_rows(rows: Tensor, where: Any) -> None:
+    """Raise a ValueError naming `where(first bad row)` if any value of `rows [n, W]` is NaN or
+    inf: one such vector is enough to turn every SAE trained on it into NaN."""
+    bad = ~torch.isfinite(rows)
+    if bool(bad.any()):
+        row = int(bad.any(-1).nonzero()[0, 0])
+        raise ValueError(
+            f"{where(row)}: a non-finite activation (NaN or inf); the cache is damaged or the model "
+            "overflowed there. Recompute the cache (`gemmascope cache --verify`), or cache in float32"
+        )
 
 
 def _split(bufs: Batch, n: int) -> tuple[Batch, Batch]:

@@ -248,17 +248,22 @@ class Explore:
 
 @command(app.command("explore"), Explore)
 def explore(cfg: Explore) -> None:
-    """Browse an index in a local web app: features, "what fires here" and steering."""
+    """Browse an index in a local web app: features, "what fires here" and steering.
+
+    Only requests to 127.0.0.1, localhost, ::1 or the --host are served (against DNS rebinding).
+    """
     try:
         import uvicorn
 
-        from gemmascope.explore.app import create_app
+        from gemmascope.explore.app import DEFAULT_HOSTS, create_app
     except ImportError as e:
         fail(f"the explorer needs fastapi, uvicorn and jinja2 ({e}); pip install them")
         return
     from gemmascope.common.devices import resolve_device
 
-    web = create_app(cfg.index, device=str(resolve_device(cfg.device)))
+    web = create_app(
+        cfg.index, device=str(resolve_device(cfg.device)), hosts=(*DEFAULT_HOSTS, cfg.host)
+    )
     if cfg.host not in ("127.0.0.1", "localhost", "::1"):
         typer.secho(
             f"warning: serving on {cfg.host}: the explorer has no login, so anyone who can reach "

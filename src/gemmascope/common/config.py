@@ -18,6 +18,8 @@ import ast
 import dataclasses
 import functools
 import inspect
+import math
+import numbers
 import textwrap
 import types
 import typing
@@ -37,11 +39,18 @@ def option(
     positional: bool = False,
     required: bool = False,
     cli: bool = True,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
 ) -> Any:
     """A config field with command-line extras: more `flags` (aliases such as `--dtype`), an
     argument instead of an option (`positional`), a flag that must be given although the field has
-    a default for the configs that hold this one (`required`), or no flag (`cli=False`)."""
-    meta = {"flags": tuple(flags), "positional": positional, "required": required, "cli": cli}
+    a default for the configs that hold this one (`required`), or no flag (`cli=False`); and the
+    bounds its numbers must keep (`ge`, `gt`, `le`, `lt`: >=, >, <=, <), checked by `check`."""
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    meta = {"flags": tuple(flags), "positional": positional, "required": required, "cli": cli,
+            "bounds": bounds}  # fmt: skip
     return dataclasses.field(default=default, default_factory=default_factory, metadata=meta)
 
 
@@ -203,6 +212,67 @@ def inherit(holder: Any, *names: str) -> None:
         child = getattr(holder, name)
         shared = {k: getattr(holder, k) for k in _field_names(type(child)) if k in own}
         setattr(holder, name, dataclasses.replace(child, **shared))
+
+
+# --- checking values -----------------------------------------------------------------------------
+_OPS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b),
+        "le": ("<=", lambda v, b: v <= b), "lt": ("<", lambda v, b: v < b)}  # fmt: skip
+
+
+def check(cfg: Any) -> None:
+    """Refuse any value that its field's declaration does not allow: a wrong type, a non-finite
+    number, a number outside its bounds, a choice not listed. Every config calls this first in its
+    `__post_init__`, so a bad value fails before anything is loaded, run or written."""
+    types_ = hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        if "nested" not in f.metadata:
+            _check(f.name, types_[f.name], getattr(cfg, f.name), f.metadata.get("bounds", {}))
+
+
+def _check(name: str, tp: Any, value: Any, bounds: dict[str, float]) -> None:
+    base, _ = _unwrap(tp)
+    if value is None:
+        if not _optional(tp):
+            raise ValueError(f"`{name}` is required, got None")
+        return
+    origin = typing.get_origin(base)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"`{name}` must be a list, got {value!r}")
+        (item,) = typing.get_args(base)
+        for v in value:
+            _check(name, item, v, bounds)
+        return
+    if origin is Literal:
+        if value not in typing.get_args(base):
+            raise ValueError(
+                f"unknown `{name}` {value!r}; choose one of {list(typing.get_args(base))}"
+            )
+        return
+    if base is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"`{name}` must be true or false, got {value!r}")
+        return
+    if base is int:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ValueError(f"`{name}` must be a whole number, got {value!r}")
+    elif base is float:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ValueError(f"`{name}` must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"`{name}` must be a finite number, got {value}")
+    else:
+        return
+    for op, bound in bounds.items():
+        sign, ok = _OPS[op]
+        if not ok(value, bound):
+            raise ValueError(f"`{name}` must be {sign} {bound:g}, got {value}")
+
+
+def _optional(tp: Any) -> bool:
+    while typing.get_origin(tp) is typing.Annotated:
+        tp = tp.__origin__
+    return typing.get_origin(tp) in (Union, types.UnionType) and type(None) in typing.get_args(tp)
 
 
 # --- reading one flag's text ------------------------------------------------------------------

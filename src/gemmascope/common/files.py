@@ -7,9 +7,12 @@ file carries `format` and `format_version`, checked by `read_versioned` when it 
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -32,19 +35,75 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _tmp_prefix(path: Path) -> str:
+    """Temp names carry the writer's pid, so the leftovers of a killed writer can be told apart."""
+    return f".{path.name}.{os.getpid()}."
+
+
+def _clear_leftovers(path: Path) -> None:
+    """Remove what killed writes to `path` left beside it (`.NAME.PID.*.tmp` of a dead PID, or of
+    the older form without one), which nothing else would ever remove."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(?:(\d+)\.)?.*\.tmp")
+    for other in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        m = pattern.fullmatch(other.name)
+        if m is None or (m.group(1) is not None and _alive(int(m.group(1)))):
+            continue
+        if other.is_dir():
+            shutil.rmtree(other, ignore_errors=True)
+        else:
+            other.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class DiskFullError(OSError):
+    """No space left while writing: the message names the folder and the space free there."""
+
+
+@contextlib.contextmanager
+def _disk_full_named(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except Exception as err:
+        text = str(err)
+        if (
+            getattr(err, "errno", None) == errno.ENOSPC
+            or "os error 28" in text
+            or "No space left" in text
+        ):
+            free = shutil.disk_usage(path.parent).free if path.parent.exists() else 0
+            raise DiskFullError(
+                errno.ENOSPC,
+                f"{path.parent}: the disk is full ({free / 2**20:,.1f} MB free) while writing "
+                f"{path.name}; nothing partial was kept. Free some space, or write somewhere else",
+            ) from err
+        raise
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is fsynced and renamed onto `path`.
 
-    A crash at any point leaves either the old file or the new one, never half of one.
+    A crash at any point leaves either the old file or the new one, never half of one; a full disk
+    is a `DiskFullError` naming the folder; leftovers of killed writes to `path` are removed.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _clear_leftovers(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        yield tmp
+        with _disk_full_named(path):
+            yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private; give them the usual mode
@@ -56,15 +115,22 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary folder beside `path`; on success it replaces `path` as a whole."""
+    """Yield a temporary folder beside `path`; on success it replaces `path` as a whole.
+
+    Its files get the usual mode (some writers, safetensors among them, make them private); a full
+    disk is a `DiskFullError` naming the folder; leftovers of killed writes to `path` are removed.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    _clear_leftovers(path)
+    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path), suffix=".tmp", dir=path.parent))
     try:
-        yield tmp
+        with _disk_full_named(path):
+            yield tmp
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes folders private; give them the usual mode
         for f in tmp.rglob("*"):
             if f.is_file():
+                os.chmod(f, 0o666 & ~_umask())
                 with open(f, "rb+") as fh:
                     os.fsync(fh.fileno())
         if path.exists():
@@ -118,7 +184,10 @@ def read_versioned(path: str | Path, fmt: str, version: int, *, fix: str, missin
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: not found; {missing}")
-    obj = read_json(path)
+    try:
+        obj = read_json(path)
+    except ValueError as err:  # damaged: say what to do about it, as for a foreign format
+        raise ValueError(f"{err}; {fix}") from None
     if obj.get("format") != fmt or obj.get("format_version") != version:
         raise ValueError(
             f"{path}: format {obj.get('format')!r} version {obj.get('format_version')!r}, "

@@ -18,7 +18,7 @@ from gemmascope.corpus import iter_documents, pack_sequences, special_ids
 from gemmascope.evaluate.config import EvalConfig
 from gemmascope.evaluate.metrics import Sums, Totals, accumulate, record, token_losses
 from gemmascope.hooks import collect, run_from, run_until_head, splice
-from gemmascope.models import ModelInfo, SiteKey, check_site, model_info
+from gemmascope.models import ModelInfo, SiteKey, check_forward, check_site, model_info
 from gemmascope.sae import SAE
 
 _RESID = ("resid_pre", "resid_post")
@@ -47,6 +47,7 @@ def evaluate(
         One record per SAE, in order (see `evaluate_sequences`).
     """
     cfg = dataclasses.replace(cfg or EvalConfig(), **options)
+    check_forward(model, cfg.batch_size, cfg.context_size)
     n_seqs = max(1, math.ceil(cfg.tokens / cfg.context_size))
     docs = iter_documents(cfg.corpus, cfg.split, text_column=cfg.text_column,
                           eval_fraction=cfg.eval_fraction)  # fmt: skip

@@ -10,11 +10,13 @@ lens is computed and the SQLite file is written through a temp file and one rena
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import itertools
 import json
 import math
+import sqlite3
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -26,7 +28,7 @@ import numpy as np
 import torch
 
 import gemmascope
-from gemmascope.common.config import option
+from gemmascope.common.config import check, option
 from gemmascope.common.devices import resolve_device
 from gemmascope.common.files import atomic_file
 from gemmascope.common.progress import progress_bar
@@ -34,7 +36,9 @@ from gemmascope.common.units import Count
 from gemmascope.corpus import CorpusSplit, fingerprint, iter_documents, pack_sequences, special_ids
 from gemmascope.explore.lens import logit_lens
 from gemmascope.explore.stats import FeatureStats
+from gemmascope.explore.store import FORMAT as INDEX_FORMAT
 from gemmascope.explore.store import write_index
+from gemmascope.models import check_forward
 from gemmascope.sae import SAE
 
 
@@ -50,7 +54,7 @@ class IndexConfig:
     """Which SAE of a folder or repo holding several."""
     model: str = "gemma-3-270m"
     """The model the SAE reads: `gemma-3-270m` (embedded), a hub name or a local folder."""
-    layer: int | None = None
+    layer: int | None = option(None, ge=0)
     """Layer of the SAE's site; default the SAE config's `layer`."""
     site: str | None = None
     """Site the SAE reads; default the SAE config's `site`."""
@@ -60,32 +64,35 @@ class IndexConfig:
     """`train`, `eval` or `all` documents of the corpus."""
     text_column: str = "text"
     """Text field of .jsonl/.parquet/HF rows."""
-    tokens: Count = 1_000_000
+    tokens: Count = option(1_000_000, ge=1)
     """Positions to forward (rounded up to whole sequences); BOS/EOS/pad among them do not count."""
-    context_size: int = 1024
+    context_size: int = option(1024, ge=2)
     """Tokens per sequence, BOS included."""
-    batch_size: int = 4
+    batch_size: int = option(4, ge=1)
     """Sequences per chunk (one forward, one merge)."""
-    top_k: int = 20
+    top_k: int = option(20, ge=1)
     """Top activating contexts kept per latent."""
-    window: int = 16
+    window: int = option(16, ge=0)
     """Tokens kept on each side of an activating token."""
-    bands: int = 4
+    bands: int = option(4, ge=1)
     """Octave bands below the top that are sampled (see `FeatureStats`)."""
-    samples: int = 3
+    samples: int = option(3, ge=1)
     """Contexts sampled per band."""
-    bins: int = 64
+    bins: int = option(64, ge=2)
     """Histogram bins (a power of two)."""
-    lens_k: int = 10
+    lens_k: int = option(10, ge=1)
     """Logit-lens tokens kept at each end."""
-    seed: int = 0
+    seed: int = option(0, ge=0)
     """Seeds the band sampling."""
-    checkpoint_seconds: float = 60.0
+    checkpoint_seconds: float = option(60.0, ge=0)
     """Save the running statistics at most this often (0: after every chunk)."""
     device: str = "auto"
     """Torch device for the model and the SAE: cpu, cuda, cuda:N, mps or auto (a GPU if any)."""
+    overwrite: bool = False
+    """Replace `out` if it holds something else than this run's index (refused otherwise)."""
 
     def __post_init__(self) -> None:
+        check(self)
         self.out = Path(self.out)
         for name in ("tokens", "context_size", "batch_size", "lens_k"):
             if getattr(self, name) < 1:
@@ -132,9 +139,19 @@ def build_index(
     Returns:
         `cfg.out`.
     """
+    existing = _existing(cfg)
     model, tokenizer, sae = _load(cfg, model, tokenizer, sae)
     layer, site = _where(cfg, sae, model)
+    check_forward(model, cfg.batch_size, cfg.context_size)
     identity = _identity(cfg, sae, layer, site)
+    if existing is not None and not cfg.overwrite:
+        diffs = sorted(k for k in identity if existing.get(k) != identity[k])
+        if not diffs:
+            return cfg.out  # this very index is done: nothing to redo
+        raise FileExistsError(
+            f"{cfg.out}: an index made with other settings ({', '.join(diffs)} differ); pass "
+            "--overwrite to replace it, or choose another --out"
+        )
     stats = FeatureStats(sae.cfg.d_sae, top_k=cfg.top_k, window=cfg.window, bands=cfg.bands,
                          samples=cfg.samples, bins=cfg.bins, seed=cfg.seed, device=sae.device)  # fmt: skip
     partial = checkpoint_path(cfg.out)
@@ -238,6 +255,26 @@ def _where(cfg: IndexConfig, sae: SAE, model: Any) -> tuple[int, str]:
     return layer, site
 
 
+def _existing(cfg: IndexConfig) -> dict[str, Any] | None:
+    """The meta of the index already at `cfg.out` (None if there is none); refuses, before any
+    work, a file there that is not an index unless `cfg.overwrite`."""
+    if not cfg.out.exists():
+        return None
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{cfg.out}?mode=ro", uri=True)) as db:
+            meta = {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM meta")}
+    except (sqlite3.Error, ValueError):
+        meta = {}
+    if meta.get("format") == INDEX_FORMAT:
+        return meta
+    if cfg.overwrite:
+        return None
+    raise FileExistsError(
+        f"{cfg.out}: exists and is not a gemmascope index; pass --overwrite to replace it, or "
+        "choose another --out"
+    )
+
+
 def _identity(cfg: IndexConfig, sae: SAE, layer: int, site: str) -> dict[str, Any]:
     """What a resumed run must share with the interrupted one (also the index's meta)."""
     h = hashlib.sha256()
@@ -245,7 +282,8 @@ def _identity(cfg: IndexConfig, sae: SAE, layer: int, site: str) -> dict[str, An
         h.update(name.encode())
         h.update(t.detach().float().cpu().numpy().tobytes())
     fields = dataclasses.asdict(cfg)
-    for name in ("out", "device", "checkpoint_seconds", "layer", "site", "sae_source", "model"):
+    for name in ("out", "device", "checkpoint_seconds", "overwrite", "layer", "site", "sae_source",
+                 "model"):  # fmt: skip
         fields.pop(name)
     return {**fields, "sae_source_given": cfg.sae_source, "model_given": cfg.model,
             "layer": layer, "site": site, "d_sae": sae.cfg.d_sae, "d_in": sae.cfg.d_in,

@@ -18,6 +18,7 @@ Schema (JSON columns hold compact JSON text):
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import closing
@@ -52,6 +53,8 @@ CREATE TABLE lens_tokens (
 """
 LENS_SEARCH_RANKS = 10
 """How many of a latent's top logit-lens tokens a search by token looks at."""
+SQLITE_INTS = range(-(2**63), 2**63)
+"""What an SQLite INTEGER holds; binding a Python int outside it raises OverflowError."""
 
 
 def write_index(
@@ -191,6 +194,12 @@ Sort = Literal["id", "density", "max_act"]
 SORTS: tuple[str, ...] = ("id", "density", "max_act")
 
 
+def feature_id_query(query: str) -> int | None:
+    """The feature id a search names (ASCII digits, optionally after `#`), or None for a text search."""
+    match = re.fullmatch(r"#?([0-9]+)", query.strip())
+    return int(match[1]) if match else None
+
+
 class IndexDB:
     """Read-only access to an index file; one short-lived connection per call, so threads are safe."""
 
@@ -229,7 +238,7 @@ class IndexDB:
 
         One connection and two small queries (no contexts are read); unknown ids are left out.
         """
-        unique = list(dict.fromkeys(ids))
+        unique = [i for i in dict.fromkeys(ids) if i in SQLITE_INTS]
         if not unique:
             return {}
         with closing(self._connect()) as db:
@@ -255,15 +264,17 @@ class IndexDB:
     ) -> tuple[int, list[dict[str, Any]]]:
         """One page of features and the number of matches.
 
-        `query` is a feature id (digits, optionally after `#`) or text: the features whose top
-        logit-lens tokens contain it (case-insensitive, surrounding spaces ignored).
+        `query` is a feature id (ASCII digits, optionally after `#`; one beyond SQLite's integers
+        matches nothing) or text: the features whose top logit-lens tokens contain it (case-insensitive,
+        surrounding spaces ignored).
         """
         if sort not in SORTS:
             raise ValueError(f"unknown sort {sort!r}; choose one of {list(SORTS)}")
         where, args = "", ()
         q = query.strip()
-        if q.lstrip("#").isdigit():
-            where, args = "WHERE id = ?", (int(q.lstrip("#")),)
+        fid = feature_id_query(q)
+        if fid is not None:
+            where, args = ("WHERE id = ?", (fid,)) if fid in SQLITE_INTS else ("WHERE 0", ())
         elif q:
             like = (
                 "%" + q.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
@@ -296,6 +307,8 @@ class IndexDB:
 
     def feature(self, fid: int) -> dict[str, Any] | None:
         """Everything stored about one feature, token ids resolved to strings; None if unknown."""
+        if fid not in SQLITE_INTS:
+            return None
         with closing(self._connect()) as db:
             row = db.execute(
                 "SELECT density, max_act, fired, histogram, logit_lens FROM features WHERE id = ?",

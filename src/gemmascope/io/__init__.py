@@ -64,6 +64,7 @@ def load(
     *,
     device: torch.device | str | None = None,
     dtype: torch.dtype | str | None = None,
+    allow_nonfinite: bool = False,
 ) -> SAE:
     """Load an SAE from a file, a folder or a Hugging Face repo, detecting the format.
 
@@ -74,6 +75,8 @@ def load(
         sae_id: which SAE of a folder or repo holding several, e.g. `layer_20/width_16k/average_l0_71`.
         device: where to put the weights (default: cpu).
         dtype: dtype of the weights (default: the file's; bf16-free npz files give float32).
+        allow_nonfinite: load weights holding NaN or inf (refused by default: such an SAE computes
+            NaNs) to look at them.
 
     Returns:
         The SAE in eval mode, so a batchtopk SAE encodes with its threshold.
@@ -81,9 +84,10 @@ def load(
     name = dtype_name(dtype) if dtype is not None else None
     path = Path(source)
     if path.exists():
-        sae = _load_local(path, sae_id, dtype=name)
+        sae = _load_local(path, sae_id, dtype=name, allow_nonfinite=allow_nonfinite)
     elif isinstance(source, str) and hub.is_repo_id(source):
-        sae = _load_local(hub.fetch(source, sae_id), None, dtype=name, repo_hint=source)
+        sae = _load_local(hub.fetch(source, sae_id), None, dtype=name, repo_hint=source,
+                          allow_nonfinite=allow_nonfinite)  # fmt: skip
     else:
         raise FileNotFoundError(
             f"{source}: no such file or folder, nor a Hugging Face repo id (`owner/name`); check the path"
@@ -94,14 +98,15 @@ def load(
 
 
 def _load_local(
-    path: Path, sae_id: str | None, *, dtype: str | None, repo_hint: str | None = None
-) -> SAE:
+    path: Path, sae_id: str | None, *, dtype: str | None, repo_hint: str | None = None,
+    allow_nonfinite: bool = False,
+) -> SAE:  # fmt: skip
     """Read one SAE from a local file or folder; the end point of every loader."""
     folder, fmt = _locate(path, sae_id)
     if fmt == "npz":
         file = path if path.is_file() and path.suffix == ".npz" else folder / "params.npz"
-        return read_npz(file, repo_hint=repo_hint, dtype=dtype)
-    return _READERS[fmt](folder, dtype=dtype)
+        return read_npz(file, repo_hint=repo_hint, dtype=dtype, allow_nonfinite=allow_nonfinite)
+    return _READERS[fmt](folder, dtype=dtype, allow_nonfinite=allow_nonfinite)
 
 
 def _locate(path: Path, sae_id: str | None) -> tuple[Path, str]:

@@ -206,3 +206,22 @@ def check_names(arrays: Collection[str], allowed: Collection[str], source: Path)
             f"{source}: unexpected arrays {unexpected}; expected only {sorted(allowed)}. "
             "It may be another architecture (transcoder, gated SAE), which gemmascope does not load"
         )
+
+
+def sae_dims(shapes: dict[str, tuple[int, ...]], names: dict[str, str]) -> tuple[int, int]:
+    """(d_in, d_sae) as most of the arrays say, so a misshapen one is named, not its neighbours.
+
+    `names` maps Gemma Scope's names (`W_enc`, `W_dec`, `b_enc`, `b_dec`, `threshold`) to this
+    format's; each array present votes for the sizes along its axes.
+    """
+    axes = {"W_enc": ("d_in", "d_sae"), "W_dec": ("d_sae", "d_in"), "b_enc": ("d_sae",),
+            "b_dec": ("d_in",), "threshold": ("d_sae",)}  # fmt: skip
+    votes: dict[str, list[int]] = {"d_in": [], "d_sae": []}
+    for ours, theirs in names.items():
+        shape = shapes.get(theirs)
+        if shape is not None and len(shape) == len(axes[ours]):
+            for dim, size in zip(axes[ours], shape, strict=True):
+                votes[dim].append(int(size))
+    if not votes["d_in"] or not votes["d_sae"]:
+        raise ValueError(f"cannot tell d_in and d_sae from arrays of shapes {shapes}")
+    return tuple(max(set(v), key=v.count) for v in (votes["d_in"], votes["d_sae"]))  # type: ignore[return-value]

@@ -144,7 +144,12 @@ def _kept(cls: str, s: dict[str, torch.Tensor]) -> dict[str, Any]:
     return {}
 
 
-def read_dictionary_learning(folder: Path, *, dtype: str | None = None) -> SAE:
+def read_dictionary_learning(
+    folder: Path,
+    *,
+    dtype: str | None = None,
+    allow_nonfinite: bool = False,
+) -> SAE:
     """Load a dictionary_learning `ae.pt` (+ `config.json`) with encodings equal to theirs."""
     file, cfg_file = folder / "ae.pt", folder / "config.json"
     raw = read_json(cfg_file) if cfg_file.is_file() else {}
@@ -173,7 +178,7 @@ def read_dictionary_learning(folder: Path, *, dtype: str | None = None) -> SAE:
         )
     except ValueError as e:
         raise ValueError(f"{cfg_file}: {e}") from None
-    return SAE.from_arrays(cfg, arrays, source=str(file))
+    return SAE.from_arrays(cfg, arrays, source=str(file), allow_nonfinite=allow_nonfinite)
 
 
 def _their_state(s: SAE, folder: Path) -> dict[str, torch.Tensor]:

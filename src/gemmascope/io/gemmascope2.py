@@ -23,6 +23,7 @@ from gemmascope.io._common import (
     our_fields,
     read_our_fields,
     read_safetensors,
+    sae_dims,
     site_to_hook,
 )
 from gemmascope.io.gemmascope_npz import WIDTHS
@@ -61,7 +62,12 @@ def _where(raw: dict[str, Any], folder: Path) -> dict[str, Any]:
     return info
 
 
-def read_gemmascope2(folder: Path, *, dtype: str | None = None) -> SAE:
+def read_gemmascope2(
+    folder: Path,
+    *,
+    dtype: str | None = None,
+    allow_nonfinite: bool = False,
+) -> SAE:
     """Load a Gemma Scope 2 `params.safetensors` folder (config.json optional, as on the hub)."""
     weights, cfg_file = folder / "params.safetensors", folder / "config.json"
     raw = read_json(cfg_file) if cfg_file.is_file() else {}
@@ -83,7 +89,9 @@ def read_gemmascope2(folder: Path, *, dtype: str | None = None) -> SAE:
         raise ValueError(
             f"{weights}: expected array 'w_enc' of shape (d_in, d_sae); found {shapes}"
         )
-    d_in, d_sae = w_enc.shape
+    names = {"W_enc": "w_enc", "W_dec": "w_dec", "b_enc": "b_enc", "b_dec": "b_dec",
+             "threshold": "threshold"}  # fmt: skip
+    d_in, d_sae = sae_dims({n: tuple(t.shape) for n, t in state.items()}, names)
     info = {**_where(raw, folder), **read_our_fields(raw, cfg_file)}
     width = info["extra"].get("width")
     if width in WIDTHS and WIDTHS[width] != d_sae:
@@ -109,7 +117,7 @@ def read_gemmascope2(folder: Path, *, dtype: str | None = None) -> SAE:
     except ValueError as e:
         raise ValueError(f"{cfg_file}: {e}") from None
     arrays = {"W_" + n[2:] if n.startswith("w_") else n: t for n, t in state.items()}
-    return SAE.from_arrays(cfg, arrays, source=str(weights))
+    return SAE.from_arrays(cfg, arrays, source=str(weights), allow_nonfinite=allow_nonfinite)
 
 
 def write_gemmascope2(sae: SAE, folder: Path) -> Path:

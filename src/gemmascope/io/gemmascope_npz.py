@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from gemmascope.common.files import atomic_file
-from gemmascope.io._common import check_names, site_to_hook
+from gemmascope.io._common import check_names, sae_dims, site_to_hook
 from gemmascope.sae import SAE, SAEConfig
 
 ARRAYS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
@@ -100,7 +100,13 @@ def _read_arrays(file: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
-def read_npz(file: Path, *, repo_hint: str | None = None, dtype: str | None = None) -> SAE:
+def read_npz(
+    file: Path,
+    *,
+    repo_hint: str | None = None,
+    dtype: str | None = None,
+    allow_nonfinite: bool = False,
+) -> SAE:
     """Load a Gemma Scope `params.npz`; `repo_hint` is the hub repo id when known."""
     arrays = _read_arrays(file)
     check_names(arrays, ARRAYS, file)
@@ -108,7 +114,7 @@ def read_npz(file: Path, *, repo_hint: str | None = None, dtype: str | None = No
     if w_enc is None or w_enc.ndim != 2:
         shapes = {k: v.shape for k, v in arrays.items()}
         raise ValueError(f"{file}: expected array 'W_enc' of shape (d_in, d_sae); found {shapes}")
-    d_in, d_sae = w_enc.shape
+    d_in, d_sae = sae_dims({k: v.shape for k, v in arrays.items()}, {n: n for n in ARRAYS})
     info = describe(file, repo_hint)
     width = info["extra"].get("width")
     if width in WIDTHS and WIDTHS[width] != d_sae:
@@ -120,7 +126,7 @@ def read_npz(file: Path, *, repo_hint: str | None = None, dtype: str | None = No
     cfg = SAEConfig(
         architecture="jumprelu", d_in=d_in, d_sae=d_sae, dtype=dtype or file_dtype, **info
     )
-    return SAE.from_arrays(cfg, arrays, source=str(file))
+    return SAE.from_arrays(cfg, arrays, source=str(file), allow_nonfinite=allow_nonfinite)
 
 
 def write_npz(sae: SAE, path: Path) -> Path:

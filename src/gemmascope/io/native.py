@@ -36,7 +36,12 @@ def write_native(sae: SAE, folder: Path) -> Path:
     return folder
 
 
-def read_native(folder: Path, *, dtype: str | None = None) -> SAE:
+def read_native(
+    folder: Path,
+    *,
+    dtype: str | None = None,
+    allow_nonfinite: bool = False,
+) -> SAE:
     """Load a folder written by `write_native`; `dtype` overrides the saved one."""
     cfg_file, weights = folder / "cfg.json", folder / "sae.safetensors"
     raw = read_json(cfg_file)
@@ -59,4 +64,4 @@ def read_native(folder: Path, *, dtype: str | None = None) -> SAE:
         raise ValueError(f"{cfg_file}: {e}") from None
     state = read_safetensors(weights)
     check_names(state, _WEIGHTS, weights)
-    return SAE.from_arrays(cfg, state, source=str(weights))
+    return SAE.from_arrays(cfg, state, source=str(weights), allow_nonfinite=allow_nonfinite)

@@ -129,7 +129,12 @@ def _to_ours(
     return ours, int(k)
 
 
-def read_saelens(folder: Path, *, dtype: str | None = None) -> SAE:
+def read_saelens(
+    folder: Path,
+    *,
+    dtype: str | None = None,
+    allow_nonfinite: bool = False,
+) -> SAE:
     """Load a SAELens 6.x SAE folder into our SAE, with encodings equal to SAELens' `encode`."""
     cfg_file, weights = folder / "cfg.json", folder / "sae_weights.safetensors"
     raw = read_json(cfg_file)
@@ -182,7 +187,7 @@ def read_saelens(folder: Path, *, dtype: str | None = None) -> SAE:
         )
     except ValueError as e:
         raise ValueError(f"{cfg_file}: {e}") from None
-    return SAE.from_arrays(cfg, state, source=str(weights))
+    return SAE.from_arrays(cfg, state, source=str(weights), allow_nonfinite=allow_nonfinite)
 
 
 def write_saelens(sae: SAE, folder: Path) -> Path:

@@ -41,7 +41,12 @@ def _where(hookpoint: str) -> dict[str, Any]:
     return {"layer": int(m[1]), "site": "resid_post", "hook_name": hookpoint}
 
 
-def read_sparsify(folder: Path, *, dtype: str | None = None) -> SAE:
+def read_sparsify(
+    folder: Path,
+    *,
+    dtype: str | None = None,
+    allow_nonfinite: bool = False,
+) -> SAE:
     """Load a sparsify `SparseCoder` folder into our SAE, with encodings equal to sparsify's."""
     cfg_file, weights = folder / "cfg.json", folder / "sae.safetensors"
     raw = read_json(cfg_file)
@@ -94,7 +99,7 @@ def read_sparsify(folder: Path, *, dtype: str | None = None) -> SAE:
         )
     except ValueError as e:
         raise ValueError(f"{cfg_file}: {e}") from None
-    return SAE.from_arrays(cfg, arrays, source=str(weights))
+    return SAE.from_arrays(cfg, arrays, source=str(weights), allow_nonfinite=allow_nonfinite)
 
 
 def _is_transcoder(cfg: SAEConfig) -> bool:

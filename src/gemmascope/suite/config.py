@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from gemmascope.activations.config import CacheConfig
-from gemmascope.common.config import flat, inherit, leaves, nested, option
+from gemmascope.common.config import check, flat, inherit, leaves, nested, option
 from gemmascope.common.devices import check_device
 from gemmascope.common.units import Bytes, Count, Width
 from gemmascope.corpus import EVAL_FRACTION
@@ -32,31 +32,31 @@ class SuiteConfig:
     """Sites within each layer: resid_post, mlp_out, attn_z, attn_out, resid_pre."""
     layers: str = "all"
     """Layers: `all`, `0-17`, `3,6,9`."""
-    widths: list[Width] = field(default_factory=lambda: [16384])
+    widths: list[Width] = option(default_factory=lambda: [16384], ge=1)
     """SAE widths (latents), e.g. `4k,16k`."""
-    target_l0s: list[float] = option(default_factory=lambda: [50.0], flags=("--l0",))
+    target_l0s: list[float] = option(default_factory=lambda: [50.0], flags=("--l0",), gt=0)
     """Target L0s: one JumpReLU SAE per width and target, trained in target-L0 mode."""
-    train_tokens: Count | None = None
+    train_tokens: Count | None = option(None, ge=1)
     """Tokens each SAE trains on (default: `--tokens`, one epoch); more loop over the cache."""
     corpus: str = "default"
     """`default`, a .txt/.jsonl/.parquet file, folder or glob, or a Hugging Face dataset name."""
     text_column: str = "text"
     """Text field of .jsonl/.parquet/Hugging Face rows."""
-    eval_fraction: float = EVAL_FRACTION
+    eval_fraction: float = option(EVAL_FRACTION, ge=0, lt=1)
     """Share of documents held out for evaluation."""
-    context_size: int = 1024
+    context_size: int = option(1024, ge=2)
     """Tokens per sequence, BOS included."""
-    model_batch_size: int = 8
+    model_batch_size: int = option(8, ge=1)
     """Sequences per model forward (caching and evaluation)."""
-    buffer_size: int = 1 << 19
+    buffer_size: int = option(1 << 19, ge=1)
     """Activation vectors shuffled together when training."""
-    seed: int = 0
+    seed: int = option(0, ge=0)
     """Seed of SAE init and data order."""
     saelens: bool = False
     """Also publish a SAELens-format copy."""
     base_model: str | None = None
     """Hub id for the model card (default: from the model name, e.g. google/gemma-3-270m)."""
-    disk_budget: Bytes | None = None
+    disk_budget: Bytes | None = option(None, ge=1)
     """Disk the suite may use, e.g. 50G (default: the free space at `out`); caches go in groups of
     layers that fit it."""
     keep_cache: bool = False
@@ -77,6 +77,7 @@ class SuiteConfig:
     """How every SAE is evaluated on held-out text (`--eval-tokens`, `--ablations`, ...)."""
 
     def __post_init__(self) -> None:
+        check(self)
         self.out = Path(self.out)
         check_device(self.device)
         if not self.sites or not self.widths or not self.target_l0s:

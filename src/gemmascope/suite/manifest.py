@@ -70,7 +70,7 @@ def read_manifest(out: str | Path) -> dict[str, Any]:
     """`suite.json` of the suite at `out`, checking its format."""
     return read_versioned(
         Path(out) / "suite.json", FORMAT, FORMAT_VERSION,
-        fix="it was made by another version of gemmascope; start the suite in a new folder",
+        fix="start the suite in a new folder (this one cannot be resumed)",
         missing=f"is {out} a suite made by `gemmascope suite`?",
     )  # fmt: skip
 

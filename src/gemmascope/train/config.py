@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from gemmascope.common.config import option
+from gemmascope.common.config import check, option
 from gemmascope.common.devices import check_device
 from gemmascope.common.units import Count, Width, parse_width
 from gemmascope.models import SiteKey, parse_layers
@@ -21,32 +21,28 @@ from gemmascope.sae import Architecture
 class SAESpec:
     """One SAE of a sweep."""
 
-    layer: int
+    layer: int = option(ge=0)
     """Layer the SAE reads."""
     site: str
     """Site the SAE reads (and reconstructs, unless `target_site`)."""
-    width: int
+    width: int = option(ge=1)
     """Latents."""
     architecture: Architecture = "jumprelu"
     """jumprelu, topk, batchtopk or relu."""
-    l0_coefficient: float | None = None
+    l0_coefficient: float | None = option(None, ge=0)
     """lambda of the L0 penalty (jumprelu), the L1 penalty (relu) or the target-L0 penalty."""
-    target_l0: float | None = None
+    target_l0: float | None = option(None, gt=0)
     """jumprelu: aim for this L0 with a quadratic penalty instead of a fixed lambda."""
-    k: int | None = None
+    k: int | None = option(None, ge=1)
     """topk/batchtopk: active latents per token."""
     target_site: str | None = None
     """Transcoder: reconstruct this site of the same layer (e.g. `mlp_out` from `resid_mid`)."""
-    aux_k: int = 0
+    aux_k: int = option(0, ge=0)
     """topk/batchtopk: dead latents used by the AuxK loss (0 = off)."""
 
     def __post_init__(self) -> None:
+        check(self)
         where = f"SAE at layer {self.layer} {self.site} width {self.width}"
-        if self.architecture not in ("jumprelu", "topk", "batchtopk", "relu"):
-            raise ValueError(
-                f"{where}: unknown architecture {self.architecture!r}; "
-                "choose jumprelu, topk, batchtopk or relu"
-            )
         if (
             self.architecture == "jumprelu"
             and self.l0_coefficient is None
@@ -57,6 +53,13 @@ class SAESpec:
             raise ValueError(f"{where}: {self.architecture} needs `k`")
         if self.architecture == "relu" and self.l0_coefficient is None:
             raise ValueError(f"{where}: relu needs `l0_coefficient` (its L1 coefficient)")
+        for name in ("k", "target_l0"):
+            value = getattr(self, name)
+            if value is not None and value > self.width:
+                raise ValueError(
+                    f"{where}: {name}={value:g} is more than the width {self.width}: an SAE cannot "
+                    "have more active latents than latents; lower it or widen the SAE"
+                )
 
     @property
     def source(self) -> SiteKey:
@@ -83,25 +86,25 @@ class SAESpec:
 class TrainConfig:
     """Hyper-parameters shared by every SAE of a run. Defaults are Gemma Scope's (App. B)."""
 
-    tokens: Count = 2_000_000
+    tokens: Count = option(2_000_000, ge=1)
     """Activation vectors to train on, e.g. 2M (more than a cache holds loop over it in epochs)."""
-    batch_size: int = 4096
+    batch_size: int = option(4096, ge=1)
     """Activation vectors per step."""
-    lr: float = 7e-5
+    lr: float = option(7e-5, gt=0)
     """Adam learning rate (Gemma Scope's; short runs want more, e.g. 2e-3)."""
-    lr_warmup_steps: int = 1000
+    lr_warmup_steps: int = option(1000, ge=0)
     """Cosine warm-up from 0.1*lr; never longer than 5% of a short run."""
-    l0_warmup_steps: int = 10_000
+    l0_warmup_steps: int = option(10_000, ge=0)
     """Linear warm-up of the sparsity coefficient from 0; never longer than 25% of a short run."""
-    beta1: float = 0.0
+    beta1: float = option(0.0, ge=0, lt=1)
     """Adam's first-moment decay (Gemma Scope: 0, no momentum)."""
-    beta2: float = 0.999
+    beta2: float = option(0.999, ge=0, lt=1)
     """Adam's second-moment decay."""
-    bandwidth: float = 0.001
+    bandwidth: float = option(0.001, gt=0)
     """Width of the kernel of the JumpReLU straight-through estimator."""
-    threshold_init: float = 0.001
+    threshold_init: float = option(0.001, ge=0)
     """JumpReLU threshold at init."""
-    encoder_init_scale: float = 1.0
+    encoder_init_scale: float = option(1.0, gt=0)
     """W_enc = scale * W_dec^T at init (0.1 suits short runs). The recipe's 1 starts with about half the latents firing and a
     reconstruction ~m/(2d) times too large, which a long run forgets; 0.1 (like SAELens' 0.1 decoder
     norm) makes the dense start a few steps long, which short runs need."""
@@ -115,9 +118,9 @@ class TrainConfig:
     unchanged). Not in the recipe: the loss then weighs every dimension alike instead of being
     dominated by the few massive ones of Gemma's residual stream, which the model mostly normalises
     away (see bench/sensitivity.py). Implies `center`."""
-    norm_batches: int = 8
+    norm_batches: int = option(8, ge=1)
     """Batches used to estimate the input scale C with E||x/C||^2 = 1 before training."""
-    dead_tokens: int = 10_000_000
+    dead_tokens: int = option(10_000_000, ge=1)
     """A latent that has not fired in this many tokens counts as dead (capped at a quarter of the run)."""
     matmul_dtype: Literal["float32", "bfloat16", "float16"] = option("float32", flags=("--dtype",))
     """Dtype of the dense products (CPU: the encoder matmul; GPU: encoder and decoder); parameters,
@@ -127,33 +130,28 @@ class TrainConfig:
     parallel: Literal["data", "latents"] = "data"
     """Under torchrun: split each batch's rows over the ranks (data), or each SAE's latents (latents:
     for SAEs too wide for one device). Either way the result equals one process's."""
-    max_density: float = 0.02
+    max_density: float = option(0.02, gt=0, le=1)
     """TopK/BatchTopK AuxK and logging: a latent firing on more than this share of tokens is dense."""
-    seed: int = 0
+    seed: int = option(0, ge=0)
     """Seed of SAE init and data order."""
-    log_every: int = 10
+    log_every: int = option(10, ge=1)
     """Steps between lines of metrics.jsonl (and the progress bar's figures)."""
-    checkpoint_every: int = 200
+    checkpoint_every: int = option(200, ge=1)
     """Steps between checkpoints: at most this much training is redone after a kill."""
     dataset: str | None = option(None, cli=False)
     """The corpus the activations came from, recorded in each SAE's config."""
-    context_size: int | None = option(None, cli=False)
+    context_size: int | None = option(None, cli=False, ge=2)
     """Tokens per sequence of those activations, recorded in each SAE's config."""
     model: str | None = option(None, cli=False)
     """The model the SAEs read, recorded in each SAE's config."""
 
     def __post_init__(self) -> None:
+        check(self)
         if self.tokens < self.batch_size:
             raise ValueError(
                 f"`tokens`={self.tokens} is less than one batch (`batch_size`={self.batch_size})"
             )
         check_device(self.device)
-        if self.matmul_dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(
-                f"`matmul_dtype` {self.matmul_dtype!r}: choose float32, bfloat16 or float16"
-            )
-        if self.parallel not in ("data", "latents"):
-            raise ValueError(f"`parallel` {self.parallel!r}: choose data or latents")
 
     @property
     def steps(self) -> int:
@@ -178,18 +176,21 @@ class Grid:
     """Layers of the grid: `6`, `0-17`, `3,6,9` (none: the SAEs of `--spec` alone)."""
     sites: list[str] = dataclasses.field(default_factory=lambda: ["resid_post"])
     """Sites of the grid."""
-    widths: list[Width] = dataclasses.field(default_factory=lambda: [16384])
+    widths: list[Width] = option(default_factory=lambda: [16384], ge=1)
     """Widths of the grid, e.g. `4k,16k`."""
     architecture: Architecture = "jumprelu"
     """jumprelu, topk, batchtopk or relu."""
-    target_l0: list[float] = dataclasses.field(default_factory=list)
+    target_l0: list[float] = option(default_factory=list, gt=0)
     """Target L0s (jumprelu), e.g. `20,50`: one SAE each."""
-    l0_coefficient: list[float] = dataclasses.field(default_factory=list)
+    l0_coefficient: list[float] = option(default_factory=list, ge=0)
     """Sparsity coefficients (lambda), e.g. `1e-3,3e-3`: one SAE each."""
-    k: list[int] = dataclasses.field(default_factory=list)
+    k: list[int] = option(default_factory=list, ge=1)
     """k values (topk/batchtopk), e.g. `32,64`: one SAE each."""
     target_site: str | None = None
     """Train transcoders: reconstruct this site of the same layer."""
+
+    def __post_init__(self) -> None:
+        check(self)
 
     def specs(self, n_layers: int) -> list[SAESpec]:
         """The grid's SAEs (none without `layers`)."""

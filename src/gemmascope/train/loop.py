@@ -9,8 +9,10 @@ its placement on the ranks and its checkpoints in `state`.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
+import math
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,7 +24,7 @@ from gemmascope import io
 from gemmascope.common import distributed
 from gemmascope.common.devices import resolve_device
 from gemmascope.common.distributed import Partition
-from gemmascope.common.files import write_json
+from gemmascope.common.files import read_json, write_json
 from gemmascope.common.progress import progress_bar
 from gemmascope.models import SiteKey
 from gemmascope.sae import SAE
@@ -72,8 +74,10 @@ def train(
     device = resolve_device(cfg.device)
     distributed.init(device)
     split, main = partition_of(cfg, specs), distributed.is_main()
-    if resume and (finished := _finished(out, specs)) is not None:
-        return finished
+    if resume:
+        _same_run(out, specs, cfg)
+        if (finished := _finished(out, specs)) is not None:
+            return finished
     start, norms, runs, stream = _begin(specs, batches, cfg, out, resume)
     for run in runs:
         place(run, split, device)
@@ -83,11 +87,58 @@ def train(
             if split.rows:  # data parallel: this rank's rows of the global batch
                 batch = {k: v[slice(*distributed.shard_range(len(v)))] for k, v in batch.items()}
             for run in runs:
-                _accumulate(run, _train_step(run, batch, norms, cfg, step, lr, split))
+                stats = _train_step(run, batch, norms, cfg, step, lr, split)
+                _finite(stats, run, step, out)
+                _accumulate(run, stats)
             logger.after(step + 1, lr)
             if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
                 save_checkpoint(out / "checkpoint", runs, norms, step + 1, split)
     return _export(runs, norms, cfg, out, split)
+
+
+def _finite(stats: StepStats, run: Run, step: int, out: Path) -> None:
+    """Stop at the first non-finite step: a NaN only spreads from there, and nothing is saved."""
+    if math.isfinite(stats.loss):
+        return
+    ckpt = out / "checkpoint" / "state.json"
+    kept = (
+        f"the last checkpoint ({ckpt.parent}, step {json.loads(ckpt.read_text())['step']}) is kept"
+        if ckpt.exists()
+        else "no checkpoint was written yet"
+    )
+    raise RuntimeError(
+        f"{run.spec.name}: non-finite loss ({stats.loss}) at step {step}; no SAE was saved and "
+        f"{kept}. Look for NaN/inf in the activations (`gemmascope cache --verify`) or lower the "
+        "learning rate, then rerun (with --resume to start from that checkpoint)"
+    )
+
+
+RUNTIME = ("device", "parallel", "log_every", "checkpoint_every")
+"""Training options a resume may change: they do not change the SAEs."""
+
+
+def _same_run(out: Path, specs: list[SAESpec], cfg: TrainConfig) -> None:
+    """Refuse to resume a run made with other options or other SAEs, naming what differs, so the
+    config saved with each SAE is the one it was trained with."""
+    file = out / "train_config.json"
+    if not file.exists():
+        return
+    saved = read_json(file)
+    theirs, mine = saved.get("train", {}), dataclasses.asdict(cfg)
+    diffs = [
+        (k, theirs.get(k), v) for k, v in mine.items() if k not in RUNTIME and theirs.get(k, v) != v
+    ]
+    their_saes, my_saes = saved.get("saes", []), [dataclasses.asdict(s) for s in specs]
+    if len(their_saes) != len(my_saes):
+        diffs.append(("saes", f"{len(their_saes)} SAEs", f"{len(my_saes)}"))
+    for i, (a, b) in enumerate(zip(their_saes, my_saes, strict=False)):
+        diffs += [(f"saes[{i}].{k}", a.get(k), v) for k, v in b.items() if a.get(k, v) != v]
+    if diffs:
+        detail = "; ".join(f"{k}: the run has {a!r}, this one {b!r}" for k, a, b in diffs)
+        raise ValueError(
+            f"{out}: cannot resume, it was started with other settings ({detail}). Rerun with the "
+            "same ones, or train into a new folder"
+        )
 
 
 def _finished(out: Path, specs: list[SAESpec]) -> dict[str, SAE] | None:
@@ -119,6 +170,12 @@ def _begin(
     first = list(itertools.islice(stream, min(cfg.norm_batches, cfg.steps)))
     _check_sites(specs, first[0])
     norms = estimate_norms(first, cfg.center, cfg.standardize)
+    for key, norm in norms.items():
+        if not (math.isfinite(norm.scale) and bool(torch.isfinite(norm.mean).all())):
+            raise ValueError(
+                f"layer {key[0]} {key[1]}: non-finite activations (NaN or inf) among the first "
+                f"{len(first)} batches, from which the input scale is estimated; check the data"
+            )
     runs = [new_run(s, first[0][s.source].shape[-1], cfg, i) for i, s in enumerate(specs)]
     if distributed.is_main():
         write_run_config(out, specs, cfg)
