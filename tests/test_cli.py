@@ -11,6 +11,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from gemmascope.activations import CacheConfig
 from gemmascope.cli import app
 from gemmascope.cli.flags import command
 
@@ -120,3 +121,31 @@ def test_a_bug_keeps_its_traceback() -> None:
     probe.command("other")(lambda: None)
     result = CliRunner().invoke(probe, ["boom"])
     assert isinstance(result.exception, KeyError) and "error:" not in result.output
+
+
+def test_a_sweep_files_batch_size_joins_the_flags_before_the_run_is_checked(tmp_path: Path) -> None:
+    """`--tokens 2k` with the default batch of 4,096 is too short alone, not with the file's 256."""
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text("train: {batch_size: 256, tokens: 100000}\n")
+    args = ["train", "--out", str(tmp_path / "r"), "--spec", str(spec), "--tokens", "2k",
+            "--activations", str(tmp_path / "none"), "--layers", "0", "--target-l0", "4"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "manifest.json: not found" in result.output, result.output
+
+
+def test_a_suite_batch_over_the_default_tokens_is_checked_with_its_own_tokens() -> None:
+    from gemmascope.suite import SuiteConfig
+    from gemmascope.train.config import TrainFlags
+
+    cfg = SuiteConfig(out=Path("s"), train=TrainFlags(batch_size=4_000_000), train_tokens=8_000_000,
+                      cache=CacheConfig(tokens=8_000_000))  # fmt: skip
+    assert cfg.train.batch_size == 4_000_000 and cfg.train.tokens == 8_000_000
+
+
+def test_explore_answers_to_the_names_it_is_given(tmp_path: Path) -> None:
+    from gemmascope.cli import Explore
+
+    cfg = Explore(index=tmp_path / "f.sqlite", host="0.0.0.0", allow_host=["box.lan"])
+    assert cfg.allow_host == ["box.lan"]
+    with pytest.raises(ValueError, match="`port` must be <= 65535"):
+        Explore(index=tmp_path / "f.sqlite", port=70_000)

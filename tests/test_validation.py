@@ -260,14 +260,26 @@ def test_index_refuses_to_overwrite_a_file_it_did_not_write(tmp_path: Path) -> N
 
 # --- 10: leftovers of killed writes are cleaned; files get the usual mode ---------------------------
 def test_a_killed_atomic_write_leaves_nothing_the_next_write_keeps(tmp_path: Path) -> None:
-    from gemmascope.common.files import atomic_dir
+    import os
+    import subprocess
 
-    stale = tmp_path / ".sae.abc123.tmp"
-    stale.mkdir()
-    (stale / "big.bin").write_bytes(b"0" * 1000)
-    with atomic_dir(tmp_path / "sae") as tmp:
+    from gemmascope.common import files
+
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    dead = proc.pid
+    killed = tmp_path / f".sae.{files._HOST}-{dead}.abcd1234.tmp"  # a killed save of ours
+    old = tmp_path / ".sae.zyxw9876.tmp"  # from before pids were recorded, a day old
+    live = tmp_path / f".sae.{files._HOST}-{os.getpid()}.live0000.tmp"  # a write still going on
+    sibling = tmp_path / f".sae.partial.{files._HOST}-{dead}.abcd1234.tmp"  # another file's
+    for folder in (killed, old, live, sibling):
+        folder.mkdir()
+        (folder / "big.bin").write_bytes(b"0" * 1000)
+    os.utime(old, (0, 0))
+    with files.atomic_dir(tmp_path / "sae") as tmp:
         (tmp / "cfg.json").write_text("{}")
-    assert not stale.exists() and (tmp_path / "sae" / "cfg.json").exists()
+    assert not killed.exists() and not old.exists()
+    assert live.exists() and sibling.exists() and (tmp_path / "sae" / "cfg.json").exists()
 
 
 def test_weight_files_get_the_same_mode_as_their_config(tmp_path: Path) -> None:
@@ -389,6 +401,6 @@ def test_a_batch_that_cannot_fit_in_memory_is_refused(monkeypatch: pytest.Monkey
     from gemmascope import models
 
     monkeypatch.setattr(models, "available_memory", lambda: 10 << 20)  # 10 MiB free
-    with pytest.raises(ValueError, match="lower --batch-size or --context-size"):
+    with pytest.raises(ValueError, match="lower the sequences per forward"):
         models.check_forward(build_tiny("gemma3"), 512, 64)
     models.check_forward(build_tiny("gemma3"), 1, 16)  # a small one fits

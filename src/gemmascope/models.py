@@ -137,10 +137,11 @@ def check_forward(model: nn.Module, batch_size: int, context_size: int) -> None:
     need, have = scores + hidden, available_memory()
     if param.device.type == "cpu" and need > 0.8 * have:
         raise ValueError(
-            f"a forward of --batch-size {batch_size} sequences of --context-size {context_size:,} "
+            f"a forward of {batch_size} sequences of --context-size {context_size:,} "
             f"tokens needs about {need / 2**30:,.1f} GiB (attention scores alone "
-            f"{scores / 2**30:,.1f} GiB) but {have / 2**30:,.1f} GiB is free; lower --batch-size "
-            "or --context-size"
+            f"{scores / 2**30:,.1f} GiB) but {have / 2**30:,.1f} GiB is free; lower the sequences "
+            "per forward (--batch-size of cache, eval and index; --model-batch-size of suite) or "
+            "--context-size"
         )
 
 

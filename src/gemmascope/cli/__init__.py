@@ -16,7 +16,7 @@ import typer
 import gemmascope
 from gemmascope.activations import CacheConfig
 from gemmascope.cli.flags import command, fail
-from gemmascope.common.config import nested, option
+from gemmascope.common.config import check, nested, option
 from gemmascope.evaluate.job import EvalJob
 from gemmascope.explore.index import IndexConfig
 from gemmascope.suite.config import SuiteConfig
@@ -66,6 +66,9 @@ class SAESource:
     sae_id: str | None = None
     """Which SAE of a folder or repo holding several."""
 
+    def __post_init__(self) -> None:
+        check(self)
+
 
 @command(app.command("sae-info"), SAESource)
 def sae_info(cfg: SAESource) -> None:
@@ -86,6 +89,9 @@ class Folder:
     source: str = option(positional=True)
     """A folder or Hugging Face repo id."""
 
+    def __post_init__(self) -> None:
+        check(self)
+
 
 @command(app.command("list-saes"), Folder)
 def list_saes(cfg: Folder) -> None:
@@ -105,6 +111,9 @@ class Convert:
     """saelens, gemmascope, npz, sparsify, dictionary_learning or gemmascope2."""
     sae_id: str | None = None
     """Which SAE of a folder or repo holding several."""
+
+    def __post_init__(self) -> None:
+        check(self)
 
 
 @command(app.command("convert"), Convert)
@@ -135,6 +144,7 @@ class ModelRun:
             raise ValueError(
                 "--text and --layer go together: pass both to read activations, or neither"
             )
+        check(self)
 
 
 @command(app.command("model"), ModelRun)
@@ -240,17 +250,24 @@ class Explore:
     """An index written by `gemmascope index`."""
     host: str = "127.0.0.1"
     """Address to bind; anything but localhost exposes it to others."""
-    port: int = 8000
+    port: int = option(8000, ge=1, le=65535)
     """Port to listen on."""
+    allow_host: list[str] = option(default_factory=list)
+    """More names the explorer answers to, as others type them in the address bar (with --host
+    0.0.0.0, this machine's name or address on the network)."""
     device: str = "auto"
     """Torch device for the model and SAE, loaded on first use."""
+
+    def __post_init__(self) -> None:
+        check(self)
 
 
 @command(app.command("explore"), Explore)
 def explore(cfg: Explore) -> None:
     """Browse an index in a local web app: features, "what fires here" and steering.
 
-    Only requests to 127.0.0.1, localhost, ::1 or the --host are served (against DNS rebinding).
+    Only requests naming 127.0.0.1, localhost, ::1, the --host or an --allow-host are served
+    (a web page elsewhere cannot reach it through DNS rebinding).
     """
     try:
         import uvicorn
@@ -262,8 +279,9 @@ def explore(cfg: Explore) -> None:
     from gemmascope.common.devices import resolve_device
 
     web = create_app(
-        cfg.index, device=str(resolve_device(cfg.device)), hosts=(*DEFAULT_HOSTS, cfg.host)
-    )
+        cfg.index, device=str(resolve_device(cfg.device)),
+        hosts=(*DEFAULT_HOSTS, cfg.host, *cfg.allow_host),
+    )  # fmt: skip
     if cfg.host not in ("127.0.0.1", "localhost", "::1"):
         typer.secho(
             f"warning: serving on {cfg.host}: the explorer has no login, so anyone who can reach "
@@ -284,6 +302,9 @@ class Report:
     """Report folder: index.html and its PNG figures."""
     title: str = ""
     """Page title (default: the models evaluated)."""
+
+    def __post_init__(self) -> None:
+        check(self)
 
 
 @command(app.command("report"), Report)
@@ -312,6 +333,9 @@ class Publish:
     """Hub id of the model the SAEs read (default: from the SAEs' config)."""
     overwrite: bool = False
     """Replace OUT if it exists and is not empty."""
+
+    def __post_init__(self) -> None:
+        check(self)
 
 
 @command(app.command("publish"), Publish)
@@ -357,6 +381,9 @@ def suite(run: SuiteRun) -> None:
 class SuiteFolder:
     folder: Path = option(positional=True)
     """A suite folder (`gemmascope suite --out`)."""
+
+    def __post_init__(self) -> None:
+        check(self)
 
 
 @command(suite_app.command("status"), SuiteFolder)

@@ -61,13 +61,15 @@ def nested(
     rename: dict[str, str] | None = None,
     hide: Iterable[str] = (),
     defaults: dict[str, Any] | None = None,
+    aliases: bool = True,
 ) -> Any:
     """A field holding a whole config `cls`, whose fields are flags `{prefix}_{name}` (`name`
-    without a prefix), or the names in `rename`; `hide` names those the holder sets itself, and
-    `defaults` replaces some of `cls`'s defaults here."""
+    without a prefix), or the names in `rename`; `hide` names those the holder sets itself,
+    `defaults` replaces some of `cls`'s defaults here, and `aliases=False` drops the other names
+    (such as `--dtype`) its fields have on their own command."""
     defaults = dict(defaults or {})
-    meta = {"nested": {"prefix": prefix, "rename": dict(rename or {}), "hide": tuple(hide),
-                       "defaults": defaults}}  # fmt: skip
+    meta = {"nested": {"cls": cls, "prefix": prefix, "rename": dict(rename or {}),
+                       "hide": tuple(hide), "defaults": defaults, "aliases": aliases}}  # fmt: skip
     return dataclasses.field(default_factory=functools.partial(cls, **defaults), metadata=meta)
 
 
@@ -140,6 +142,7 @@ def _leaves(
     rename: dict[str, str],
     hide: tuple[str, ...],
     defaults: dict[str, Any] | None = None,
+    aliases: bool = True,
 ) -> list[Leaf]:
     docs, types_ = field_docs(cls), hints(cls)
     own = {f.name for f in dataclasses.fields(cls)}
@@ -149,14 +152,15 @@ def _leaves(
             continue
         if "nested" in f.metadata:
             n = f.metadata["nested"]
-            shared = tuple(name for name in _field_names(types_[f.name]) if name in own)
-            out += _leaves(types_[f.name], (*path, f.name), n["prefix"], n["rename"],
-                           (*n["hide"], *shared), n["defaults"])  # fmt: skip
+            shared = tuple(name for name in _field_names(n["cls"]) if name in own)
+            out += _leaves(n["cls"], (*path, f.name), n["prefix"], n["rename"],
+                           (*n["hide"], *shared), n["defaults"], n["aliases"])  # fmt: skip
             continue
         name = rename.get(f.name) or (f"{prefix}_{f.name}" if prefix else f.name)
         default = f.default if f.default_factory is MISSING else f.default_factory()
         default = (defaults or {}).get(f.name, default)
-        flags = tuple(f.metadata.get("flags", ())) if not prefix and f.name not in rename else ()
+        keep_aliases = aliases and not prefix and f.name not in rename
+        flags = tuple(f.metadata.get("flags", ())) if keep_aliases else ()
         out.append(Leaf(name, (*path, f.name), types_[f.name], default, docs.get(f.name, ""),
                         flags, bool(f.metadata.get("positional")),
                         default is MISSING or bool(f.metadata.get("required"))))  # fmt: skip
@@ -183,12 +187,11 @@ def build(cls: type, values: dict[str, Any]) -> Any:
 
 
 def _make(cls: type, tree: dict[str, Any]) -> Any:
-    types_ = hints(cls)
     kwargs = {}
     for f in dataclasses.fields(cls):
         if "nested" in f.metadata:
             given = {**f.metadata["nested"]["defaults"], **tree.get(f.name, {})}
-            kwargs[f.name] = _make(types_[f.name], given)
+            kwargs[f.name] = _make(f.metadata["nested"]["cls"], given)
         elif f.name in tree:
             kwargs[f.name] = tree[f.name]
     return cls(**kwargs)
@@ -201,6 +204,8 @@ def flat(cfg: Any) -> dict[str, Any]:
         value = cfg
         for key in leaf.path:
             value = getattr(value, key)
+        if isinstance(value, tuple):
+            value = list(value)
         out[leaf.name] = str(value) if isinstance(value, Path) else value
     return out
 

@@ -14,7 +14,9 @@ import json
 import os
 import re
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,18 +37,32 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+_HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())[:32] or "host"
+_STALE_SECONDS = 24 * 3600
+"""A leftover another machine (a shared disk) or an older version wrote is removed after this long."""
+
+
 def _tmp_prefix(path: Path) -> str:
-    """Temp names carry the writer's pid, so the leftovers of a killed writer can be told apart."""
-    return f".{path.name}.{os.getpid()}."
+    """Temp names carry the writer's host and pid, so a killed writer's leftovers are told apart
+    from a live one's."""
+    return f".{path.name}.{_HOST}-{os.getpid()}."
 
 
 def _clear_leftovers(path: Path) -> None:
-    """Remove what killed writes to `path` left beside it (`.NAME.PID.*.tmp` of a dead PID, or of
-    the older form without one), which nothing else would ever remove."""
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.(?:(\d+)\.)?.*\.tmp")
+    """Remove what killed writes to `path` left beside it, which nothing else would remove: a
+    `.NAME.HOST-PID.XXXXXXXX.tmp` of this host whose PID is gone, or any other leftover of exactly
+    `path`'s name older than a day (another host's, or one from before pids were recorded)."""
+    ours = re.compile(rf"\.{re.escape(path.name)}\.(\w+)-(\d+)\.\w{{8}}\.tmp")
+    legacy = re.compile(rf"\.{re.escape(path.name)}\.\w{{8}}\.tmp")
     for other in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        m = pattern.fullmatch(other.name)
-        if m is None or (m.group(1) is not None and _alive(int(m.group(1)))):
+        m = ours.fullmatch(other.name)
+        if m is not None and m.group(1) == _HOST:
+            stale = not _alive(int(m.group(2)))
+        elif m is not None or legacy.fullmatch(other.name):
+            stale = time.time() - other.stat().st_mtime > _STALE_SECONDS
+        else:
+            continue  # another file's temp (`.NAME.partial.…`), or not ours at all
+        if not stale:
             continue
         if other.is_dir():
             shutil.rmtree(other, ignore_errors=True)

@@ -261,7 +261,9 @@ def _existing(cfg: IndexConfig) -> dict[str, Any] | None:
     if not cfg.out.exists():
         return None
     try:
-        with contextlib.closing(sqlite3.connect(f"file:{cfg.out}?mode=ro", uri=True)) as db:
+        with contextlib.closing(
+            sqlite3.connect(cfg.out.resolve().as_uri() + "?mode=ro", uri=True)
+        ) as db:
             meta = {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM meta")}
     except (sqlite3.Error, ValueError):
         meta = {}

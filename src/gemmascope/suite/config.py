@@ -14,15 +14,23 @@ from gemmascope.common.devices import check_device
 from gemmascope.common.units import Bytes, Count, Width
 from gemmascope.corpus import EVAL_FRACTION
 from gemmascope.evaluate.config import EvalConfig
-from gemmascope.train.config import TrainConfig
+from gemmascope.train.config import TrainConfig, TrainFlags
 
-RUNTIME = ("out", "device", "keep_cache", "disk_budget", "cache_verify")
+RUNTIME = (
+    "out", "device", "keep_cache", "disk_budget", "cache_verify", "log_every", "parallel",
+    "checkpoint_every",
+)  # fmt: skip
 """Flags that may change between a run and its resume: they do not change the result."""
 
 
 @dataclass
 class SuiteConfig:
-    """A `gemmascope suite` run: the grid of SAEs, how long to train them, and where the suite goes."""
+    """A `gemmascope suite` run: the grid of SAEs, how long to train them, and where the suite goes.
+
+    `model`, `corpus`, `text_column`, `eval_fraction`, `context_size`, `device` and `seed` are the
+    suite's own: they replace those of the `cache`, `train` and `eval` configs it holds, as
+    `model_batch_size` replaces their batch sizes of sequences (the command line has one flag each).
+    """
 
     out: Path
     """Suite folder; rerunning the same command resumes it."""
@@ -68,7 +76,7 @@ class SuiteConfig:
         hide=("out", "layers", "sites", "split", "batch_size"), defaults={"tokens": 2_000_000},
     )  # fmt: skip
     """How each group of layers is cached (`--tokens` per (layer, site), `--cache-dtype`, ...)."""
-    train: TrainConfig = nested(TrainConfig, hide=("tokens",))
+    train: TrainConfig = nested(TrainFlags, hide=("tokens",), aliases=False)
     """How every SAE trains (`--lr`, `--batch-size`, `--center`, ...)."""
     eval: EvalConfig = nested(
         EvalConfig, prefix="eval", rename={"ablations": "ablations"}, hide=("split", "batch_size"),
@@ -99,7 +107,8 @@ class SuiteConfig:
                 f"than one training batch (`batch_size`={batch:,}); ask for more tokens or a "
                 "smaller batch"
             )
-        self.train = dataclasses.replace(self.train, tokens=self.train_tokens, dataset=self.corpus)
+        given = {f.name: getattr(self.train, f.name) for f in dataclasses.fields(TrainConfig)}
+        self.train = TrainConfig(**{**given, "tokens": self.train_tokens, "dataset": self.corpus})
 
     def train_config(self) -> TrainConfig:
         """The `TrainConfig` every (layer, site) of the suite trains with."""

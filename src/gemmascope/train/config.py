@@ -147,11 +147,15 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check(self)
+        check_device(self.device)
+        self.check_run()
+
+    def check_run(self) -> None:
+        """What the fields must hold together: a run of at least one batch."""
         if self.tokens < self.batch_size:
             raise ValueError(
                 f"`tokens`={self.tokens} is less than one batch (`batch_size`={self.batch_size})"
             )
-        check_device(self.device)
 
     @property
     def steps(self) -> int:
@@ -166,6 +170,15 @@ class TrainConfig:
     def coefficient_at(self, step: int, final: float) -> float:
         warm = min(self.l0_warmup_steps, max(1, self.steps // 4))
         return final * min(1.0, step / warm)
+
+
+@dataclass
+class TrainFlags(TrainConfig):
+    """`TrainConfig` as flags: each value checked alone. A sweep file's options (`train`) or the
+    suite (`suite`) complete them into the `TrainConfig` that runs, which checks them together."""
+
+    def check_run(self) -> None:
+        pass
 
 
 @dataclass

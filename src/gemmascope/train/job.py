@@ -11,7 +11,7 @@ from pathlib import Path
 from gemmascope.common import distributed
 from gemmascope.common.config import nested, option
 from gemmascope.sae import SAE
-from gemmascope.train.config import Grid, SAESpec, TrainConfig, load_sweep
+from gemmascope.train.config import Grid, SAESpec, TrainConfig, TrainFlags, load_sweep
 from gemmascope.train.loop import train
 
 
@@ -31,7 +31,7 @@ class TrainJob:
     """Corpus when streaming from the model."""
     grid: Grid = nested(Grid)
     """The SAEs given by flags."""
-    train: TrainConfig = nested(TrainConfig)
+    train: TrainConfig = nested(TrainFlags)
     """Hyper-parameters every SAE shares."""
     resume: bool = False
     """Continue the run in --out from its checkpoint."""
