@@ -108,7 +108,7 @@ else:
         batch_size=500,
         lr=2e-3,
         encoder_init_scale=0.1,  # the short-run options of `make demo` (README, Training)
-        center=True,
+        standardize=True,
         model="gemma-3-270m",
         dataset="default",
         context_size=256,
