@@ -243,6 +243,17 @@ def load_model(
     return model, tokenizer
 
 
+def given_or_loaded(
+    name: str, model: Any, tokenizer: Any, *, device: str | torch.device, caller: str
+) -> tuple[Any, Any]:
+    """`(model, tokenizer)` as a caller was handed them (tests, benchmarks), else loaded by name."""
+    if (model is None) != (tokenizer is None):
+        raise ValueError(f"{caller} got only one of `model` and `tokenizer`; pass both, or neither")
+    if model is None:
+        model, tokenizer = load_model(name, device=device)
+    return model, tokenizer
+
+
 def _embedded_folder() -> Path:
     """The converted embedded model in the cache, converting it first if missing or stale."""
     try:

@@ -53,10 +53,8 @@ def build_cache(
 
     device = resolve_device(cfg.device)
     distributed.init(device)
-    if model is None:
-        model, tokenizer = models.load_model(cfg.model, device=device)
-    elif tokenizer is None:
-        raise ValueError("build_cache got a `model` but no `tokenizer`; pass both, or neither")
+    model, tokenizer = models.given_or_loaded(cfg.model, model, tokenizer, device=device,
+                                              caller="build_cache")  # fmt: skip
     info = models.model_info(model)
     keys = [
         (layer, site)

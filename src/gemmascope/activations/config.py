@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from gemmascope.common.config import check, flat, option
+from gemmascope.common.config import check, option
 from gemmascope.common.devices import check_device
 from gemmascope.common.units import Count
 from gemmascope.corpus import EVAL_FRACTION, fingerprint
@@ -89,8 +89,3 @@ def corpus_identity(cfg: CacheConfig) -> dict[str, Any]:
         "split": cfg.split,
         "eval_fraction": cfg.eval_fraction,
     }
-
-
-def config_dict(cfg: CacheConfig) -> dict[str, Any]:
-    """The run config as JSON-ready values (what the manifest records)."""
-    return flat(cfg)

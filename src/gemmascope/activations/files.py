@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from gemmascope.activations.config import CacheConfig, config_dict, corpus_identity, model_identity
+from gemmascope.activations.config import CacheConfig, corpus_identity, model_identity
 from gemmascope.activations.stream import Chunk, site_dir
+from gemmascope.common.config import flat
 from gemmascope.common.files import atomic_file, read_versioned, sha256_file, write_json
 from gemmascope.models import SiteKey
 
@@ -100,7 +101,7 @@ def open_manifest(
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "identity": identity,
                     "shard_tokens": shard_tokens, "shards": []}  # fmt: skip
     done = sum(s["tokens"] for s in manifest["shards"])
-    manifest.update(tokens=cfg.tokens, complete=done == cfg.tokens, config=config_dict(cfg),
+    manifest.update(tokens=cfg.tokens, complete=done == cfg.tokens, config=flat(cfg),
                     model_path=getattr(model.config, "name_or_path", None) or None,
                     tokenizer_name=getattr(tokenizer, "name_or_path", None))  # fmt: skip
     return manifest

@@ -6,19 +6,7 @@ the same numbers, whether a run starts from zero, resumes, or stops at another t
 collected positions (all but BOS/EOS/pad unless `keep_special`) form one *stream*; a cache stores
 stream positions [0, tokens) in shards of `shard_tokens`.
 
-Cache layout (`OUT/`):
-
-    manifest.json                      what was cached and how; names only complete shards
-    tokens/shard-00000.safetensors     token_ids [n] int32, sequence [n] int64, position [n] int32,
-                                       sequences [s, context_size] int32, sequence_ids [s] int64
-    L03.resid_post/shard-00000.safetensors   activations [n, width] in the cache dtype
-    ...
-
-Row i of every file of a shard is the same token: `token_ids[i]` sits at `position[i]` of global
-sequence `sequence[i]`, whose full tokens are the row of `sequences` where `sequence_ids` matches, so
-any activation traces back to its text. Each shard file is written atomically, then the manifest is
-rewritten atomically; a killed run resumes from the first missing shard and ends with exactly the
-requested number of tokens.
+The cache that stores the stream is laid out in the package docstring (`gemmascope.activations`).
 """
 
 from __future__ import annotations

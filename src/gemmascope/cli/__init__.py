@@ -199,11 +199,11 @@ def cache(cfg: CacheConfig) -> None:
     import json
 
     from gemmascope.activations import build_cache
-    from gemmascope.activations.config import config_dict
+    from gemmascope.common.config import flat
     from gemmascope.common.distributed import is_main
 
     if is_main():  # under torchrun, one rank speaks
-        typer.echo(json.dumps(config_dict(cfg)), err=True)
+        typer.echo(json.dumps(flat(cfg)), err=True)
     build_cache(cfg)
     if is_main():
         typer.echo(f"cache complete: {cfg.tokens:,} tokens in {cfg.out}")

@@ -38,7 +38,7 @@ from gemmascope.explore.lens import logit_lens
 from gemmascope.explore.stats import FeatureStats
 from gemmascope.explore.store import FORMAT as INDEX_FORMAT
 from gemmascope.explore.store import write_index
-from gemmascope.models import check_forward
+from gemmascope.models import check_forward, given_or_loaded
 from gemmascope.sae import SAE
 
 
@@ -160,7 +160,8 @@ def build_index(
     skip = special_ids(tokenizer)
     docs = iter_documents(cfg.corpus, cfg.split, text_column=cfg.text_column)
     sequences = itertools.islice(pack_sequences(docs, tokenizer, cfg.context_size), n_seq)
-    bar = _index_bar(math.ceil(n_seq / cfg.batch_size), done, progress)
+    bar = progress_bar(math.ceil(n_seq / cfg.batch_size), initial=done, unit="chunk", desc="index",
+                       enabled=progress)  # fmt: skip
     saved_at, saved, seen = time.monotonic(), done, 0
     try:
         for chunk, batch in enumerate(_batched(sequences, cfg.batch_size)):
@@ -218,19 +219,13 @@ def _index_chunk(
 
 
 def _load(cfg: IndexConfig, model: Any, tokenizer: Any, sae: SAE | None) -> tuple[Any, Any, SAE]:
-    if (model is None) != (tokenizer is None):
-        raise ValueError(
-            "build_index got only one of `model` and `tokenizer`; pass both, or neither"
-        )
     device = resolve_device(cfg.device)
     if sae is None:
         from gemmascope import io
 
         sae = io.load(cfg.sae_source, cfg.sae_id, device=device)
-    if model is None:
-        from gemmascope.models import load_model
-
-        model, tokenizer = load_model(cfg.model, device=device)
+    model, tokenizer = given_or_loaded(cfg.model, model, tokenizer, device=device,
+                                       caller="build_index")  # fmt: skip
     return model, tokenizer, sae.eval()
 
 
@@ -343,7 +338,3 @@ def _batched(items: Iterable[np.ndarray], n: int) -> Iterator[list[np.ndarray]]:
     it = iter(items)
     while batch := list(itertools.islice(it, n)):
         yield batch
-
-
-def _index_bar(total: int, done: int, enabled: bool) -> Any:
-    return progress_bar(total, initial=done, unit="chunk", desc="index", enabled=enabled)

@@ -65,10 +65,8 @@ def build_suite(
     show = (echo or _stderr) if distributed.is_main() else _silent
     device = resolve_device(cfg.device)
     distributed.init(device)
-    if model is None:
-        model, tokenizer = models.load_model(cfg.model, device=device)
-    elif tokenizer is None:
-        raise ValueError("build_suite got a `model` but no `tokenizer`; pass both, or neither")
+    model, tokenizer = models.given_or_loaded(cfg.model, model, tokenizer, device=device,
+                                              caller="build_suite")  # fmt: skip
     info = models.model_info(model)
     layers = models.parse_layers(cfg.layers, info.n_layers)
     for layer in layers:

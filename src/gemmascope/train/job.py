@@ -11,7 +11,7 @@ from pathlib import Path
 from gemmascope.common import distributed
 from gemmascope.common.config import nested, option
 from gemmascope.sae import SAE
-from gemmascope.train.config import Grid, SAESpec, TrainConfig, TrainFlags, load_sweep
+from gemmascope.train.config import Grid, TrainConfig, TrainFlags, load_sweep
 from gemmascope.train.loop import train
 
 
@@ -82,11 +82,4 @@ def run_job(job: TrainJob) -> dict[str, SAE]:
     if distributed.is_main():  # under torchrun, one rank speaks
         print(f"training {len(specs)} SAE(s) on {cfg.tokens:,} tokens: {dataclasses.asdict(cfg)}",
               file=sys.stderr)  # fmt: skip
-    return train(_checked(specs), data.batches, cfg, job.out, resume=job.resume)
-
-
-def _checked(specs: list[SAESpec]) -> list[SAESpec]:
-    names = [s.name for s in specs]
-    if len(set(names)) != len(names):
-        raise ValueError(f"two SAEs in the sweep share a name: {sorted(names)}")
-    return specs
+    return train(specs, data.batches, cfg, job.out, resume=job.resume)
