@@ -26,7 +26,7 @@ demo: $(STAMP)
 	$(GS) model --text "$(DEMO_TEXT)" --layer 6 --site resid_post
 	$(GS) cache --layers 6 --sites resid_post --tokens 200k --out $(DEMO_OUT)/cache
 	$(GS) train --activations $(DEMO_OUT)/cache --layers 6 --sites resid_post --widths 4k --target-l0 50 \
-	    --tokens 800k --batch-size 1024 --lr 2e-3 --encoder-init-scale 0.1 --standardize --resume --out $(DEMO_OUT)/sae
+	    --tokens 800k --batch-size 1024 --resume --out $(DEMO_OUT)/sae
 	$(GS) eval $(DEMO_OUT)/sae --tokens 10k --out $(DEMO_OUT)/results.json
 	$(GS) report $(DEMO_OUT)/results.json --out $(DEMO_OUT)/report
 	@echo "report: $(DEMO_OUT)/report/index.html"

@@ -79,6 +79,7 @@ class Ours:
             tokens=args.steps * args.batch, batch_size=args.batch, lr=args.lr, lr_warmup_steps=args.warmup,
             l0_warmup_steps=args.warmup, matmul_dtype=dtype, log_every=10**9,
             encoder_init_scale=args.encoder_init_scale,
+            threshold_lr=1.0, frequency_penalty=0.0,  # the peers' settings: SAELens has neither
         )  # fmt: skip
         self.lam = (
             lam if target_l0 is None else 1.0

@@ -63,7 +63,8 @@ def ours(arch: str, train_x, test_x, args) -> Result:
         {"l0_coefficient": args.lam} if arch == "jumprelu" else {"k": args.k}))  # fmt: skip
     cfg = TrainConfig(tokens=args.steps * args.batch, batch_size=args.batch, lr=args.lr,
                       lr_warmup_steps=args.warmup, l0_warmup_steps=args.warmup,
-                      encoder_init_scale=0.1, center=True,  # our short-run options (README, Training)
+                      encoder_init_scale=0.1, center=True,  # the options of bench/RESULTS.md's run,
+                      threshold_lr=1.0, frequency_penalty=0.0,  # from before today's defaults
                       log_every=10**9, checkpoint_every=10**9)  # fmt: skip
 
     def batches(start: int) -> Iterator[dict]:

@@ -187,7 +187,8 @@ def test_bfloat16_products_train_close_to_float32(tmp_path: Path) -> None:
             SPECS[0].name
         ]
     a, b = (saes[d].state_arrays()["W_dec"] for d in ("float32", "bfloat16"))
-    assert b.dtype == torch.float32 and (a - b).abs().max() < 0.05
+    rel = (a - b).norm(dim=1) / a.norm(dim=1)  # per latent (rows carry the folded input scale)
+    assert b.dtype == torch.float32 and rel.max() < 0.05, rel.max()
 
 
 # ---------------------------------------------------------------------------- the suite

@@ -15,7 +15,13 @@ CASES = [
     ("relu", {"coefficient": 0.1}),
     ("topk", {"k": 4}),
     ("batchtopk", {"k": 4}),
-]
+    # Matryoshka prefixes, and Gemma Scope 2's penalty on latents firing on over 5% of tokens
+    ("jumprelu", {"coefficient": 0.3, "target_l0": 5, "prefixes": (8, 24),
+                  "frequency_coefficient": 2.0, "max_frequency": 0.05}),
+    ("relu", {"coefficient": 0.1, "prefixes": (16,)}),
+    ("topk", {"k": 4, "prefixes": (8, 32)}),
+    ("batchtopk", {"k": 4, "prefixes": (1, 63)}),
+]  # fmt: skip
 
 
 def _params(d=16, m=64, seed=0) -> Params:

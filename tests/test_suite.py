@@ -301,11 +301,12 @@ def test_a_suite_made_before_a_config_field_existed_resumes(
     from gemmascope.suite.manifest import open_manifest
 
     old = read_manifest(full)
-    del old["identity"]["standardize"]  # as a suite.json from before --standardize
+    del old["identity"]["standardize"]  # as a suite.json from before --standardize: off then
     copy = tmp_path / "old"
     copy.mkdir()
     (copy / "suite.json").write_text(json.dumps(old))
     cfg = dataclasses.replace(_config(full, tiny_folder, corpus), out=copy)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, standardize=False))
     assert open_manifest(cfg) == old
     with pytest.raises(ValueError, match="standardize: suite has False, this run True"):
         open_manifest(

@@ -304,6 +304,33 @@ def test_cli_standardize_reaches_the_trainer_and_the_exported_sae(tmp_path, tiny
     assert sae.cfg.extra["train_config"]["standardize"]
 
 
+def test_cli_gemma_scope_2_options_reach_the_spec(tmp_path, tiny_folder):
+    """`--l0-size` resolves with the cache's layer count; `--matryoshka` and `--frequency-penalty`
+    reach the SAE's recorded spec and config."""
+    from typer.testing import CliRunner
+
+    from gemmascope.cli import app
+    from gemmascope.train import named_l0
+
+    corpus, cache = tmp_path / "words.txt", tmp_path / "cache"
+    corpus.write_text(" ".join(f"w{3 + i % 60}" for i in range(3000)))
+    result = CliRunner().invoke(app, ["cache", "--model", str(tiny_folder), "--layers", "1",
+                                      "--tokens", "1024", "--corpus", str(corpus),
+                                      "--context-size", "16", "--out", str(cache)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(app, ["train", "--activations", str(cache), "--layers", "1",
+                                      "--widths", "64", "--l0-size", "small", "--matryoshka", "16",
+                                      "--frequency-penalty", "0.2", "--tokens", "512",
+                                      "--batch-size", "128", "--out", str(tmp_path / "run")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    (folder,) = [p.parent for p in (tmp_path / "run").rglob("cfg.json")]
+    assert folder.name == "layer_1_resid_post_w64_jumprelu_matryoshka_l0_small"
+    extra = io.load(folder).cfg.extra
+    n_layers = json.loads((cache / "manifest.json").read_text())["identity"]["model"]["n_layers"]
+    assert extra["spec"]["target_l0"] == named_l0("small", 1, n_layers)
+    assert extra["spec"]["matryoshka"] == [16] and extra["train_config"]["frequency_penalty"] == 0.2
+
+
 def test_toml_sweeps_read_on_python_3_10_through_tomli(tmp_path, monkeypatch):
     """Python 3.10 has no `tomllib`; the same parser comes as `tomli` (a dependency there)."""
     import sys
@@ -347,3 +374,105 @@ def test_docs_named_in_docstrings_exist():
     }
     missing = sorted(n for n in named if not (root / n).exists())
     assert not missing, missing
+
+
+def test_named_l0_sizes_are_gemma_scope_2s_per_layer_targets(tmp_path):
+    """The targets Gemma Scope 2 lists for its Gemma 3 releases (its config.json `l0` values)."""
+    from gemmascope.train import named_l0
+
+    assert [named_l0("small", layer, 18) for layer in range(8)] == [10, 11, 13, 15, 16, 18, 20, 20]
+    assert [named_l0("big", layer, 18) for layer in range(7)] == [60, 70, 80, 90, 100, 110, 120]
+    assert named_l0("medium", 12, 48) == 52  # gemma-3-12b layer 12
+    assert named_l0("medium", 22, 26) == 60 and named_l0("small", 13, 26) == 20  # gemma-3-1b
+    spec = SAESpec(3, "resid_post", 256, l0_size="small")
+    assert spec.name.endswith("_l0_small") and spec.target_l0 is None
+    assert spec.resolve(18).target_l0 == 15
+    with pytest.raises(ValueError, match="layer count"):
+        train([spec], tensor_batches({SITE: sparse_data(n=1024)}, 512),
+              TrainConfig(tokens=1024, **FAST), tmp_path, progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match="unknown `l0_size`"):
+        SAESpec(3, "resid_post", 256, l0_size="huge")
+
+
+def test_recipes_fill_the_options_left_unset():
+    short, paper = TrainConfig(), TrainConfig(recipe="paper")
+    assert (short.lr, short.threshold_lr, short.encoder_init_scale, short.standardize) == (
+        2e-3, 10.0, 0.1, True)  # fmt: skip
+    assert (paper.lr, paper.threshold_lr, paper.encoder_init_scale, paper.standardize) == (
+        7e-5, 1.0, 1.0, False)  # fmt: skip
+    assert TrainConfig(recipe="paper", lr=1e-3).lr == 1e-3  # a value given wins
+    assert TrainConfig(center=True).standardize is False  # centring alone, as asked
+    # the frequency ceiling never fights a narrow SAE's target: at least 4 x target / width
+    from gemmascope.train.state import new_run
+
+    assert new_run(SAESpec(0, "x", 4096, target_l0=50), 8, short, 0).objective.max_frequency == 0.1
+    assert new_run(SAESpec(0, "x", 64, target_l0=8), 8, short, 0).objective.max_frequency == 0.5
+
+
+def test_a_sweep_files_recipe_is_not_overridden_by_flag_defaults(tmp_path, monkeypatch):
+    """Flags left unset must not carry the short recipe's values over a file's `recipe: paper`."""
+    import gemmascope.train.job as job_module
+    from gemmascope.train import Grid
+    from gemmascope.train.job import TrainFlags, TrainJob, run_job
+
+    made = []
+
+    class Recorded(TrainConfig):
+        def __post_init__(self):
+            super().__post_init__()
+            made.append(self)
+
+    monkeypatch.setattr(job_module, "TrainConfig", Recorded)
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text("train: {tokens: 1024, batch_size: 256, recipe: paper}\n")
+    grid = Grid(layers="0", widths=[64], k=[4], architecture="topk")
+    for flags, given, lr in ((TrainFlags(), set(), 7e-5), (TrainFlags(lr=1e-3), {"lr"}, 1e-3)):
+        job = TrainJob(out=tmp_path / "run", spec=spec, grid=grid, activations=tmp_path / "acts",
+                       train=flags, given=frozenset(given))  # fmt: skip
+        with pytest.raises(FileNotFoundError):  # no cache there: the config was made by then
+            run_job(job)
+        assert (made[-1].recipe, made[-1].lr, made[-1].standardize) == ("paper", lr, False)
+
+
+def test_matryoshka_prefixes_reconstruct_on_their_own(tmp_path):
+    """The first 64 latents of a Matryoshka SAE reconstruct far better than the first 64 of a
+    plain SAE trained alike, and the whole dictionary nearly as well."""
+    x = sparse_data()
+    plain = SAESpec(0, "resid_post", 256, target_l0=6)
+    nested = SAESpec(0, "resid_post", 256, target_l0=6, matryoshka=[64])
+    cfg = TrainConfig(tokens=200_000, **FAST)
+    saes = train([plain, nested], tensor_batches({SITE: x[:30_000]}, 512), cfg, tmp_path,
+                 progress=False)  # fmt: skip
+    held_out = x[30_000:]
+
+    def prefix_fvu(sae, width):
+        with torch.no_grad():
+            z = sae.encode(held_out)[:, :width]
+            x_hat = z @ sae.W_dec[:width] + sae.b_dec
+        return float((x_hat - held_out).pow(2).sum() / (held_out - held_out.mean(0)).pow(2).sum())
+
+    a, b = saes[plain.name], saes[nested.name]
+    assert nested.name.endswith("_jumprelu_matryoshka_l0_6")
+    assert prefix_fvu(b, 64) < 0.8 * prefix_fvu(a, 64), (prefix_fvu(b, 64), prefix_fvu(a, 64))
+    assert fvu(b, held_out) < max(1.5 * fvu(a, held_out), 0.2)
+    with pytest.raises(ValueError, match="must increase and stay below the width"):
+        SAESpec(0, "resid_post", 256, target_l0=6, matryoshka=[64, 256])
+
+
+def test_frequency_penalty_keeps_latents_under_the_ceiling(tmp_path):
+    """Data with a direction present on 40% of tokens: without the penalty latents fire on up to
+    18% of tokens; with a ceiling of 10%, none fires on more than 10% (measured 9.3%)."""
+    g = torch.Generator().manual_seed(0)
+    x = sparse_data(n=20_000)
+    common = torch.randn(32, generator=g)
+    x += 5 * (torch.rand(len(x), 1, generator=g) < 0.4) * common / common.norm()
+    spec = SAESpec(0, "resid_post", 256, target_l0=6)
+    density = {}
+    for coefficient in (0.0, 1.0):
+        cfg = TrainConfig(tokens=100_000, frequency_penalty=coefficient, max_frequency=0.1, **FAST)
+        (sae,) = train([spec], tensor_batches({SITE: x}, 512), cfg, tmp_path / str(coefficient),
+                       progress=False).values()  # fmt: skip
+        with torch.no_grad():
+            density[coefficient] = (sae.encode(x) != 0).float().mean(0)
+    assert density[0.0].max() > 0.15, density[0.0].max()
+    assert density[1.0].max() <= 0.1, density[1.0].max()

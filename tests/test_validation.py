@@ -231,7 +231,7 @@ def test_resume_refuses_a_changed_config_and_names_the_fields(tmp_path: Path) ->
     with pytest.raises(KeyboardInterrupt):
         train([_spec()], dying, cfg, tmp_path, progress=False)
     changed = dataclasses.replace(cfg, lr=1e-3)
-    with pytest.raises(ValueError, match=r"lr: the run has 7e-05, this one 0.001"):
+    with pytest.raises(ValueError, match=r"lr: the run has 0.002, this one 0.001"):
         train([_spec()], tensor_batches({SITE: x}, 256), changed, tmp_path, resume=True,
               progress=False)  # fmt: skip
     with pytest.raises(ValueError, match=r"target_l0: the run has 4.0, this one 5.0"):

@@ -14,7 +14,7 @@ from gemmascope.common.devices import check_device
 from gemmascope.common.units import Bytes, Count, Width
 from gemmascope.corpus import EVAL_FRACTION
 from gemmascope.evaluate.config import EvalConfig
-from gemmascope.train.config import TrainConfig, TrainFlags
+from gemmascope.train.config import RECIPES, TrainConfig, TrainFlags
 
 RUNTIME = (
     "out", "device", "keep_cache", "disk_budget", "cache_verify", "log_every", "parallel",
@@ -120,5 +120,11 @@ class SuiteConfig:
 
 
 def identity_defaults() -> dict[str, Any]:
-    """What each identity field is when not given: a suite made before a field existed had it so."""
-    return {leaf.name: leaf.default for leaf in leaves(SuiteConfig) if leaf.name not in RUNTIME}
+    """What each identity field is when not given: a suite made before a field existed had it so
+    (the options a recipe sets had the paper's values before there were recipes)."""
+    before = {"recipe": "paper", **RECIPES["paper"]}
+    return {
+        leaf.name: before.get(leaf.name, leaf.default)
+        for leaf in leaves(SuiteConfig)
+        if leaf.name not in RUNTIME
+    }

@@ -6,11 +6,22 @@ math of a step is in `objectives` (losses and their gradients), `sparse` (kernel
 latents), `dense` (the autograd path for GPUs) and `optim` (Adam with unit-norm decoder rows).
 """
 
-from gemmascope.train.config import Grid, SAESpec, TrainConfig, expand_sweep, load_sweep
+from gemmascope.train.config import (
+    L0_SIZES,
+    RECIPES,
+    Grid,
+    SAESpec,
+    TrainConfig,
+    expand_sweep,
+    load_sweep,
+    named_l0,
+)
 from gemmascope.train.loop import Batches, tensor_batches, train
 from gemmascope.train.state import Norm, Run, estimate_norms, export
 
 __all__ = [
+    "L0_SIZES",
+    "RECIPES",
     "Batches",
     "Grid",
     "Norm",
@@ -21,6 +32,7 @@ __all__ = [
     "expand_sweep",
     "export",
     "load_sweep",
+    "named_l0",
     "tensor_batches",
     "train",
 ]

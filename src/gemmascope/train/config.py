@@ -16,6 +16,21 @@ from gemmascope.common.units import Count, Width, parse_width
 from gemmascope.models import SiteKey, parse_layers
 from gemmascope.sae import Architecture
 
+L0Size = Literal["small", "medium", "big"]
+L0_SIZES: dict[str, tuple[int, int]] = {"small": (10, 20), "medium": (30, 60), "big": (60, 120)}
+"""Gemma Scope 2's named L0 targets: (first layer, from a third of the depth on). As its releases
+list them for every model, site and width: small and big from its all-layer sets, medium from its
+four-layer sets (which use 60 -> 150 for big)."""
+
+
+def named_l0(size: str, layer: int, n_layers: int) -> int:
+    """Gemma Scope 2's target L0 `size` at `layer`: rising linearly over the first third of the
+    layers, then flat (e.g. small: 10, 11, 13, 15, 16, 18, then 20 for Gemma 3 270M)."""
+    if size not in L0_SIZES:
+        raise ValueError(f"unknown L0 size {size!r}; choose one of {list(L0_SIZES)}")
+    lo, hi = L0_SIZES[size]
+    return math.floor(lo + (hi - lo) * min(1.0, 3 * layer / n_layers))
+
 
 @dataclass
 class SAESpec:
@@ -39,16 +54,29 @@ class SAESpec:
     """Transcoder: reconstruct this site of the same layer (e.g. `mlp_out` from `resid_mid`)."""
     aux_k: int = option(0, ge=0)
     """topk/batchtopk: dead latents used by the AuxK loss (0 = off)."""
+    matryoshka: list[int] = option(default_factory=list, ge=1)
+    """Widths of nested prefixes of the dictionary that each reconstruct the input too (Matryoshka
+    training: losses summed), e.g. `[256, 1024]` for a 4k SAE. Empty: plain training."""
+    l0_size: L0Size | None = None
+    """Gemma Scope 2's named target: `target_l0` from `L0_SIZES` at this layer (see `resolve`)."""
 
     def __post_init__(self) -> None:
         check(self)
         where = f"SAE at layer {self.layer} {self.site} width {self.width}"
+        if list(self.matryoshka) != sorted(set(self.matryoshka)) or (
+            self.matryoshka and self.matryoshka[-1] >= self.width
+        ):
+            raise ValueError(
+                f"{where}: matryoshka prefixes {self.matryoshka} must increase and stay below the "
+                f"width {self.width} (the whole dictionary is always the last prefix)"
+            )
         if (
             self.architecture == "jumprelu"
             and self.l0_coefficient is None
             and self.target_l0 is None
+            and self.l0_size is None
         ):
-            raise ValueError(f"{where}: jumprelu needs `l0_coefficient` or `target_l0`")
+            raise ValueError(f"{where}: jumprelu needs `l0_coefficient`, `target_l0` or `l0_size`")
         if self.architecture in ("topk", "batchtopk") and not self.k:
             raise ValueError(f"{where}: {self.architecture} needs `k`")
         if self.architecture == "relu" and self.l0_coefficient is None:
@@ -60,6 +88,14 @@ class SAESpec:
                     f"{where}: {name}={value:g} is more than the width {self.width}: an SAE cannot "
                     "have more active latents than latents; lower it or widen the SAE"
                 )
+
+    def resolve(self, n_layers: int) -> SAESpec:
+        """This spec with `target_l0` set from its `l0_size` for a model of `n_layers` layers."""
+        if self.l0_size is None or self.target_l0 is not None:
+            return self
+        return dataclasses.replace(
+            self, target_l0=float(named_l0(self.l0_size, self.layer, n_layers))
+        )
 
     @property
     def source(self) -> SiteKey:
@@ -74,24 +110,50 @@ class SAESpec:
         arch = self.architecture
         if self.k:
             sparsity = f"k{self.k}"
+        elif self.l0_size is not None:
+            sparsity = f"l0_{self.l0_size}"
         elif self.target_l0 is not None:
             sparsity = f"l0_{self.target_l0:g}"
         else:
             sparsity = f"lambda{self.l0_coefficient:g}"
         tc = f"_to_{self.target_site}" if self.target_site else ""
-        return f"layer_{self.layer}_{self.site}{tc}_w{self.width}_{arch}_{sparsity}"
+        nested = "_matryoshka" if self.matryoshka else ""
+        return f"layer_{self.layer}_{self.site}{tc}_w{self.width}_{arch}{nested}_{sparsity}"
+
+
+RECIPES: dict[str, dict[str, float | bool]] = {
+    "short": {
+        "lr": 2e-3,
+        "threshold_lr": 10.0,
+        "encoder_init_scale": 0.1,
+        "standardize": True,
+        "frequency_penalty": 0.1,
+    },
+    "paper": {
+        "lr": 7e-5,
+        "threshold_lr": 1.0,
+        "encoder_init_scale": 1.0,
+        "standardize": False,
+        "frequency_penalty": 0.0,
+    },
+}
+"""The values each recipe gives the options left unset (`TrainConfig.recipe`)."""
 
 
 @dataclass
 class TrainConfig:
-    """Hyper-parameters shared by every SAE of a run. Defaults are Gemma Scope's (App. B)."""
+    """Hyper-parameters shared by every SAE of a run: Gemma Scope's (App. B), except the few that
+    `recipe` sets, whose defaults suit short runs unless `recipe` is `paper`."""
 
     tokens: Count = option(2_000_000, ge=1)
     """Activation vectors to train on, e.g. 2M (more than a cache holds loop over it in epochs)."""
     batch_size: int = option(4096, ge=1)
     """Activation vectors per step."""
-    lr: float = option(7e-5, gt=0)
-    """Adam learning rate (Gemma Scope's; short runs want more, e.g. 2e-3)."""
+    recipe: Literal["short", "paper"] = "short"
+    """Defaults of the options marked so: `short` (what measured best on runs of 1M tokens or
+    fewer, bench/recipe.py) or `paper` (Gemma Scope's App. B recipe as published)."""
+    lr: float | None = option(None, gt=0)
+    """Adam learning rate (recipe: short 2e-3, paper 7e-5)."""
     lr_warmup_steps: int = option(1000, ge=0)
     """Cosine warm-up from 0.1*lr; never longer than 5% of a short run."""
     l0_warmup_steps: int = option(10_000, ge=0)
@@ -104,20 +166,32 @@ class TrainConfig:
     """Width of the kernel of the JumpReLU straight-through estimator."""
     threshold_init: float = option(0.001, ge=0)
     """JumpReLU threshold at init."""
-    encoder_init_scale: float = option(1.0, gt=0)
-    """W_enc = scale * W_dec^T at init (0.1 suits short runs). The recipe's 1 starts with about half the latents firing and a
-    reconstruction ~m/(2d) times too large, which a long run forgets; 0.1 (like SAELens' 0.1 decoder
-    norm) makes the dense start a few steps long, which short runs need."""
+    threshold_lr: float | None = option(None, gt=0)
+    """Learning rate of the JumpReLU thresholds as a multiple of `lr` (recipe: short 10, paper 1).
+    The thresholds' large gradients of the dense start fill Adam's second-moment estimate and shrink
+    their later steps, so at 1 L0 is still falling when a short run ends."""
+    frequency_penalty: float | None = option(None, ge=0)
+    """Gemma Scope 2's secondary penalty (jumprelu): coefficient of sum_j max(0, f_j /
+    `max_frequency` - 1)^2, f_j the share of a batch's tokens latent j fires on, warmed up with the
+    L0 penalty (recipe: short 0.1, paper 0 = off)."""
+    max_frequency: float = option(0.1, gt=0, le=1)
+    """The firing share above which `frequency_penalty` applies; for an SAE with a target L0, never
+    under 4 x target / width (so a narrow SAE's target is not fought: 4 x 50 / 4,096 is 0.05)."""
+    encoder_init_scale: float | None = option(None, gt=0)
+    """W_enc = scale * W_dec^T at init (recipe: short 0.1, paper 1). The paper's 1 starts with
+    about half the latents firing and a reconstruction ~m/(2d) times too large, which a long run
+    forgets; 0.1 (like SAELens' 0.1 decoder norm) makes the dense start a few steps long."""
     center: bool = False
     """Subtract each site's mean, estimated with C before training and folded into b_enc and
-    b_dec after it (encodings unchanged). Not in the recipe; Gemma 3's residual stream is mostly one
-    constant direction, which otherwise costs short runs dense latents and dead ones."""
-    standardize: bool = False
-    """Subtract each site's mean and divide each dimension by its standard deviation (floored at 1%
-    of the median), estimated before training and folded into the weights after it (encodings
-    unchanged). Not in the recipe: the loss then weighs every dimension alike instead of being
-    dominated by the few massive ones of Gemma's residual stream, which the model mostly normalises
-    away (see bench/sensitivity.py). Implies `center`."""
+    b_dec after it (encodings unchanged), without `standardize` unless it is given too. Not in the
+    paper; Gemma 3's residual stream is mostly one constant direction, which otherwise costs short
+    runs dense latents and dead ones."""
+    standardize: bool | None = None
+    """Subtract each site's mean and divide each dimension by its standard deviation (floored at
+    1% of the median), estimated before training and folded into the weights after it (encodings
+    unchanged); implies `center` (recipe: short on, paper off). The loss then weighs every
+    dimension alike instead of being dominated by the few massive ones of Gemma's residual
+    stream, which the model mostly normalises away (bench/sensitivity.py)."""
     norm_batches: int = option(8, ge=1)
     """Batches used to estimate the input scale C with E||x/C||^2 = 1 before training."""
     dead_tokens: int = option(10_000_000, ge=1)
@@ -148,7 +222,16 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check(self)
         check_device(self.device)
+        self.apply_recipe()
         self.check_run()
+
+    def apply_recipe(self) -> None:
+        """Give the options left unset their `recipe`'s values (`center` asks for centring alone)."""
+        if self.center and self.standardize is None:
+            self.standardize = False
+        for name, value in RECIPES[self.recipe].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
 
     def check_run(self) -> None:
         """What the fields must hold together: a run of at least one batch."""
@@ -169,13 +252,16 @@ class TrainConfig:
 
     def coefficient_at(self, step: int, final: float) -> float:
         warm = min(self.l0_warmup_steps, max(1, self.steps // 4))
-        return final * min(1.0, step / warm)
+        return final if warm == 0 else final * min(1.0, step / warm)
 
 
 @dataclass
 class TrainFlags(TrainConfig):
     """`TrainConfig` as flags: each value checked alone. A sweep file's options (`train`) or the
     suite (`suite`) complete them into the `TrainConfig` that runs, which checks them together."""
+
+    def apply_recipe(self) -> None:
+        pass
 
     def check_run(self) -> None:
         pass
@@ -197,10 +283,14 @@ class Grid:
     """Target L0s (jumprelu), e.g. `20,50`: one SAE each."""
     l0_coefficient: list[float] = option(default_factory=list, ge=0)
     """Sparsity coefficients (lambda), e.g. `1e-3,3e-3`: one SAE each."""
+    l0_size: list[L0Size] = dataclasses.field(default_factory=list)
+    """Gemma Scope 2's named target L0s (jumprelu), e.g. `small,big`: one SAE each (docs/training.md)."""
     k: list[int] = option(default_factory=list, ge=1)
     """k values (topk/batchtopk), e.g. `32,64`: one SAE each."""
     target_site: str | None = None
     """Train transcoders: reconstruct this site of the same layer."""
+    matryoshka: list[Width] = option(default_factory=list, ge=1)
+    """Matryoshka prefixes: widths of nested prefixes that each reconstruct the input too, e.g. `256,1k`."""
 
     def __post_init__(self) -> None:
         check(self)
@@ -211,8 +301,9 @@ class Grid:
             return []
         return expand_sweep(
             parse_layers(self.layers, n_layers), self.sites, self.widths,
-            architecture=self.architecture, target_l0s=self.target_l0,
+            architecture=self.architecture, target_l0s=self.target_l0, l0_sizes=self.l0_size,
             l0_coefficients=self.l0_coefficient, ks=self.k, target_site=self.target_site,
+            matryoshka=self.matryoshka,
         )  # fmt: skip
 
 
@@ -225,17 +316,23 @@ def expand_sweep(
     l0_coefficients: Iterable[float] = (),
     target_l0s: Iterable[float] = (),
     ks: Iterable[int] = (),
+    l0_sizes: Iterable[str] = (),
     target_site: str | None = None,
     aux_k: int = 0,
+    matryoshka: Iterable[int | str] = (),
 ) -> list[SAESpec]:
-    """The grid sites x layers x widths x sparsities as specs."""
+    """The grid sites x layers x widths x sparsities as specs (named L0 sizes unresolved: see
+    `SAESpec.resolve`)."""
     sparsities = (
         [{"l0_coefficient": c} for c in l0_coefficients]
         + [{"target_l0": t} for t in target_l0s]
+        + [{"l0_size": s} for s in l0_sizes]
         + [{"k": k} for k in ks]
     )
     if not sparsities:
-        raise ValueError("give at least one sparsity: l0 coefficients, target L0s or k values")
+        raise ValueError(
+            "give at least one sparsity: l0 coefficients, target L0s, L0 sizes or k values"
+        )
     return [
         SAESpec(
             layer=layer,
@@ -244,6 +341,7 @@ def expand_sweep(
             architecture=architecture,
             target_site=target_site,
             aux_k=aux_k,
+            matryoshka=[parse_width(w) for w in matryoshka],
             **sp,
         )
         for site in sites
@@ -280,7 +378,9 @@ def load_sweep(path: str | Path) -> tuple[list[SAESpec], dict, dict]:
     specs = []
     for i, s in enumerate(data.get("saes", [])):
         try:
-            specs.append(SAESpec(**{**s, "width": parse_width(s.get("width", 0))}))
+            widths = {"width": parse_width(s.get("width", 0))}
+            widths["matryoshka"] = [parse_width(w) for w in s.get("matryoshka", [])]
+            specs.append(SAESpec(**{**s, **widths}))
         except TypeError as e:
             raise ValueError(f"{path}: saes[{i}]: {e}") from None
     if "sweep" in data:

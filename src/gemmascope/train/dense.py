@@ -9,6 +9,7 @@ same `StepStats`; tests check the two give the same gradients. It costs 10 * d *
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -121,8 +122,9 @@ def dense_forward_backward(
         if q.grad is None:
             q.grad = torch.zeros_like(q)
     mse = float(split.over_rows(t.sq.detach().clone())) / t.B
+    prefixes = float(split.over_rows(t.sq_prefixes.detach().clone())) / t.B
     return StepStats(
-        loss=mse + float(t.penalty.detach()) + t.aux,
+        loss=prefixes + float(t.penalty.detach()) + t.aux,
         mse=mse,
         fvu=mse * t.B / max(centered_sq(y, split), 1e-12),
         l0=float(t.l0.detach()),
@@ -137,6 +139,7 @@ class _Terms:
 
     loss: Tensor
     sq: Tensor  # sum of squared errors over this rank's rows
+    sq_prefixes: Tensor  # the same summed over the nested prefixes (Matryoshka; else = sq)
     penalty: Tensor
     l0: Tensor
     mask: Tensor  # (B_local, m_local) active entries
@@ -150,36 +153,48 @@ def _terms(
 ) -> _Terms:
     B = int(split.over_rows(torch.tensor(x.shape[0], device=x.device)))
     pre = _mm(x, p.W_enc, obj.matmul_dtype) + p.b_enc  # (B_local, m_local)
-    z, mask, n_active, min_selected = _dense_select(pre, p, obj, B, split)
-    partial = _mm(z, p.W_dec, obj.matmul_dtype)  # (B_local, d)
-    y_hat = _Summed.apply(partial, split.over_latents) + p.b_dec
-    sq = (y_hat - y).pow(2).sum()
-    l0 = _Summed.apply(n_active, split.over_all) / B
+    z, mask, counts, min_selected = _dense_select(pre, p, obj, B, split)
+    bounds = obj.bounds(p.W_dec.shape[0])
+    # The reconstruction of each nested prefix (Matryoshka; one prefix, the whole dictionary, else)
+    y_hat = p.b_dec
+    sqs = []
+    for lo, hi in itertools.pairwise(bounds):
+        part = _mm(z[:, lo:hi], p.W_dec[lo:hi], obj.matmul_dtype)  # (B_local, d)
+        y_hat = y_hat + (part if len(bounds) > 2 else _Summed.apply(part, split.over_latents))
+        sqs.append((y_hat - y).pow(2).sum())
+    sq = sqs[-1]
+    l0 = _Summed.apply(counts.sum(), split.over_all) / B
     if obj.architecture == "jumprelu":
         penalty = obj.l0_penalty(l0)
+        if obj.frequency_coefficient:
+            freq = _Summed.apply(counts, split.over_rows) / B  # (m_local,)
+            over = (freq / obj.max_frequency - 1).clamp(min=0)
+            penalty = penalty + obj.frequency_coefficient * _Summed.apply(
+                over.pow(2).sum(), split.over_latents
+            )
     elif obj.architecture == "relu":
         penalty = obj.coefficient * _Summed.apply(z.sum(), split.over_all) / B
     else:
         penalty = torch.zeros((), device=x.device)
-    loss = sq / B + penalty
+    loss = sum(sqs) / B + penalty
     aux = 0.0
     if obj.architecture in ("topk", "batchtopk") and obj.aux_k and _n_dead(dead, split):
         aux_loss, aux = _dense_aux_k(p, pre, (y - y_hat).detach(), dead, obj, B, split)
         loss = loss + aux_loss
-    return _Terms(loss, sq, penalty, l0, mask, min_selected, aux, B)  # type: ignore[arg-type]
+    return _Terms(loss, sq, sum(sqs), penalty, l0, mask, min_selected, aux, B)  # type: ignore[arg-type]
 
 
 def _dense_select(
     pre: Tensor, p: Params, obj: Objective, B: int, split: Partition
 ) -> tuple[Tensor, Tensor, Tensor, float]:
-    """Latent values `z`, the active mask, the active count (differentiable for JumpReLU's L0 STE)
-    and, for BatchTopK, the smallest positive selected value."""
+    """Latent values `z`, the active mask, the tokens each latent fires on `[m]` (differentiable
+    for JumpReLU's L0 STE) and, for BatchTopK, the smallest positive selected value."""
     arch = obj.architecture
     min_selected = 0.0
     if arch == "jumprelu":
         z = JumpReLU.apply(pre, p.threshold, obj.bandwidth)
         mask = pre.detach() > p.threshold.detach()
-        return z, mask, Step.apply(pre, p.threshold, obj.bandwidth).sum(), 0.0
+        return z, mask, Step.apply(pre, p.threshold, obj.bandwidth).sum(0), 0.0
     if arch == "relu":
         z = pre.relu()
         mask = pre.detach() > 0
@@ -197,7 +212,7 @@ def _dense_select(
         min_selected = 0.0 if min_selected == float("inf") else min_selected
     else:
         raise ValueError(f"unknown architecture {arch!r}")
-    return z, mask, mask.sum().to(pre.dtype), min_selected
+    return z, mask, mask.sum(0).to(pre.dtype), min_selected
 
 
 def _dense_aux_k(

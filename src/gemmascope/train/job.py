@@ -11,7 +11,7 @@ from pathlib import Path
 from gemmascope.common import distributed
 from gemmascope.common.config import nested, option
 from gemmascope.sae import SAE
-from gemmascope.train.config import Grid, TrainConfig, TrainFlags, load_sweep
+from gemmascope.train.config import Grid, SAESpec, TrainConfig, TrainFlags, load_sweep
 from gemmascope.train.loop import train
 
 
@@ -63,6 +63,7 @@ def run_job(job: TrainJob) -> dict[str, SAE]:
 
         data = CachedActivations(activations, keys, batch_size=cfg.batch_size, seed=cfg.seed)
         ident = data.manifest["identity"]
+        n_layers = ident.get("model", {}).get("n_layers")
         record = {
             "model": ident.get("model", {}).get("name"),
             "context_size": ident.get("context_size"),
@@ -71,6 +72,7 @@ def run_job(job: TrainJob) -> dict[str, SAE]:
     else:
         from gemmascope.activations import ModelActivations
         from gemmascope.common.devices import resolve_device
+        from gemmascope.hooks import decoder_layers
         from gemmascope.models import load_model
 
         name, corpus = source.get("model", job.model), source.get("corpus", job.corpus)
@@ -78,8 +80,19 @@ def run_job(job: TrainJob) -> dict[str, SAE]:
         data = ModelActivations(lm, tok, keys, corpus=corpus, batch_size=cfg.batch_size,
                                 seed=cfg.seed)  # fmt: skip
         record = {"model": name, "dataset": corpus, "context_size": data.context_size}
+        n_layers = len(decoder_layers(lm))
+    specs = [_resolved(s, n_layers) for s in specs]
     cfg = dataclasses.replace(cfg, **{k: v for k, v in record.items() if options.get(k) is None})
     if distributed.is_main():  # under torchrun, one rank speaks
         print(f"training {len(specs)} SAE(s) on {cfg.tokens:,} tokens: {dataclasses.asdict(cfg)}",
               file=sys.stderr)  # fmt: skip
     return train(specs, data.batches, cfg, job.out, resume=job.resume)
+
+
+def _resolved(spec: SAESpec, n_layers: int | None) -> SAESpec:
+    if spec.l0_size is not None and spec.target_l0 is None and n_layers is None:
+        raise ValueError(
+            f"{spec.name}: the cache does not record its model's layer count, which the L0 size "
+            f"{spec.l0_size!r} needs; give --target-l0 instead"
+        )
+    return spec.resolve(n_layers) if n_layers else spec

@@ -155,6 +155,12 @@ def _begin(
 ) -> tuple[int, dict[SiteKey, Norm], list[Run], Iterator[dict[SiteKey, Tensor]]]:
     """The first step, the input normalisation, every SAE's state and the batches from there:
     from the checkpoint when resuming, else new (the normalisation estimated on the first batches)."""
+    unresolved = [s.name for s in specs if s.target_l0 is None and s.l0_size is not None]
+    if unresolved:
+        raise ValueError(
+            f"{unresolved}: a named L0 size needs the model's layer count: pass "
+            "`spec.resolve(n_layers)` (the `train` command does)"
+        )
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise ValueError(f"two SAEs in the sweep share a name: {sorted(names)}")
@@ -258,6 +264,7 @@ def _train_step(
         run.objective.coefficient = cfg.coefficient_at(step, spec.l0_coefficient)
     elif spec.target_l0 is not None:
         run.objective.coefficient = cfg.coefficient_at(step, 1.0)
+    run.objective.frequency_coefficient = cfg.coefficient_at(step, cfg.frequency_penalty)
     dead_after = min(cfg.dead_tokens, cfg.tokens // 4)
     tokens = step * cfg.batch_size
     dead = (tokens - run.last_fired) >= dead_after if tokens >= dead_after else None

@@ -19,7 +19,15 @@ import torch
 from torch import Tensor, nn
 
 from gemmascope.common.distributed import Partition
-from gemmascope.train.sparse import Active, DenseActive, Window, from_topk, pair_dots, select
+from gemmascope.train.sparse import (
+    Active,
+    DenseActive,
+    Window,
+    from_topk,
+    group_of,
+    pair_dots,
+    select,
+)
 
 ALONE = Partition()
 
@@ -42,6 +50,22 @@ class Objective:
     """Above this fraction of active entries, products run dense instead of sparse."""
     matmul_dtype: torch.dtype = torch.float32
     """Dtype of the encoder matmul, the one dense product; bfloat16 is ~2.5x faster on AVX512-BF16."""
+    prefixes: tuple[int, ...] = ()
+    """Matryoshka: widths of the nested prefixes of the dictionary that each reconstruct the input too."""
+    frequency_coefficient: float = 0.0
+    """JumpReLU: weight of the penalty sum_j max(0, f_j / max_frequency - 1)^2 on latents firing on
+    a share f_j of the tokens above `max_frequency`."""
+    max_frequency: float = 0.1
+
+    def bounds(self, width: int) -> tuple[int, ...]:
+        """Edges of the groups of latents: prefix `i` is latents `0..bounds[i + 1]`."""
+        return (0, *self.prefixes, width)
+
+    def frequency_penalty(self, freq: Tensor) -> tuple[float, Tensor]:
+        """The penalty on high-frequency latents at firing shares `freq [m]`, and its gradient."""
+        over = (freq / self.max_frequency - 1.0).clamp_(min=0.0)
+        c = self.frequency_coefficient
+        return c * float(over.pow(2).sum()), over.mul_(2 * c / self.max_frequency)
 
     def l0_penalty(self, l0: float | Tensor) -> float | Tensor:
         """JumpReLU's sparsity penalty at mean L0 `l0` (a float, or a tensor for autograd)."""
@@ -138,26 +162,34 @@ def forward_backward(
         raise ValueError(f"unknown architecture {arch!r}")
 
     z = act.val  # active values, CSR order (or dense)
-    y_hat = split.over_latents(act.decode(z, p.W_dec)).add_(p.b_dec)  # (B, d)
-    err = y_hat - y
-    sq = float(split.over_rows(err.pow(2).sum()))
+    bounds = obj.bounds(p.W_dec.shape[0])
+    if len(bounds) == 2:
+        y_hat = split.over_latents(act.decode(z, p.W_dec)).add_(p.b_dec)  # (B, d)
+        errs = y_hat.sub_(y).unsqueeze(0)  # (1, B, d)
+    else:  # Matryoshka: the reconstruction of every prefix (latents not split over ranks)
+        y_hats = act.decode_groups(z, p.W_dec, bounds).cumsum_(0).add_(p.b_dec)  # (G, B, d)
+        errs = y_hats.sub_(y)
+    sqs = [float(split.over_rows(e.pow(2).sum())) for e in errs]
+    sq = sqs[-1]  # the whole dictionary's
     mse = sq / B
-    g = err.mul_(2.0 / B)  # dL/dy_hat, (B, d)
+    # dL/d(the decoding of group g): the prefixes from g on contain it, (G, B, d)
+    gs = (errs if len(errs) == 1 else errs.flip(0).cumsum(0).flip(0)).mul(2.0 / B)
+    fired = split.over_rows(act.fired())
     l0 = float(split.over_all(torch.tensor(float(act.nnz)))) / B
 
     # Gradient at the active entries; the sparsity penalty joins here.
-    dz = act.sampled(g, p.W_dec.T)  # dL/dz at active entries
+    dz = act.sampled_groups(gs, p.W_dec, bounds)  # dL/dz at active entries
     if arch == "relu":
         dz = dz + obj.coefficient / B * (act.mask if isinstance(act, DenseActive) else 1.0)
         penalty = obj.coefficient * float(split.over_all(z.sum())) / B
     elif arch == "jumprelu":
-        penalty = _jumprelu_threshold_grad(p, g, window, obj, l0, B)
+        penalty = _jumprelu_threshold_grad(p, gs, bounds, window, obj, l0, fired / B, B, split)
     else:
         penalty = 0.0
         if isinstance(act, Active):
             dz = dz * (z > 0)
-    p.W_dec.grad = act.left_mul_t(z, g)  # (m, d)
-    p.b_dec.grad = g.sum(0)
+    p.W_dec.grad = act.left_mul_t_groups(z, gs, bounds)  # (m, d)
+    p.b_dec.grad = gs[0].sum(0)
     p.W_enc.grad = act.left_mul_t(dz, x).T  # (d, m)
     p.b_enc.grad = act.col_sum(dz)
     if arch != "jumprelu":
@@ -165,14 +197,14 @@ def forward_backward(
 
     aux = 0.0
     if arch in ("topk", "batchtopk") and obj.aux_k and _n_dead(dead, split):
-        aux = _aux_k(p, x, pre, y - y_hat, dead, obj, split)
+        aux = _aux_k(p, x, pre, -errs[-1], dead, obj, split)
     var = centered_sq(y, split)
     return StepStats(
-        loss=mse + penalty + aux,
+        loss=sum(sqs) / B + penalty + aux,
         mse=mse,
         fvu=sq / max(var, 1e-12),
         l0=l0,
-        fired=split.over_rows(act.fired()),
+        fired=fired,
         min_selected=min_selected,
     )
 
@@ -241,19 +273,33 @@ def batch_threshold(pre: Tensor, n: int, k: int, split: Partition = ALONE) -> Te
 
 
 def _jumprelu_threshold_grad(
-    p: Params, g: Tensor, window: Window, obj: Objective, l0: float, B: int
+    p: Params,
+    gs: Tensor,
+    bounds: tuple[int, ...],
+    window: Window,
+    obj: Objective,
+    l0: float,
+    freq: Tensor,
+    B: int,
+    split: Partition,
 ) -> float:
-    """Threshold gradient from both STEs over the window; returns the penalty's value."""
+    """Threshold gradient from both STEs over the window; returns the penalties' value."""
     theta = p.threshold.detach()
     eps = obj.bandwidth
     r, c = window.rows, window.cols
-    dz_w = pair_dots(r, c, g, p.W_dec)  # dL/dz at window entries, (n_window,)
+    if gs.shape[0] > 1:  # each entry takes the gradient of its latent's group
+        r = group_of(bounds)[c] * gs.shape[1] + r
+    dz_w = pair_dots(r, c, gs.reshape(-1, gs.shape[-1]), p.W_dec)  # dL/dz at window entries
     t_w = theta[c]
-    # JumpReLU STE: dz * -(t / eps); L0 STE: dpenalty/dL0 * -(1 / eps) / B per entry.
+    # JumpReLU STE: dz * -(t / eps); L0 STE: dpenalty/dL0 * -(1 / eps) / B per entry, and the
+    # frequency penalty's d/d f_j * -(1 / eps) / B per entry of latent j.
     dpen_dl0, penalty = obj.l0_penalty_grad(l0), obj.l0_penalty(l0)
     per_entry = dz_w * (-t_w / eps) - dpen_dl0 / (eps * B)
-    d_theta = torch.zeros_like(theta).index_add_(0, c, per_entry)
-    p.threshold.grad = d_theta
+    if obj.frequency_coefficient:
+        freq_penalty, dpen_df = obj.frequency_penalty(freq)
+        penalty += float(split.over_latents(torch.tensor(freq_penalty)))
+        per_entry -= dpen_df[c] / (eps * B)
+    p.threshold.grad = torch.zeros_like(theta).index_add_(0, c, per_entry)
     return penalty
 
 

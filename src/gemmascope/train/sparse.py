@@ -9,6 +9,7 @@ as a CSR matrix and its transpose, which is what the torch sparse kernels want.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numba
 import numpy as np
@@ -149,6 +150,23 @@ def _spmm(crow, idx, val, order, dense, out):  # pragma: no cover - compiled
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True)
+def _spmm_groups(crow, idx, val, group, dense, out):  # pragma: no cover - compiled
+    """out[group[c], i] = sum_j val[j] * dense[c] over the entries j of row i, c = idx[j]."""
+    n = len(crow) - 1
+    d = dense.shape[1]
+    for i in numba.prange(n):
+        for g in range(out.shape[0]):
+            for k in range(d):
+                out[g, i, k] = 0.0
+        for j in range(crow[i], crow[i + 1]):
+            v = val[j]
+            c = idx[j]
+            g = group[c]
+            for k in range(d):
+                out[g, i, k] += v * dense[c, k]
+
+
+@numba.njit(parallel=True, fastmath=True, cache=True)
 def _pair_dots(rows, cols, a, b, out):  # pragma: no cover - compiled
     """out[j] = a[rows[j]] . b[cols[j]]."""
     d = a.shape[1]
@@ -194,13 +212,16 @@ class Active:
     def nnz(self) -> int:
         return self.cols.numel()
 
-    def _spmm(self, transpose: bool, values: Tensor, dense: Tensor) -> Tensor:
+    def _spmm(
+        self, transpose: bool, values: Tensor, dense: Tensor, cols: tuple[int, int] | None = None
+    ) -> Tensor:
         dense = dense.detach().contiguous()
-        rows = self.m if transpose else self.n
-        out = torch.empty(rows, dense.shape[1], dtype=dense.dtype)
         crow, idx, order = (
             (self.crow_t, self.rows_t, self.order) if transpose else (self.crow, self.cols, None)
         )
+        if cols is not None:  # latents lo..hi only: rows lo..hi of the transpose
+            crow = crow[cols[0] : cols[1] + 1]
+        out = torch.empty(crow.numel() - 1, dense.shape[1], dtype=dense.dtype)
         if self.nnz:
             _spmm(
                 crow.numpy(),
@@ -218,13 +239,42 @@ class Active:
         """`Z @ W_dec` for the sparse `Z` with `values`: `[B, d]`."""
         return self._spmm(False, values, W_dec)
 
-    def left_mul_t(self, values: Tensor, dense: Tensor) -> Tensor:
-        """`Z^T @ dense` for the sparse `Z [B, m]` and `dense [B, k]`: `[m, k]`."""
-        return self._spmm(True, values, dense)
+    def decode_groups(self, values: Tensor, W_dec: Tensor, bounds: tuple[int, ...]) -> Tensor:
+        """`Z[:, lo:hi] @ W_dec[lo:hi]` for each group of latents `bounds[g]..bounds[g + 1]`:
+        `[G, B, d]`, in one pass over the active entries."""
+        out = torch.empty(len(bounds) - 1, self.n, W_dec.shape[1], dtype=W_dec.dtype)
+        if not self.nnz:
+            return out.zero_()
+        _spmm_groups(self.crow.numpy(), self.cols.numpy(), values.detach().contiguous().numpy(),
+                     group_of(bounds).numpy(), W_dec.detach().contiguous().numpy(), out.numpy())  # fmt: skip
+        return out
 
-    def sampled(self, a: Tensor, b: Tensor) -> Tensor:
-        """`(a @ b)[rows, cols]` computed only at the active positions; `a [B, k]`, `b [k, m]`."""
-        return pair_dots(self.rows, self.cols, a, b.T)
+    def left_mul_t(
+        self, values: Tensor, dense: Tensor, cols: tuple[int, int] | None = None
+    ) -> Tensor:
+        """`Z^T @ dense` for the sparse `Z [B, m]` and `dense [B, k]`: `[m, k]` (rows `lo..hi`
+        only, `[hi - lo, k]`, for `cols=(lo, hi)`)."""
+        return self._spmm(True, values, dense, cols)
+
+    def sampled(self, a: Tensor, b: Tensor, rows: Tensor | None = None) -> Tensor:
+        """`(a @ b)[rows, cols]` computed only at the active positions; `a [B, k]`, `b [k, m]`.
+        `rows` replaces each entry's row of `a` (a stack of several `[B, k]`, say)."""
+        return pair_dots(self.rows if rows is None else rows, self.cols, a, b.T)
+
+    def sampled_groups(self, gs: Tensor, W_dec: Tensor, bounds: tuple[int, ...]) -> Tensor:
+        """At each active entry `(r, c)`, `gs[group of c, r] . W_dec[c]`; `gs [G, B, d]`."""
+        if gs.shape[0] == 1:
+            return self.sampled(gs[0], W_dec.T)
+        rows = group_of(bounds)[self.cols] * self.n + self.rows
+        return self.sampled(gs.reshape(-1, gs.shape[-1]), W_dec.T, rows)
+
+    def left_mul_t_groups(self, values: Tensor, gs: Tensor, bounds: tuple[int, ...]) -> Tensor:
+        """Rows `lo..hi` of `Z^T @ gs[g]` for each group `g` of latents: `[m, d]`."""
+        if gs.shape[0] == 1:
+            return self.left_mul_t(values, gs[0])
+        return torch.cat(
+            [self.left_mul_t(values, gs[g], cols) for g, cols in enumerate(pairwise(bounds))]
+        )
 
     def col_sum(self, values: Tensor) -> Tensor:
         """Sum of `values` per latent: `[m]`."""
@@ -233,6 +283,11 @@ class Active:
     def fired(self) -> Tensor:
         """How many tokens each latent fired on: `[m]`."""
         return self.crow_t.diff().to(self.val.dtype)
+
+
+def group_of(bounds: tuple[int, ...]) -> Tensor:
+    """`[m]`: the group of each latent, for groups `bounds[g]..bounds[g + 1]`."""
+    return torch.repeat_interleave(torch.arange(len(bounds) - 1), torch.tensor(bounds).diff())
 
 
 def from_topk(indices: Tensor, values: Tensor, n_latents: int) -> Active:
@@ -259,11 +314,25 @@ class DenseActive:
     def decode(self, values: Tensor, W_dec: Tensor) -> Tensor:
         return values @ W_dec
 
-    def left_mul_t(self, values: Tensor, dense: Tensor) -> Tensor:
-        return values.T @ dense
+    def decode_groups(self, values: Tensor, W_dec: Tensor, bounds: tuple[int, ...]) -> Tensor:
+        return torch.stack([values[:, lo:hi] @ W_dec[lo:hi] for lo, hi in pairwise(bounds)])
+
+    def left_mul_t(
+        self, values: Tensor, dense: Tensor, cols: tuple[int, int] | None = None
+    ) -> Tensor:
+        return (values if cols is None else values[:, cols[0] : cols[1]]).T @ dense
 
     def sampled(self, a: Tensor, b: Tensor) -> Tensor:
         return (a @ b) * self.mask
+
+    def sampled_groups(self, gs: Tensor, W_dec: Tensor, bounds: tuple[int, ...]) -> Tensor:
+        parts = [gs[g] @ W_dec[lo:hi].T for g, (lo, hi) in enumerate(pairwise(bounds))]
+        return torch.cat(parts, 1) * self.mask
+
+    def left_mul_t_groups(self, values: Tensor, gs: Tensor, bounds: tuple[int, ...]) -> Tensor:
+        return torch.cat(
+            [self.left_mul_t(values, gs[g], c) for g, c in enumerate(pairwise(bounds))]
+        )
 
     def col_sum(self, values: Tensor) -> Tensor:
         return values.sum(0)

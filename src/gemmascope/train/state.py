@@ -40,7 +40,8 @@ def adam_update(run: Run, lr: float, cfg: TrainConfig, step: int) -> None:
     p = run.params
     for name, q in p.named_parameters():
         m = run.adam_v.setdefault(f"{name}.m", torch.zeros_like(q)) if cfg.beta1 > 0 else None
-        adam_step(q, run.adam_v[name], m, lr=lr, beta1=cfg.beta1, beta2=cfg.beta2, step=step,
+        rate = lr * cfg.threshold_lr if q is p.threshold else lr
+        adam_step(q, run.adam_v[name], m, lr=rate, beta1=cfg.beta1, beta2=cfg.beta2, step=step,
                   unit_rows=q is p.W_dec)  # fmt: skip
     p.threshold.data.clamp_(min=0.0)
 
@@ -56,6 +57,9 @@ def new_run(spec: SAESpec, d_in: int, cfg: TrainConfig, index: int) -> Run:
         aux_k=spec.aux_k,
         max_density=cfg.max_density,
         matmul_dtype=getattr(torch, cfg.matmul_dtype),
+        prefixes=tuple(spec.matryoshka),
+        frequency_coefficient=cfg.frequency_penalty,
+        max_frequency=max(cfg.max_frequency, 4 * (spec.target_l0 or 0) / spec.width),
     )
     adam_v = {n: torch.zeros_like(q) for n, q in params.named_parameters()}
     return Run(spec, params, objective, adam_v, torch.zeros(spec.width, dtype=torch.int64))
@@ -109,6 +113,10 @@ def partition_of(cfg: TrainConfig, specs: list[SAESpec]) -> Partition:
     if cfg.parallel == "data":
         return Partition(rows=True)
     for s in specs:
+        if s.matryoshka:
+            raise ValueError(
+                f"{s.name}: Matryoshka prefixes need every latent on one rank; use `parallel` data"
+            )
         if s.k and s.width // world < s.k:
             raise ValueError(
                 f"{s.name}: {world} ranks leave {s.width // world} latents each, fewer than k; "
