@@ -65,7 +65,7 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=4096)
     ap.add_argument("--l0s", type=int, nargs="+", default=[20, 50, 100])
     ap.add_argument("--tokens", type=int, default=800_000, help="training tokens per SAE")
-    ap.add_argument("--saelens-lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3])
+    ap.add_argument("--saelens-lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3, 1e-2])
     ap.add_argument("--eval-tokens", type=int, default=4096)
     args = ap.parse_args()
 

@@ -43,6 +43,7 @@ def main() -> None:
             ("standardized", {"standardize": True}),
         ):
             cfg = TrainConfig(tokens=args.tokens, batch_size=1024, lr=2e-3, encoder_init_scale=0.1,
+                              threshold_lr=1.0, frequency_penalty=0.0,  # as in bench/RESULTS.md
                               **options)  # fmt: skip
             t0 = time.perf_counter()
             saes[name] = train([spec], data.batches, cfg, f"{tmp}/{name}", progress=False)[

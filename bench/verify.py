@@ -46,7 +46,7 @@ def main() -> None:
     epoch = time.perf_counter() - t
 
     cfg = TrainConfig(tokens=1024 * args.steps, batch_size=1024, lr=2e-3, encoder_init_scale=0.1,
-                      center=True)  # fmt: skip
+                      center=True, threshold_lr=1.0, frequency_penalty=0.0)  # fmt: skip
     spec = SAESpec(args.layer, args.site, 4096, target_l0=50.0)
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()

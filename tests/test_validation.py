@@ -242,6 +242,34 @@ def test_resume_refuses_a_changed_config_and_names_the_fields(tmp_path: Path) ->
     assert sae.cfg.extra["train_config"]["lr"] == cfg.lr
 
 
+def test_resume_of_a_run_saved_before_the_recipes_compares_their_old_values(tmp_path: Path) -> None:
+    """A run saved before `threshold_lr` and `frequency_penalty` existed trained with 1 and 0: the
+    default recipe's 10 and 0.1 must not continue it silently."""
+    import json
+
+    x = torch.randn(4096, 32)
+    cfg = TrainConfig(tokens=4096, checkpoint_every=4, **FAST)
+
+    def dying(start: int) -> Any:
+        for i, b in enumerate(tensor_batches({SITE: x}, 256)(start)):
+            if i == 6:
+                raise KeyboardInterrupt
+            yield b
+
+    with pytest.raises(KeyboardInterrupt):
+        train([_spec()], dying, cfg, tmp_path, progress=False)
+    file = tmp_path / "train_config.json"
+    saved = json.loads(file.read_text())
+    for key in ("recipe", "threshold_lr", "frequency_penalty", "max_frequency"):
+        del saved["train"][key]
+    file.write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"threshold_lr: the run has 1.0, this one 10.0"):
+        train([_spec()], tensor_batches({SITE: x}, 256), cfg, tmp_path, resume=True,
+              progress=False)  # fmt: skip
+    old = dataclasses.replace(cfg, threshold_lr=1.0, frequency_penalty=0.0, recipe="paper")
+    train([_spec()], tensor_batches({SITE: x}, 256), old, tmp_path, resume=True, progress=False)
+
+
 # --- 6, 7: a refused run leaves its folder as it found it; nothing overwrites what it did not write -
 @pytest.mark.parametrize("flags", [["--context-size", "1"], ["--eval-fraction", "2"]])
 def test_a_refused_cache_run_writes_nothing(tmp_path: Path, flags: list[str]) -> None:

@@ -109,7 +109,7 @@ def _parameter(leaf: C.Leaf, enforce: bool) -> inspect.Parameter:
     flag = _flag(leaf)
     if C.is_bool(leaf.type):
         names = [f"{flag}/--no-{flag[2:]}", *(f"{a}/--no-{a[2:]}" for a in leaf.flags)]
-        shown = flag if leaf.default else f"--no-{flag[2:]}"
+        shown = False if leaf.default is None else flag if leaf.default else f"--no-{flag[2:]}"
         info = typer.Option(None, *names, help=leaf.help, show_default=shown)
         annotation = Optional[bool]  # noqa: UP045
     else:

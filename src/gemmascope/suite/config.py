@@ -18,9 +18,10 @@ from gemmascope.train.config import RECIPES, TrainConfig, TrainFlags
 
 RUNTIME = (
     "out", "device", "keep_cache", "disk_budget", "cache_verify", "log_every", "parallel",
-    "checkpoint_every",
+    "checkpoint_every", "recipe",
 )  # fmt: skip
-"""Flags that may change between a run and its resume: they do not change the result."""
+"""Flags that may change between a run and its resume: they do not change the result (`recipe`
+only fills in options, which are compared themselves)."""
 
 
 @dataclass
@@ -122,9 +123,8 @@ class SuiteConfig:
 def identity_defaults() -> dict[str, Any]:
     """What each identity field is when not given: a suite made before a field existed had it so
     (the options a recipe sets had the paper's values before there were recipes)."""
-    before = {"recipe": "paper", **RECIPES["paper"]}
     return {
-        leaf.name: before.get(leaf.name, leaf.default)
+        leaf.name: RECIPES["paper"].get(leaf.name, leaf.default)
         for leaf in leaves(SuiteConfig)
         if leaf.name not in RUNTIME
     }

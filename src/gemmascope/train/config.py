@@ -151,7 +151,8 @@ class TrainConfig:
     """Activation vectors per step."""
     recipe: Literal["short", "paper"] = "short"
     """Defaults of the options marked so: `short` (what measured best on runs of 1M tokens or
-    fewer, bench/recipe.py) or `paper` (Gemma Scope's App. B recipe as published)."""
+    fewer, bench/recipe.py) or `paper` (Gemma Scope's App. B recipe as published). They are filled
+    in when the config is made; `dataclasses.replace` keeps the filled values."""
     lr: float | None = option(None, gt=0)
     """Adam learning rate (recipe: short 2e-3, paper 7e-5)."""
     lr_warmup_steps: int = option(1000, ge=0)
@@ -283,7 +284,7 @@ class Grid:
     """Target L0s (jumprelu), e.g. `20,50`: one SAE each."""
     l0_coefficient: list[float] = option(default_factory=list, ge=0)
     """Sparsity coefficients (lambda), e.g. `1e-3,3e-3`: one SAE each."""
-    l0_size: list[L0Size] = dataclasses.field(default_factory=list)
+    l0_size: list[L0Size] = option(default_factory=list)
     """Gemma Scope 2's named target L0s (jumprelu), e.g. `small,big`: one SAE each (docs/training.md)."""
     k: list[int] = option(default_factory=list, ge=1)
     """k values (topk/batchtopk), e.g. `32,64`: one SAE each."""

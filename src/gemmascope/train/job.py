@@ -90,6 +90,7 @@ def run_job(job: TrainJob) -> dict[str, SAE]:
 
 
 def _resolved(spec: SAESpec, n_layers: int | None) -> SAESpec:
+    """`spec` with its named L0 size resolved, which needs the model's layer count."""
     if spec.l0_size is not None and spec.target_l0 is None and n_layers is None:
         raise ValueError(
             f"{spec.name}: the cache does not record its model's layer count, which the L0 size "

@@ -28,7 +28,7 @@ from gemmascope.common.files import read_json, write_json
 from gemmascope.common.progress import progress_bar
 from gemmascope.models import SiteKey
 from gemmascope.sae import SAE
-from gemmascope.train.config import SAESpec, TrainConfig
+from gemmascope.train.config import RECIPES, SAESpec, TrainConfig
 from gemmascope.train.dense import dense_forward_backward
 from gemmascope.train.objectives import StepStats, forward_backward
 from gemmascope.train.state import (
@@ -113,8 +113,11 @@ def _finite(stats: StepStats, run: Run, step: int, out: Path) -> None:
     )
 
 
-RUNTIME = ("device", "parallel", "log_every", "checkpoint_every")
-"""Training options a resume may change: they do not change the SAEs."""
+RUNTIME = ("device", "parallel", "log_every", "checkpoint_every", "recipe")
+"""Training options a resume may change: they do not change the SAEs (`recipe` only fills in
+options, which are compared themselves)."""
+BEFORE_RECIPES = {**RECIPES["paper"], "max_frequency": 0.1}
+"""What the options added with the recipes were in a run saved before them."""
 
 
 def _same_run(out: Path, specs: list[SAESpec], cfg: TrainConfig) -> None:
@@ -126,7 +129,9 @@ def _same_run(out: Path, specs: list[SAESpec], cfg: TrainConfig) -> None:
     saved = read_json(file)
     theirs, mine = saved.get("train", {}), dataclasses.asdict(cfg)
     diffs = [
-        (k, theirs.get(k), v) for k, v in mine.items() if k not in RUNTIME and theirs.get(k, v) != v
+        (k, theirs.get(k, BEFORE_RECIPES.get(k)), v)
+        for k, v in mine.items()
+        if k not in RUNTIME and theirs.get(k, BEFORE_RECIPES.get(k, v)) != v
     ]
     their_saes, my_saes = saved.get("saes", []), [dataclasses.asdict(s) for s in specs]
     if len(their_saes) != len(my_saes):
