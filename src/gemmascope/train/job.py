@@ -11,8 +11,9 @@ from pathlib import Path
 from gemmascope.common import distributed
 from gemmascope.common.config import nested, option
 from gemmascope.sae import SAE
-from gemmascope.train.config import Grid, SAESpec, TrainConfig, TrainFlags, load_sweep
+from gemmascope.train.config import SAESpec, TrainConfig, TrainFlags
 from gemmascope.train.loop import train
+from gemmascope.train.sweep import Grid, load_sweep
 
 
 @dataclass
