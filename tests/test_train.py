@@ -281,17 +281,27 @@ def test_cuda_trains_the_same_saes_as_the_cpu(tmp_path, arch):
     )
 
 
-def test_cli_standardize_reaches_the_trainer_and_the_exported_sae(tmp_path, tiny_folder):
+def _cli_cache(tmp_path, tiny_folder, layer: int):
+    """A tiny model's activations at `layer`, cached by `gemmascope cache` from a word corpus."""
     from typer.testing import CliRunner
 
     from gemmascope.cli import app
 
     corpus, cache = tmp_path / "words.txt", tmp_path / "cache"
     corpus.write_text(" ".join(f"w{3 + i % 60}" for i in range(3000)))
-    result = CliRunner().invoke(app, ["cache", "--model", str(tiny_folder), "--layers", "0",
+    result = CliRunner().invoke(app, ["cache", "--model", str(tiny_folder), "--layers", str(layer),
                                       "--tokens", "1024", "--corpus", str(corpus),
                                       "--context-size", "16", "--out", str(cache)])  # fmt: skip
     assert result.exit_code == 0, result.output
+    return cache
+
+
+def test_cli_standardize_reaches_the_trainer_and_the_exported_sae(tmp_path, tiny_folder):
+    from typer.testing import CliRunner
+
+    from gemmascope.cli import app
+
+    cache = _cli_cache(tmp_path, tiny_folder, layer=0)
     result = CliRunner().invoke(app, ["train", "--activations", str(cache), "--layers", "0",
                                       "--sites", "resid_post", "--widths", "64", "--target-l0", "5",
                                       "--tokens", "512", "--batch-size", "128", "--standardize",
@@ -312,12 +322,7 @@ def test_cli_gemma_scope_2_options_reach_the_spec(tmp_path, tiny_folder):
     from gemmascope.cli import app
     from gemmascope.train import named_l0
 
-    corpus, cache = tmp_path / "words.txt", tmp_path / "cache"
-    corpus.write_text(" ".join(f"w{3 + i % 60}" for i in range(3000)))
-    result = CliRunner().invoke(app, ["cache", "--model", str(tiny_folder), "--layers", "1",
-                                      "--tokens", "1024", "--corpus", str(corpus),
-                                      "--context-size", "16", "--out", str(cache)])  # fmt: skip
-    assert result.exit_code == 0, result.output
+    cache = _cli_cache(tmp_path, tiny_folder, layer=1)
     result = CliRunner().invoke(app, ["train", "--activations", str(cache), "--layers", "1",
                                       "--widths", "64", "--l0-size", "small", "--matryoshka", "16",
                                       "--frequency-penalty", "0.2", "--tokens", "512",

@@ -218,7 +218,8 @@ def test_non_finite_activations_are_refused_where_they_enter(tmp_path: Path) -> 
 
 
 # --- 3: a resume never mixes configs ---------------------------------------------------------------
-def test_resume_refuses_a_changed_config_and_names_the_fields(tmp_path: Path) -> None:
+def _interrupted_run(out: Path) -> tuple[torch.Tensor, TrainConfig]:
+    """A run killed after its first checkpoint in `out`; its data and config, to resume it."""
     x = torch.randn(4096, 32)
     cfg = TrainConfig(tokens=4096, checkpoint_every=4, **FAST)
 
@@ -229,7 +230,12 @@ def test_resume_refuses_a_changed_config_and_names_the_fields(tmp_path: Path) ->
             yield b
 
     with pytest.raises(KeyboardInterrupt):
-        train([_spec()], dying, cfg, tmp_path, progress=False)
+        train([_spec()], dying, cfg, out, progress=False)
+    return x, cfg
+
+
+def test_resume_refuses_a_changed_config_and_names_the_fields(tmp_path: Path) -> None:
+    x, cfg = _interrupted_run(tmp_path)
     changed = dataclasses.replace(cfg, lr=1e-3)
     with pytest.raises(ValueError, match=r"lr: the run has 0.002, this one 0.001"):
         train([_spec()], tensor_batches({SITE: x}, 256), changed, tmp_path, resume=True,
@@ -247,17 +253,7 @@ def test_resume_of_a_run_saved_before_the_recipes_compares_their_old_values(tmp_
     default recipe's 10 and 0.1 must not continue it silently."""
     import json
 
-    x = torch.randn(4096, 32)
-    cfg = TrainConfig(tokens=4096, checkpoint_every=4, **FAST)
-
-    def dying(start: int) -> Any:
-        for i, b in enumerate(tensor_batches({SITE: x}, 256)(start)):
-            if i == 6:
-                raise KeyboardInterrupt
-            yield b
-
-    with pytest.raises(KeyboardInterrupt):
-        train([_spec()], dying, cfg, tmp_path, progress=False)
+    x, cfg = _interrupted_run(tmp_path)
     file = tmp_path / "train_config.json"
     saved = json.loads(file.read_text())
     for key in ("recipe", "threshold_lr", "frequency_penalty", "max_frequency"):
