@@ -231,18 +231,94 @@ def test_evaluate_reads_the_corpus_and_counts_tokens(tmp_path: Path) -> None:
                  tokens=10_000, context_size=16)  # fmt: skip
 
 
+def _relu_gpt2() -> Any:
+    """A tiny GPT-2 whose MLPs are ReLU: each one is exactly a relu transcoder (`_mlp_transcoder`)."""
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, n_positions=64,
+                        activation_function="relu", initializer_range=0.1, bos_token_id=2,
+                        eos_token_id=1, attn_implementation="eager")  # fmt: skip
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval().requires_grad_(False)
+
+
+def _mlp_transcoder(model: Any, layer: int, skip: torch.Tensor | None = None) -> SAE:
+    """`mlp_in -> mlp_out` transcoder equal to the MLP: pre = x W_fc + b_fc, out = relu(pre) W_proj
+    + b_proj (GPT-2's Conv1D weights are already [in, out]); a `skip` is added on top."""
+    mlp = model.transformer.h[layer].mlp
+    d, m = mlp.c_fc.weight.shape
+    cfg = SAEConfig("relu", d_in=d, d_sae=m, layer=layer, site="mlp_in", target_site="mlp_out",
+                    skip_connection=skip is not None)  # fmt: skip
+    arrays = {"W_enc": mlp.c_fc.weight, "b_enc": mlp.c_fc.bias, "W_dec": mlp.c_proj.weight,
+              "b_dec": mlp.c_proj.bias, **({"W_skip": skip} if skip is not None else {})}  # fmt: skip
+    return SAE.from_arrays(cfg, arrays)
+
+
+def test_a_transcoder_equal_to_the_mlp_is_lossless() -> None:
+    model, ids = _relu_gpt2(), _sequences()
+    exact = [_mlp_transcoder(model, layer) for layer in range(3)]
+    for r in _eval(model, exact, ids):
+        assert (r["site"], r["target_site"]) == ("mlp_in", "mlp_out")
+        assert r["delta_lm_loss"] == pytest.approx(0, abs=1e-5)
+        assert r["fvu"] == pytest.approx(0, abs=1e-10)
+        assert r["frac_recovered"] == pytest.approx(1, abs=1e-4)
+        assert abs(r["ce_zero"] - r["ce_clean"]) > 1e-3  # zero-ablating the MLP changes the loss
+
+
+def test_transcoder_splices_replace_the_mlp_output() -> None:
+    """A skip transcoder's score against a splice written by hand (`hooks.splice` with a source)."""
+    from gemmascope.hooks import splice
+
+    model, ids = _relu_gpt2(), _sequences()
+    g = torch.Generator().manual_seed(3)
+    tc = _mlp_transcoder(model, 1, skip=torch.randn(32, 32, generator=g) * 0.1)
+    with torch.no_grad():
+        tc.W_dec.mul_(0.5)  # no longer exact: the skip and half the latents
+    zero = _mlp_transcoder(model, 1)
+    with torch.no_grad():
+        zero.W_dec.zero_()
+        zero.b_dec.zero_()
+    r, r_zero = _eval(model, [tc, zero], ids)
+    keep = ~torch.isin(ids, torch.tensor(SPECIAL))
+    x, y = (collect(model, ids, [(1, s)])[1, s][keep] for s in ("mlp_in", "mlp_out"))
+    with torch.no_grad():
+        y_hat = tc(x)
+        assert_close(y_hat, tc.decode(tc.encode(x)) + x @ tc.W_skip)
+    fvu = float((y - y_hat).pow(2).sum() / (y - y.mean(0)).pow(2).sum())
+    assert r["fvu"] == pytest.approx(fvu, rel=1e-5)
+
+    def spliced(
+        ids: torch.Tensor,
+    ) -> float:  # the model with MLP 1 replaced, special positions clean
+        clean = collect(model, ids, [(1, "mlp_out")])[1, "mlp_out"]
+
+        def fn(x_in: torch.Tensor) -> torch.Tensor:
+            out = clean.clone()
+            out[keep] = tc(x_in[keep])
+            return out
+
+        with torch.no_grad(), splice(model, 1, "mlp_out", fn, source="mlp_in"):
+            logits = model(ids).logits[:, :-1]
+        scored = keep[:, :-1]
+        return float(F.cross_entropy(logits[scored], ids[:, 1:][scored]))
+
+    assert r["ce_spliced"] == pytest.approx(spliced(ids), rel=1e-5)
+    assert r_zero["ce_spliced"] == pytest.approx(r_zero["ce_zero"], abs=1e-6)  # the MLP ablated
+    assert abs(r["delta_lm_loss"]) > 1e-3  # the splice changed the loss: the check can fail
+
+
 def test_errors_name_the_sae_and_the_fix() -> None:
     model, ids = build_tiny("gemma3"), _sequences()
     nowhere = SAE(SAEConfig("relu", d_in=32, d_sae=8))
     with pytest.raises(ValueError, match=r"saes\[0\] .* does not say which layer and site"):
         _eval(model, [nowhere], ids)
     wide = SAE(SAEConfig("relu", d_in=40, d_sae=8, layer=1, site="resid_post"))
-    with pytest.raises(ValueError, match=r"reads d_in=40 but layer 1 resid_post .* is 32 wide"):
+    with pytest.raises(ValueError, match=r"has d_in=40 but layer 1 resid_post .* is 32 wide"):
         _eval(model, [_identity(model, 0, "resid_post"), wide], ids)
-    tc = SAE(SAEConfig("relu", d_in=32, d_sae=8, layer=1, site="resid_post",
-                       extra={"target_site": "mlp_out"}))  # fmt: skip
-    with pytest.raises(ValueError, match="is a transcoder"):
-        _eval(model, [tc], ids)
+    backwards = SAE(SAEConfig("relu", d_in=32, d_sae=8, layer=1, site="mlp_out",
+                              target_site="mlp_in"))  # fmt: skip
+    with pytest.raises(ValueError, match="its target site mlp_in comes before what it reads"):
+        _eval(model, [backwards], ids)
     with pytest.raises(ValueError, match="layer 5 is out of range"):
         _eval(model, [SAE(SAEConfig("relu", d_in=32, d_sae=8, layer=5, site="resid_post"))], ids)
     with pytest.raises(ValueError, match="`saes` is empty"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
@@ -198,3 +199,46 @@ def test_the_splice_docstring_examples_run(tiny_gemma3: Any, tokens: torch.Tenso
         with splice(tiny_gemma3, 1, "resid_post", fn):
             got = collect(tiny_gemma3, tokens, [(1, "resid_post")])[1, "resid_post"]
         assert got.shape[-1] == width
+
+
+def test_mlp_in_is_what_the_mlp_reads(tiny: Any, tokens: torch.Tensor) -> None:
+    info = model_info(tiny)
+    acts = collect(tiny, tokens, _all_sites(tiny))
+    for layer, block in enumerate(decoder_layers(tiny)):
+        mid = acts[layer, "resid_pre"] + acts[layer, "attn_out"]  # the stream the MLP sublayer sees
+        with torch.no_grad():
+            if info.layout == "gemma":
+                normed = block.pre_feedforward_layernorm(mid)
+                out = block.post_feedforward_layernorm(block.mlp(normed))
+            elif info.layout == "llama":
+                normed = block.post_attention_layernorm(mid)
+                out = block.mlp(normed)
+            else:
+                normed = block.ln_2(mid)
+                out = block.mlp(normed)
+        assert_close(acts[layer, "mlp_in"], normed)
+        assert_close(out, acts[layer, "mlp_out"])
+
+
+def test_splice_from_a_source_replaces_the_mlp(tiny: Any, tokens: torch.Tensor) -> None:
+    info = model_info(tiny)
+    block = copy.deepcopy(decoder_layers(tiny)[1])  # unhooked: the splice hooks the model's own
+
+    def mlp(x: torch.Tensor) -> torch.Tensor:  # the MLP itself, as a transcoder would stand in
+        y = block.mlp(x)
+        return block.post_feedforward_layernorm(y) if info.layout == "gemma" else y
+
+    before = _hook_count(tiny)
+    with torch.no_grad():
+        clean = tiny(tokens).logits
+        with splice(tiny, 1, "mlp_out", mlp, source="mlp_in"):
+            same = tiny(tokens).logits
+        with splice(tiny, 1, "mlp_out", lambda x: 2 * mlp(x), source="mlp_in"):
+            doubled = tiny(tokens).logits
+    assert_close(same, clean)
+    assert (doubled - clean).abs().max() > 1e-3
+    assert _hook_count(tiny) == before
+    with pytest.raises(ValueError, match="a source must come earlier in the block"):
+        with splice(tiny, 1, "mlp_in", mlp, source="mlp_out"):
+            pass
+    assert _hook_count(tiny) == before

@@ -38,7 +38,10 @@ def lens_load(root: Path, folder: str, monkeypatch: pytest.MonkeyPatch) -> LensS
     """SAELens' Gemma 3 loader on a local copy of a repo, built into its SAE as `from_pretrained` does."""
 
     def download(repo_id: str, filename: str, subfolder: str | None = None, **_: object) -> str:
-        return str(root / (f"{subfolder}/{filename}" if subfolder else filename))
+        path = root / (f"{subfolder}/{filename}" if subfolder else filename)
+        if not path.exists():  # as the hub answers for a file the repo lacks
+            raise loaders.EntryNotFoundError(f"{filename} not in {repo_id}")
+        return str(path)
 
     def shapes(repo_id: str, filename: str) -> dict[str, list[int]]:
         return {n: list(t.shape) for n, t in load_file(root / filename).items()}
@@ -113,13 +116,50 @@ def test_saved_folder_loads_in_saelens_with_same_encodings(
     torch.testing.assert_close(back.encode(x), want, **TOL)
 
 
-def test_topk_and_affine_skip_transcoders_are_refused(tmp_path: Path) -> None:
+def test_topk_is_refused(tmp_path: Path) -> None:
     cfg = SAEConfig(architecture="topk", d_in=D, d_sae=M, k=4)
     with pytest.raises(ValueError, match=r"a topk SAE cannot be saved as Gemma Scope 2"):
         io.save(SAE(cfg), tmp_path / "t", format="gemmascope2")
-    folder = tmp_path / "transcoder_all" / "layer_3_width_16k_l0_big_affine"
-    folder.mkdir(parents=True)
-    save_file({**gs2_arrays(), "affine_skip_connection": np.zeros((D, D), np.float32)},
-              folder / "params.safetensors")  # fmt: skip
-    with pytest.raises(ValueError, match=r"params.safetensors: an affine-skip transcoder"):
-        io.load(folder)
+
+
+@pytest.mark.parametrize("affine", [False, True], ids=["plain", "affine"])
+def test_transcoders_load_and_save_both_ways_with_saelens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, affine: bool
+) -> None:
+    g = np.random.default_rng(4)
+    skip = {"affine_skip_connection": (g.standard_normal((D, D)) * 0.2).astype(np.float32)}
+    sae_id = f"transcoder_all/layer_3_width_16k_l0_big{'_affine' if affine else ''}"
+    folder = tmp_path / sae_id
+    folder.mkdir(parents=True)  # the hub layout: weights alone, the config inferred from names
+    save_file(
+        {**gs2_arrays(d_sae=16384), **(skip if affine else {})}, folder / "params.safetensors"
+    )
+    sae = io.load(tmp_path, sae_id)
+    c = sae.cfg
+    assert (c.layer, c.site, c.target_site, c.skip_connection) == (3, "mlp_in", "mlp_out", affine)
+    assert c.extra["l0"] == "big"
+    lens = lens_load(tmp_path, sae_id, monkeypatch)
+    assert lens.cfg.architecture() == (
+        "jumprelu_skip_transcoder" if affine else "jumprelu_transcoder"
+    )
+    x = x_batch()
+    torch.testing.assert_close(sae.encode(x).detach(), lens.encode(x).detach(), **TOL)
+    torch.testing.assert_close(sae(x).detach(), lens(x).detach(), **TOL)
+    if affine:
+        torch.testing.assert_close(
+            sae.skip(x), x @ torch.from_numpy(skip["affine_skip_connection"])
+        )
+    out = f"transcoder_all/layer_3_width_16k_l0_big{'_affine' if affine else ''}"
+    sae.cfg.model = "google/gemma-3-270m"  # SAELens needs the config's model_name
+    io.save(sae, tmp_path / "ours" / out, format="gemmascope2")
+    raw = json.loads((tmp_path / "ours" / out / "config.json").read_text())
+    assert raw["hf_hook_point_in"] == "model.layers.3.pre_feedforward_layernorm.output"
+    assert raw["hf_hook_point_out"] == "model.layers.3.post_feedforward_layernorm.output"
+    assert raw["affine_connection"] is affine
+    again = lens_load(tmp_path / "ours", out, monkeypatch)
+    torch.testing.assert_close(again(x).detach(), lens(x).detach(), **TOL)
+    back = io.load(tmp_path / "ours" / out)
+    assert (back.cfg.site, back.cfg.target_site, back.cfg.skip_connection) == (
+        "mlp_in", "mlp_out", affine,
+    )  # fmt: skip
+    torch.testing.assert_close(back(x), sae(x).detach(), **TOL)

@@ -60,9 +60,26 @@ def test_sparsify_save_to_disk_loads_with_same_encodings(tmp_path: Path, transco
     torch.testing.assert_close(sae.encode(x).detach(), want, **TOL)
     c = sae.cfg
     assert (c.architecture, c.k, c.apply_b_dec_to_input) == ("topk", K, not transcode)
-    assert (c.layer, c.site, c.hook_name) == (3, "resid_post", "layers.3")
-    if not transcode:
-        torch.testing.assert_close(sae(x).detach(), theirs(x).sae_out.detach(), **TOL)
+    # a transcoder reads the block's input and predicts its output
+    where = (3, "resid_pre", "resid_post") if transcode else (3, "resid_post", None)
+    assert (c.layer, c.site, c.target_site, c.hook_name) == (*where, "layers.3")
+    torch.testing.assert_close(sae(x).detach(), theirs(x).sae_out.detach(), **TOL)
+
+
+def test_skip_transcoders_load_and_save_both_ways(tmp_path: Path) -> None:
+    theirs = coder(transcode=True, skip_connection=True)
+    theirs.save_to_disk(tmp_path / "layers.4.mlp")
+    sae = io.load(tmp_path / "layers.4.mlp")
+    c = sae.cfg
+    assert (c.layer, c.site, c.target_site, c.skip_connection) == (4, "mlp_in", "mlp_out", True)
+    x = x_batch()
+    torch.testing.assert_close(sae.encode(x).detach(), dense(theirs, x), **TOL)
+    torch.testing.assert_close(sae(x).detach(), theirs(x).sae_out.detach(), **TOL)
+    assert (sae.skip(x) - 0).abs().max() > 0.1  # the skip carries part of the output
+    io.save(sae, tmp_path / "out" / "layers.4.mlp", format="sparsify")
+    again = SparseCoder.load_from_disk(tmp_path / "out" / "layers.4.mlp")
+    assert again.cfg.transcode and again.cfg.skip_connection
+    torch.testing.assert_close(again(x).sae_out.detach(), theirs(x).sae_out.detach(), **TOL)
 
 
 @pytest.mark.parametrize("apply_b_dec, scale", [(True, 4.0), (False, 1.0)])
@@ -94,9 +111,9 @@ def test_hookpoint_folders_are_listed_and_picked(tmp_path: Path) -> None:
     torch.testing.assert_close(sae.encode(x_batch()), dense(coder(seed=10), x_batch()), **TOL)
 
 
-def test_skip_transcoder_and_groupmax_are_refused(tmp_path: Path) -> None:
+def test_unplaced_skip_transcoder_and_groupmax_are_refused(tmp_path: Path) -> None:
     coder(transcode=True, skip_connection=True).save_to_disk(tmp_path / "skip")
-    with pytest.raises(ValueError, match=r"skip/sae.safetensors: a skip transcoder"):
+    with pytest.raises(ValueError, match=r"skip: a skip transcoder at hookpoint 'skip'"):
         io.load(tmp_path / "skip")
     coder().save_to_disk(tmp_path / "gm")
     cfg = json.loads((tmp_path / "gm" / "cfg.json").read_text())

@@ -21,12 +21,23 @@ CASES = [
     ("relu", {"coefficient": 0.1, "prefixes": (16,)}),
     ("topk", {"k": 4, "prefixes": (8, 32)}),
     ("batchtopk", {"k": 4, "prefixes": (1, 63)}),
+    # skip transcoders (`skip` is the parameters', not the objective's)
+    ("jumprelu", {"coefficient": 0.3, "target_l0": 5, "skip": True}),
+    ("topk", {"k": 4, "prefixes": (8, 32), "skip": True}),
 ]  # fmt: skip
 
 
-def _params(d=16, m=64, seed=0) -> Params:
-    p = Params(d, m, 0.001, torch.Generator().manual_seed(seed)).double()
+def _case(kw: dict) -> tuple[dict, bool]:
+    """The objective's options and whether the parameters have a skip connection."""
+    kw = dict(kw)
+    return kw, kw.pop("skip", False)
+
+
+def _params(d=16, m=64, seed=0, skip=False) -> Params:
+    p = Params(d, m, 0.001, torch.Generator().manual_seed(seed), skip=skip).double()
     with torch.no_grad():
+        if skip:
+            p.W_skip.normal_(0, 0.1)
         p.threshold.copy_(
             torch.rand(m, generator=torch.Generator().manual_seed(1)).mul(0.5).add(0.05)
         )
@@ -39,7 +50,8 @@ def _params(d=16, m=64, seed=0) -> Params:
 @pytest.mark.parametrize("arch,kw", CASES, ids=[f"{a}-{i}" for i, (a, _) in enumerate(CASES)])
 def test_sparse_gradients_equal_autograd(arch, kw, max_density):
     torch.manual_seed(0)
-    p = _params()
+    kw, skip = _case(kw)
+    p = _params(skip=skip)
     x = torch.randn(256, 16, dtype=torch.float64)
     y = x + 0.1 * torch.randn_like(x)  # a transcoder-like target exercises x != y
     obj = Objective(arch, bandwidth=0.05, max_density=max_density, matmul_dtype=torch.float64, **kw)
@@ -60,12 +72,13 @@ def test_sparse_gradients_equal_autograd(arch, kw, max_density):
 def test_torch_path_equals_sparse_path(arch, kw, aux_k):
     """The trainer's path off the CPU (dense autograd) gives the CPU kernels' loss and gradients."""
     torch.manual_seed(0)
+    kw, skip = _case(kw)
     x = torch.randn(256, 16, dtype=torch.float64)
     y = x + 0.1 * torch.randn_like(x)
     dead = torch.arange(64) % 3 == 0
     obj = Objective(arch, bandwidth=0.05, matmul_dtype=torch.float64, aux_k=aux_k, **kw)
     results = []
-    base = _params()
+    base = _params(skip=skip)
     for step in (forward_backward, dense_forward_backward):
         p = copy.deepcopy(base)
         stats = step(p, x, y, obj, dead)

@@ -173,25 +173,48 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path):
             )
 
 
-def test_transcoder_reconstructs_another_site(tmp_path):
-    x = sparse_data(n=20_000, d=16, features=64)
-    y = torch.tanh(x) @ torch.randn(16, 16, generator=torch.Generator().manual_seed(3))
-    spec = SAESpec(0, "resid_mid", 128, "topk", k=8, target_site="mlp_out")
-    cfg = TrainConfig(tokens=200_000, **FAST)
+@pytest.mark.parametrize("skip", [False, True], ids=["plain", "skip"])
+def test_transcoder_predicts_another_site(tmp_path, skip):
+    x = sparse_data(
+        n=20_000, d=16, features=64, offset=0.3
+    )  # not centred: the fold must shift b_dec
+    g = torch.Generator().manual_seed(3)
+    linear = x @ torch.randn(16, 16, generator=g)  # what a skip connection can carry alone
+    y = torch.tanh(x) @ torch.randn(16, 16, generator=g) + (linear if skip else 0.0)
+    spec = SAESpec(0, "mlp_in", 128, "topk", k=8, target_site="mlp_out", skip_connection=skip)
+    cfg = TrainConfig(tokens=200_000, standardize=True, **FAST)
     sae = train(
-        [spec],
-        tensor_batches({(0, "resid_mid"): x, (0, "mlp_out"): y}, 512),
-        cfg,
-        tmp_path,
+        [spec], tensor_batches({(0, "mlp_in"): x, (0, "mlp_out"): y}, 512), cfg, tmp_path,
         progress=False,
-    )[spec.name]
+    )[spec.name]  # fmt: skip
     with torch.no_grad():
         y_hat = sae(x)
         err = float((y_hat - y).pow(2).sum() / (y - y.mean(0)).pow(2).sum())
         err_vs_input = float((y_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
-    assert err < 0.4  # the mean predictor scores 1.0
+    assert err < (0.1 if skip else 0.4)  # the mean predictor scores 1.0
     assert err_vs_input > 1.0  # it learned the target site, not the input
-    assert sae.cfg.extra["target_site"] == "mlp_out"
+    assert (sae.cfg.site, sae.cfg.target_site, sae.cfg.skip_connection) == (
+        "mlp_in",
+        "mlp_out",
+        skip,
+    )
+    assert spec.name.endswith("_skip_w128_topk_k8") == skip
+    again = io.load(tmp_path / spec.name)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), y_hat)
+    if skip:  # the skip carries the linear part: the latents alone fall far short
+        with torch.no_grad():
+            latents_only = sae.decode(sae.encode(x))
+        assert float((latents_only - y).pow(2).sum() / (y - y.mean(0)).pow(2).sum()) > 0.5
+
+
+def test_skip_connections_are_for_transcoders():
+    with pytest.raises(ValueError, match="`skip_connection` is for transcoders"):
+        SAESpec(0, "resid_post", 64, "topk", k=4, skip_connection=True)
+    with pytest.raises(ValueError, match="target_site must come after its site"):
+        SAESpec(0, "mlp_out", 64, "topk", k=4, target_site="mlp_in")
+    with pytest.raises(ValueError, match="target_site must come after its site"):
+        SAESpec(0, "mlp_in", 64, "topk", k=4, target_site="mlp_in")
 
 
 def test_sweep_trains_every_sae_from_one_read(tmp_path):
@@ -481,3 +504,40 @@ def test_frequency_penalty_keeps_latents_under_the_ceiling(tmp_path):
             density[coefficient] = (sae.encode(x) != 0).float().mean(0)
     assert density[0.0].max() > 0.15, density[0.0].max()
     assert density[1.0].max() <= 0.1, density[1.0].max()
+
+
+def test_cli_trains_and_evaluates_a_skip_transcoder(tmp_path, tiny_folder):
+    """cache mlp_in and mlp_out -> train `--sites mlp_in --target-site mlp_out --skip-connection`
+    -> eval: the record scores the model with its MLP replaced."""
+    from typer.testing import CliRunner
+
+    from gemmascope.cli import app
+    from gemmascope.evaluate import read_results
+    from gemmascope.evaluate.results import site_label
+
+    corpus, cache = tmp_path / "words.txt", tmp_path / "cache"
+    corpus.write_text(" ".join(f"w{3 + i % 60}" for i in range(3000)))
+    run = CliRunner().invoke
+    result = run(app, ["cache", "--model", str(tiny_folder), "--layers", "1", "--sites",
+                       "mlp_in,mlp_out", "--tokens", "1024", "--corpus", str(corpus),
+                       "--context-size", "16", "--out", str(cache)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    result = run(app, ["train", "--activations", str(cache), "--layers", "1", "--sites", "mlp_in",
+                       "--target-site", "mlp_out", "--skip-connection", "--widths", "64",
+                       "--target-l0", "5", "--tokens", "2048", "--batch-size", "128",
+                       "--out", str(tmp_path / "run")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    (folder,) = [p.parent for p in (tmp_path / "run").rglob("cfg.json")]
+    assert folder.name == "layer_1_mlp_in_to_mlp_out_skip_w64_jumprelu_l0_5"
+    sae = io.load(folder)
+    assert (sae.cfg.target_site, sae.cfg.skip_connection) == ("mlp_out", True)
+    assert float(sae.W_skip.abs().max()) > 0  # the skip learned
+    out = tmp_path / "results.json"
+    result = run(app, ["eval", str(folder), "--model", str(tiny_folder), "--corpus", str(corpus),
+                       "--split", "all", "--tokens", "64", "--context-size", "16",
+                       "--out", str(out)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    (r,) = read_results(out)
+    assert (r["site"], r["target_site"], r["skip_connection"]) == ("mlp_in", "mlp_out", True)
+    assert site_label(r) == "mlp_in->mlp_out+skip"  # how tables and the report name it
+    assert r["fvu"] < 1.0  # better than the mean of the MLP's output

@@ -9,6 +9,9 @@ Sites of layer L (the same names as in Gemma Scope):
   post-attention / post-feedforward norms.
 - `attn_z`: the concatenated head outputs entering the attention output projection
   (`o_proj`, GPT-2's `attn.c_proj`), `n_heads * head_dim` wide.
+- `mlp_in`: exactly what the MLP reads, the output of the norm in front of it (Gemma's
+  `pre_feedforward_layernorm`, Llama's `post_attention_layernorm`, GPT-2's `ln_2`): what a
+  transcoder reads to stand in for the MLP (`mlp_in -> mlp_out`).
 """
 
 from __future__ import annotations
@@ -21,10 +24,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from gemmascope.models import ModelInfo, SiteKey, check_site, model_info
+from gemmascope.models import SITES, ModelInfo, SiteKey, check_site, model_info
 
 # Order in which a block computes its sites; collect stops right after the last one it needs.
-_ORDER = {"resid_pre": 0, "attn_z": 1, "attn_out": 2, "mlp_out": 3, "resid_post": 4}
+_ORDER = {site: i for i, site in enumerate(SITES)}
 
 
 class StopForward(Exception):
@@ -100,24 +103,41 @@ def collect(
 
 @contextlib.contextmanager
 def splice(
-    model: nn.Module, layer: int, site: str, fn: Callable[[Tensor], Tensor]
+    model: nn.Module,
+    layer: int,
+    site: str,
+    fn: Callable[[Tensor], Tensor],
+    *,
+    source: str | None = None,
 ) -> Iterator[None]:
     """While active, every forward uses `fn(value)` in place of the value at `(layer, site)`.
 
     Use it to insert an SAE reconstruction (`fn = sae`: calling an SAE reconstructs) or to steer
-    (`fn = lambda x: x + alpha * direction`). Splices nest; `collect` inside a splice sees the
-    replaced value.
+    (`fn = lambda x: x + alpha * direction`). With `source`, `fn` reads that earlier site of the same
+    layer instead: `splice(model, L, "mlp_out", transcoder, source="mlp_in")` replaces the MLP by a
+    transcoder. Splices nest; `collect` inside a splice sees the replaced value.
 
     Args:
         model: a supported Hugging Face causal LM.
         layer, site: where to replace.
-        fn: maps `[batch, seq, width]` to the same shape; the result is cast to the value's dtype.
+        fn: maps `[batch, seq, width of source]` to `[batch, seq, width of site]`; the result is cast
+            to the value's dtype.
+        source: the site `fn` reads (default: `site` itself); it must come before `site` in the block.
     """
     info = model_info(model)
     check_site(info, layer, site)
+    if source is not None:
+        check_site(info, layer, source)
+        if _ORDER[source] >= _ORDER[site]:
+            raise ValueError(
+                f"splice at layer {layer} {site}: the source {source!r} is computed after it (or is "
+                f"it); a source must come earlier in the block: one of "
+                f"{[s for s in _ORDER if _ORDER[s] < _ORDER[site]]}"
+            )
+    read: dict[str, Tensor] = {}
 
     def replace(value: Tensor) -> Tensor:
-        new = fn(value)
+        new = fn(value if source is None else read.pop("value"))
         if not isinstance(new, Tensor) or new.shape != value.shape:
             got = tuple(new.shape) if isinstance(new, Tensor) else type(new).__name__
             raise ValueError(
@@ -126,11 +146,17 @@ def splice(
             )
         return new.to(value.dtype)
 
-    handle = _hook(*_site_module(model, info, layer, site), replace)
+    def record(value: Tensor) -> None:
+        read["value"] = value
+
+    handles = [_hook(*_site_module(model, info, layer, site), replace)]
     try:
+        if source is not None:
+            handles.append(_hook(*_site_module(model, info, layer, source), record))
         yield
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 def run_from(
@@ -229,6 +255,8 @@ def _site_module(
     block: Any = decoder_layers(model)[layer]
     if site in ("resid_pre", "resid_post"):
         return block, site == "resid_pre"
+    if site == "mlp_in":  # every family calls its MLP on the normed residual stream
+        return block.mlp, True
     if info.layout == "gemma":
         table = {
             "attn_out": (block.post_attention_layernorm, False),

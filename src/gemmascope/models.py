@@ -8,7 +8,7 @@ import tempfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
@@ -19,7 +19,9 @@ from gemmascope.common.files import atomic_dir
 EMBEDDED_DEFAULT = "gemma-3-270m"
 SiteKey = tuple[int, str]
 """A (layer, site) pair: where in the model an activation is read."""
-SITES: tuple[str, ...] = ("resid_pre", "resid_post", "mlp_out", "attn_out", "attn_z")
+Site = Literal["resid_pre", "attn_z", "attn_out", "mlp_in", "mlp_out", "resid_post"]
+SITES: tuple[str, ...] = get_args(Site)
+"""The sites of a block, in the order the block computes them (see `hooks`)."""
 
 # model_type -> block layout. "gemma": sandwich norms, what a sublayer adds is its post-norm's output.
 # "llama": pre-norm only, what a sublayer adds is the module's output. "gpt2": Conv1D blocks under `h`.

@@ -20,6 +20,7 @@ from typing import Any
 
 from gemmascope.common.files import atomic_dir
 from gemmascope.evaluate import read_results
+from gemmascope.evaluate.results import site_label
 
 Record = dict[str, Any]
 _OURS = re.compile(r"(index\.html|[\w.-]+\.png)")
@@ -27,7 +28,7 @@ _COLUMNS: list[tuple[str, str, Callable[[Record], Any]]] = [
     ("SAE", "text", lambda r: r["_name"]),
     ("model", "text", lambda r: r.get("model")),
     ("layer", "num", lambda r: r.get("layer")),
-    ("site", "text", lambda r: r.get("site")),
+    ("site", "text", site_label),
     ("width", "num", lambda r: r.get("width")),
     ("arch", "text", lambda r: r.get("architecture")),
     ("L0", "num", lambda r: r.get("l0")),
@@ -111,7 +112,7 @@ _STYLE = {"axes.spines.top": False, "axes.spines.right": False, "axes.grid": Tru
 def _groups(records: list[Record], with_model: bool) -> dict[str, list[Record]]:
     groups: dict[str, list[Record]] = {}
     for r in records:
-        label = f"{r.get('model')} · {r.get('site')}" if with_model else str(r.get("site"))
+        label = f"{r.get('model')} · {site_label(r)}" if with_model else site_label(r)
         groups.setdefault(label, []).append(r)
     return dict(sorted(groups.items()))
 
@@ -195,7 +196,7 @@ def _plain_log_ticks(axis: Any) -> None:
 def _layer_figure(plt: Any, records: list[Record], folder: Path) -> tuple[str, str]:
     import matplotlib
 
-    sites = sorted({str(r.get("site")) for r in records})
+    sites = sorted({site_label(r) for r in records})
     colors = {s: matplotlib.colormaps["tab10"](j % 10) for j, s in enumerate(sites)}
     metrics = (("l0", "L0"), ("fvu", "FVU"), ("delta_lm_loss", "ΔLM loss"),
                ("frac_recovered", "loss recovered"))  # fmt: skip
@@ -204,7 +205,7 @@ def _layer_figure(plt: Any, records: list[Record], folder: Path) -> tuple[str, s
         axes = fig.subplots(2, 2).ravel()
         for ax, (metric, name) in zip(axes, metrics, strict=True):
             for site, color in colors.items():
-                pts = sorted((r["layer"], r[metric]) for r in records if str(r.get("site")) == site
+                pts = sorted((r["layer"], r[metric]) for r in records if site_label(r) == site
                              and r.get(metric) is not None and r.get("layer") is not None)  # fmt: skip
                 if not pts:
                     continue
@@ -317,7 +318,7 @@ def _page(
     tokens = sorted({r.get("tokens") for r in records if r.get("tokens")})
     facts = [
         ("SAEs", f"{len(records)}"),
-        ("sites", ", ".join(sorted({str(r.get("site")) for r in records}))),
+        ("sites", ", ".join(sorted({site_label(r) for r in records}))),
         ("layers", ", ".join(str(v) for v in sorted({r["layer"] for r in records if r.get("layer") is not None}))),
         ("widths", ", ".join(width_label(w) for w in sorted({r["width"] for r in records}))),
         ("eval tokens", ", ".join(f"{t:,}" for t in tokens)),

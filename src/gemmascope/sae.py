@@ -54,7 +54,14 @@ class SAEConfig:
     layer: int | None = option(None, ge=0)
     """Layer index of the site."""
     site: str | None = None
-    """Site within the layer: `resid_pre`, `resid_post`, `mlp_out`, `attn_out`, `attn_z`."""
+    """Site within the layer the SAE reads: `resid_pre`, `resid_post`, `mlp_in`, `mlp_out`,
+    `attn_out`, `attn_z`."""
+    target_site: str | None = None
+    """Transcoders: the site of the same layer the SAE writes (`mlp_out` for one that reads `mlp_in`
+    and stands in for the MLP). None: it reconstructs what it reads."""
+    skip_connection: bool = False
+    """Add a learned linear skip `x @ W_skip` to the output (Gemma Scope 2's affine skip
+    transcoders, sparsify's `skip_connection`)."""
     hook_name: str | None = None
     """The site's name in another tool (e.g. SAELens' `blocks.6.hook_resid_post`), kept for round trips."""
     dataset: str | None = None
@@ -82,6 +89,11 @@ class SAEConfig:
                     f"`k` must be in 1..d_sae={self.d_sae} for {self.architecture}, got {self.k}"
                 )
         dtype_of(self.dtype)
+        if self.skip_connection and self.target_site is None:
+            raise ValueError(
+                "`skip_connection` is for transcoders: an SAE that reconstructs its own input with "
+                "a skip would learn the identity; set `target_site` or drop the skip"
+            )
         if not self.input_scale > 0:
             raise ValueError(f"`input_scale` must be positive, got {self.input_scale}")
 
@@ -91,6 +103,8 @@ class SAEConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SAEConfig:
         known = {f.name for f in dataclasses.fields(cls)}
+        if "target_site" not in d and (d.get("extra") or {}).get("target_site"):
+            d = {**d, "target_site": d["extra"]["target_site"]}  # saved before it was a field
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(
@@ -112,7 +126,8 @@ class SAE(nn.Module):
     - batchtopk: while training, the `k * n_tokens` largest entries over the whole batch; in eval mode
       a JumpReLU with the per-latent `threshold` the trainer estimated, so encodings do not depend on
       which other tokens share the batch.
-    `x_hat = z @ W_dec + b_dec`. Any leading batch shape works; dtype and device follow the weights.
+    `x_hat = z @ W_dec + b_dec`, plus `x @ W_skip` for a skip transcoder. Any leading batch shape
+    works; dtype and device follow the weights.
     """
 
     def __init__(self, cfg: SAEConfig, *, device: torch.device | str | None = None) -> None:
@@ -125,6 +140,11 @@ class SAE(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(m, dtype=dt, device=device))
         self.b_dec = nn.Parameter(torch.zeros(d, dtype=dt, device=device))
         self.threshold = nn.Parameter(torch.zeros(m, dtype=dt, device=device))
+        self.W_skip = (
+            nn.Parameter(torch.zeros(d, d, dtype=dt, device=device))
+            if cfg.skip_connection
+            else None
+        )
 
     # ---------------------------------------------------------------- forward pass
     @property
@@ -181,8 +201,16 @@ class SAE(nn.Module):
             x_hat = x_hat * self.cfg.input_scale
         return x_hat
 
+    def skip(self, x: Tensor) -> Tensor:
+        """The skip connection's part of the output, `x @ W_skip` (zero without one)."""
+        if self.W_skip is None:
+            return torch.zeros_like(self._check_input(x))
+        return self._check_input(x) @ self.W_skip
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.decode(self.encode(x))
+        """The reconstruction of the input, or a transcoder's prediction of its target site."""
+        out = self.decode(self.encode(x))
+        return out if self.W_skip is None else out + self.skip(x)
 
     # ---------------------------------------------------------------- weights
     @torch.no_grad()
@@ -209,10 +237,12 @@ class SAE(nn.Module):
         return self
 
     def state_arrays(self) -> dict[str, Tensor]:
-        """The five weight tensors by their Gemma Scope names."""
-        return {
-            n: getattr(self, n).detach() for n in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
-        }
+        """The weight tensors by their Gemma Scope names (five, and `W_skip` for a skip transcoder)."""
+        names = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
+        arrays = {n: getattr(self, n).detach() for n in names}
+        if self.W_skip is not None:
+            arrays["W_skip"] = self.W_skip.detach()
+        return arrays
 
     @classmethod
     def from_arrays(
@@ -233,7 +263,13 @@ class SAE(nn.Module):
             "b_enc": (m,),
             "b_dec": (d,),
             "threshold": (m,),
+            **({"W_skip": (d, d)} if cfg.skip_connection else {}),
         }
+        if "W_skip" in arrays and not cfg.skip_connection:
+            raise ValueError(
+                f"{source}: holds a skip connection 'W_skip' but its config has no "
+                "`skip_connection`; without it the outputs would change"
+            )
         for name, shape in expected.items():
             if name not in arrays:
                 if name == "threshold" and cfg.architecture != "jumprelu":
@@ -262,5 +298,7 @@ class SAE(nn.Module):
     def __repr__(self) -> str:
         c = self.cfg
         where = f", model={c.model!r}, layer={c.layer}, site={c.site!r}" if c.site else ""
+        if c.target_site:
+            where += f", target_site={c.target_site!r}" + (", skip" if c.skip_connection else "")
         k = f", k={c.k}" if c.k else ""
         return f"SAE({c.architecture}, d_in={c.d_in}, d_sae={c.d_sae}{k}, dtype={c.dtype}{where})"

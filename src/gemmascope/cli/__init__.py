@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 import typer
 
@@ -19,6 +19,7 @@ from gemmascope.cli.flags import command, fail
 from gemmascope.common.config import check, nested, option
 from gemmascope.evaluate.job import EvalJob
 from gemmascope.explore.index import IndexConfig
+from gemmascope.models import Site
 from gemmascope.suite.config import SuiteConfig
 from gemmascope.train.job import TrainJob
 
@@ -134,7 +135,7 @@ class ModelRun:
     """Run the model on this text and summarise the activations at --layer/--site."""
     layer: int | None = None
     """Layer to read with --text."""
-    site: Literal["resid_pre", "resid_post", "mlp_out", "attn_out", "attn_z"] = "resid_post"
+    site: Site = "resid_post"
     """Site to read with --text."""
     device: str = "auto"
     """Torch device: cpu, cuda, cuda:N, mps, or auto (a GPU if there is one)."""
@@ -185,6 +186,7 @@ def model(cfg: ModelRun) -> None:
 
 _SITE_HELP = {
     "resid_pre": "residual stream entering the block",
+    "mlp_in": "what the MLP reads (its input norm's output); transcoders read it",
     "resid_post": "residual stream leaving the block",
     "attn_out": "what attention adds to the residual stream",
     "mlp_out": "what the MLP adds to the residual stream",

@@ -25,6 +25,11 @@ is the mean count of non-zero latents per token. `delta_lm_loss` = ce_spliced - 
 with ce_mean. `dead` latents are never active, `dense` ones on more than 10% of tokens; the density
 histogram counts live latents by log10 of the share of tokens they are active on.
 
+Transcoders (`cfg.target_site`, e.g. `mlp_in -> mlp_out`) are scored against their target: x above
+is the target's activation, x_hat the transcoder's output (skip included), the splice replaces the
+target (the MLP's whole output: the model runs with that MLP replaced) and the ablations zero or
+mean-ablate the target, i.e. the MLP.
+
 The modules: `config` (what an evaluation reads), `passes` (the forwards), `metrics` (running sums
 and the record of each SAE), `results` (the results file and the sources it names).
 """

@@ -121,7 +121,8 @@ def record(sae: SAE, key: SiteKey, st: Sums, run: Totals, model_name: str | None
     ce = {k: None if v is None else v / run.loss_tokens for k, v in ce.items()}
     return {
         "source": None, "sae_id": None, "model": model_name or c.model, "layer": c.layer,
-        "site": c.site, "width": c.d_sae, "d_in": d, "architecture": c.architecture, "k": c.k,
+        "site": c.site, "target_site": c.target_site, "skip_connection": c.skip_connection,
+        "width": c.d_sae, "d_in": d, "architecture": c.architecture, "k": c.k,
         "dtype": c.dtype, "tokens": n, "loss_tokens": run.loss_tokens,
         "l0": float(l0.mean()), "l0_std": float(l0.std()),
         "l0_quantiles": {name: float(np.quantile(l0, q)) for name, q in L0_QUANTILES.items()},

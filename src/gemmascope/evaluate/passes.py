@@ -18,7 +18,7 @@ from gemmascope.corpus import iter_documents, pack_sequences, special_ids
 from gemmascope.evaluate.config import EvalConfig
 from gemmascope.evaluate.metrics import Sums, Totals, accumulate, record, token_losses
 from gemmascope.hooks import collect, run_from, run_until_head, splice
-from gemmascope.models import ModelInfo, SiteKey, check_forward, check_site, model_info
+from gemmascope.models import SITES, ModelInfo, SiteKey, check_forward, check_site, model_info
 from gemmascope.sae import SAE
 
 _RESID = ("resid_pre", "resid_post")
@@ -107,7 +107,7 @@ def evaluate_sequences(
         raise ValueError("`saes` is empty; pass at least one SAE to evaluate")
     skip = sorted(set(skip_ids))
     batches = _batches(sequences, batch_size)
-    sites = sorted(set(keys))
+    sites = sorted({target for _, target in keys})  # where SAEs write: spliced and ablated
     run = Totals(
         stats=[Sums.new(sae.cfg.d_in, sae.cfg.d_sae) for sae in saes],
         ablated={(k, kind): 0.0 for k in sites for kind in ("zero", "mean")} if ablations else {},
@@ -122,8 +122,8 @@ def evaluate_sequences(
                 model, saes, keys, ids, means, run, bar, skip=skip, pad_id=pad_id, chunk=ce_chunk
             )
     return [
-        record(sae, key, st, run, model_name)
-        for sae, key, st in zip(saes, keys, run.stats, strict=True)
+        record(sae, target, st, run, model_name)
+        for sae, (_, target), st in zip(saes, keys, run.stats, strict=True)
     ]
 
 
@@ -131,7 +131,7 @@ def evaluate_sequences(
 def _eval_batch(
     model: nn.Module,
     saes: Sequence[SAE],
-    keys: list[SiteKey],
+    keys: list[tuple[SiteKey, SiteKey]],
     ids: Tensor,
     means: dict[SiteKey, Tensor],
     run: Totals,
@@ -141,7 +141,10 @@ def _eval_batch(
     pad_id: int | None,
     chunk: int,
 ) -> None:
-    """One clean forward, then per SAE a spliced forward from its layer, then the ablations."""
+    """One clean forward, then per SAE a spliced forward from its layer, then the ablations.
+
+    A transcoder's output replaces its target site (the MLP's output, for `mlp_in -> mlp_out`), and
+    its FVU is measured against the target."""
     ids, attn, mask = _masks(model, ids, skip, pad_id)
     scored = mask[:, :-1] & (ids[:, 1:] != (-1 if pad_id is None else pad_id))  # (B, T-1)
     labels = ids[:, 1:][scored]  # (n_scored,)
@@ -149,18 +152,19 @@ def _eval_batch(
     def loss(final: Tensor) -> float:
         return float(token_losses(model, final[:, :-1][scored], labels, chunk=chunk).double().sum())
 
-    resumed = {(layer, "resid_pre") for layer, site in keys if site not in _RESID}
-    needed = sorted(set(keys) | resumed)
-    clean, final = _clean_forward(model, ids, needed, attn)
+    ends = {key for pair in keys for key in pair}
+    resumed = {(layer, "resid_pre") for layer, site in ends if site not in _RESID}
+    clean, final = _clean_forward(model, ids, sorted(ends | resumed), attn)
     run.ce_clean += loss(final)
     run.loss_tokens += len(labels)
     bar.update()
-    for sae, key, st in zip(saes, keys, run.stats, strict=True):
-        x = clean[key][mask]  # (n, W)
+    for sae, (source, target), st in zip(saes, keys, run.stats, strict=True):
+        x = clean[source][mask]  # (n, W)
         z = sae.encode(x)  # (n, d_sae)
-        x_hat = sae.decode(z).to(x.device)  # (n, W)
-        accumulate(st, x, z, x_hat)
-        st.ce += loss(_resume(model, key, _replaced(clean[key], mask, x_hat), clean, attn))
+        y_hat = sae.decode(z) if sae.W_skip is None else sae.decode(z) + sae.skip(x)
+        y_hat = y_hat.to(x.device)  # (n, W)
+        accumulate(st, clean[target][mask], z, y_hat)  # (n, W) each
+        st.ce += loss(_resume(model, target, _replaced(clean[target], mask, y_hat), clean, attn))
         bar.update()
     for key, kind in run.ablated:
         fill = torch.zeros(()) if kind == "zero" else means[key]
@@ -250,8 +254,9 @@ def _site_means(
 
 
 # ---------------------------------------------------------------- checks, inputs, records
-def _check_sae(info: ModelInfo, index: int, sae: SAE) -> SiteKey:
-    """The SAE's (layer, site), after checking that it can be evaluated on this model."""
+def _check_sae(info: ModelInfo, index: int, sae: SAE) -> tuple[SiteKey, SiteKey]:
+    """Where the SAE reads and writes, `(layer, site)` each, after checking that it can be
+    evaluated on this model."""
     c = sae.cfg
     name = f"saes[{index}] {sae!r}"
     if c.layer is None or c.site is None:
@@ -259,19 +264,17 @@ def _check_sae(info: ModelInfo, index: int, sae: SAE) -> SiteKey:
             f"{name} does not say which layer and site it reads (cfg.layer={c.layer}, "
             f"cfg.site={c.site}); set them, or load it from a folder that records them"
         )
-    if c.extra.get("target_site"):
-        raise ValueError(
-            f"{name} is a transcoder ({c.site} -> {c.extra['target_site']}); evaluate() scores SAEs "
-            "that reconstruct their own input, so leave transcoders out"
-        )
-    check_site(info, c.layer, c.site)
-    width = info.site_width(c.site)
-    if c.d_in != width:
-        raise ValueError(
-            f"{name} reads d_in={c.d_in} but layer {c.layer} {c.site} of this model is {width} wide; "
-            f"evaluate it on the model it was trained on ({c.model or 'see cfg.model'})"
-        )
-    return c.layer, c.site
+    for site in (c.site, c.target_site or c.site):
+        check_site(info, c.layer, site)
+        width = info.site_width(site)
+        if c.d_in != width:
+            raise ValueError(
+                f"{name} has d_in={c.d_in} but layer {c.layer} {site} of this model is {width} "
+                f"wide; evaluate it on the model it was trained on ({c.model or 'see cfg.model'})"
+            )
+    if c.target_site and SITES.index(c.target_site) <= SITES.index(c.site):
+        raise ValueError(f"{name}: its target site {c.target_site} comes before what it reads")
+    return (c.layer, c.site), (c.layer, c.target_site or c.site)
 
 
 def _batches(sequences: Iterable[np.ndarray | Tensor], batch_size: int) -> list[Tensor]:

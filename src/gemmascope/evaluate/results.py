@@ -65,6 +65,14 @@ def read_results(path: str | Path) -> list[dict[str, Any]]:
     return data["results"]
 
 
+def site_label(r: dict[str, Any]) -> str:
+    """Where a record's SAE reads, and for a transcoder where it writes: `mlp_in->mlp_out+skip`."""
+    site = str(r.get("site"))
+    if r.get("target_site"):
+        site += f"->{r['target_site']}" + ("+skip" if r.get("skip_connection") else "")
+    return site
+
+
 def results_table(records: list[dict[str, Any]], *, title: str) -> Any:
     """Evaluation records as a terminal table, one row per SAE."""
     from rich.table import Table
@@ -75,7 +83,7 @@ def results_table(records: list[dict[str, Any]], *, title: str) -> Any:
         rec = r["frac_recovered"]
         table.add_row(
             f"{r['source']}" + (f" [{r['sae_id']}]" if r["sae_id"] else ""), str(r["layer"]),
-            r["site"], str(r["width"]), f"{r['l0']:.1f}", f"{r['fvu']:.4f}",
+            site_label(r), str(r["width"]), f"{r['l0']:.1f}", f"{r['fvu']:.4f}",
             f"{r['delta_lm_loss']:.4f}", "-" if rec is None else f"{rec:.3f}", str(r["dead"]),
         )  # fmt: skip
     return table

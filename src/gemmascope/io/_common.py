@@ -45,12 +45,13 @@ ROOT_ID = "."
 _HOOKS = {
     "resid_pre": "blocks.{L}.hook_resid_pre",
     "resid_post": "blocks.{L}.hook_resid_post",
+    "mlp_in": "blocks.{L}.hook_mlp_in",
     "mlp_out": "blocks.{L}.hook_mlp_out",
     "attn_out": "blocks.{L}.hook_attn_out",
     "attn_z": "blocks.{L}.attn.hook_z",
 }
 _HOOK_RE = re.compile(
-    r"blocks\.(\d+)\.(hook_resid_pre|hook_resid_post|hook_mlp_out|hook_attn_out|attn\.hook_z)"
+    r"blocks\.(\d+)\.(hook_resid_pre|hook_resid_post|hook_mlp_in|hook_mlp_out|hook_attn_out|attn\.hook_z)"
 )
 
 
@@ -174,25 +175,19 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path}: expected a safetensors file, could not read it ({e})") from None
 
 
+_OURS = ("model", "layer", "site", "target_site", "hook_name", "dataset", "context_size",
+         "tokens_trained")  # fmt: skip
+
+
 def our_fields(cfg: SAEConfig) -> dict[str, Any]:
     """Our config fields that another format has no home for, kept under a `gemmascope` key."""
-    keep = ("model", "layer", "site", "hook_name", "dataset", "context_size", "tokens_trained")
-    return {**{k: getattr(cfg, k) for k in keep}, "extra": cfg.extra}
+    return {**{k: getattr(cfg, k) for k in _OURS}, "extra": cfg.extra}
 
 
 def read_our_fields(raw: dict[str, Any], source: Path) -> dict[str, Any]:
     """SAEConfig fields from the `gemmascope` key `our_fields` wrote, or an empty dict."""
     ours = raw.get("gemmascope") or {}
-    allowed = {
-        "model",
-        "layer",
-        "site",
-        "hook_name",
-        "dataset",
-        "context_size",
-        "tokens_trained",
-        "extra",
-    }
+    allowed = {*_OURS, "extra"}
     if not isinstance(ours, dict) or set(ours) - allowed:
         raise ValueError(f'{source}: the "gemmascope" entry must hold only {sorted(allowed)}')
     return {k: v for k, v in ours.items() if v is not None}

@@ -5,7 +5,9 @@ The arrays are Gemma Scope's, named in lower case: `w_enc [d_in, d_sae]`, `w_dec
 `b_enc`, `b_dec`, `threshold`; JumpReLU `pre * (pre > threshold)` with no `b_dec` subtraction.
 `config.json` holds `architecture: "jump_relu"`, `model_name` and the Hugging Face module paths read
 (`hf_hook_point_in`) and, for transcoders, written (`hf_hook_point_out`); SAELens' Gemma 3 loader reads
-the same fields. Affine-skip transcoders (`affine_skip_connection`) add a weight our SAEs lack: refused.
+the same fields. Transcoders read `pre_feedforward_layernorm.output` (our `mlp_in`) and write
+`post_feedforward_layernorm.output` (our `mlp_out`); affine skip transcoders (`affine_connection`)
+add `affine_skip_connection [d_in, d_out]`, applied as `x @ affine_skip_connection`: our `W_skip`.
 """
 
 from __future__ import annotations
@@ -29,34 +31,42 @@ from gemmascope.io._common import (
 from gemmascope.io.gemmascope_npz import WIDTHS
 from gemmascope.sae import SAE, SAEConfig
 
-ARRAYS = ("w_enc", "w_dec", "b_enc", "b_dec", "threshold")
+ARRAYS = ("w_enc", "w_dec", "b_enc", "b_dec", "threshold", "affine_skip_connection")
 _HF_POINTS = {
     "resid_post": "model.layers.{L}.output",
     "attn_z": "model.layers.{L}.self_attn.o_proj.input",
+    "mlp_in": "model.layers.{L}.pre_feedforward_layernorm.output",
     "mlp_out": "model.layers.{L}.post_feedforward_layernorm.output",
 }
-"""Our site -> the module path Gemma Scope 2 names in `hf_hook_point_in`."""
-_HF_RE = re.compile(
-    r"model\.layers\.(\d+)\.(output|self_attn\.o_proj\.input|post_feedforward_layernorm\.output)"
-)
-_DIR_RE = re.compile(r"layer_(\d+)_width_(\w+?)_l0_(\w+)$")
+"""Our site -> the module path Gemma Scope 2 names in `hf_hook_point_in` (and `_out`)."""
+_HF_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
+_DIR_RE = re.compile(r"layer_(\d+)_width_(\w+?)_l0_(\w+?)(_affine)?$")
+
+
+def _point(path: object) -> tuple[int, str] | None:
+    """(layer, site) of a Hugging Face module path Gemma Scope 2 names, or None."""
+    m = _HF_RE.fullmatch(str(path or ""))
+    site = next((s for s, p in _HF_POINTS.items() if m and p.endswith("." + m[2])), None)
+    return (int(m[1]), site) if m and site else None
 
 
 def _where(raw: dict[str, Any], folder: Path) -> dict[str, Any]:
-    """Layer and site from `hf_hook_point_in`, else from the folder names."""
+    """Layer, site and target site from `hf_hook_point_in`/`_out`, else from the folder names."""
     info: dict[str, Any] = {"extra": {}}
     m = _DIR_RE.fullmatch(folder.name)
     if m:
         info["layer"] = int(m[1])
         info["extra"].update(width=m[2], l0=m[3])
-    hook = _HF_RE.fullmatch(str(raw.get("hf_hook_point_in") or ""))
-    site = None
-    if hook:
-        info["layer"] = int(hook[1])
-        site = next(s for s, p in _HF_POINTS.items() if p.endswith(hook[2]))
-    elif "hf_hook_point_out" not in raw:  # a transcoder reads the MLP input: no site of ours
+    read, written = _point(raw.get("hf_hook_point_in")), _point(raw.get("hf_hook_point_out"))
+    if read:
+        info["layer"], site = read
+    else:  # no config.json: the folder kind says what it reads
         kind = folder.parent.name.removesuffix("_all")
         site = {"resid_post": "resid_post", "mlp_out": "mlp_out", "attn_out": "attn_z"}.get(kind)
+        if kind.startswith("transcoder") or raw.get("affine_connection") is not None:
+            site, written = "mlp_in", (info.get("layer"), "mlp_out")
+    if written:
+        info["target_site"] = written[1]
     if site and "layer" in info:
         info.update(site=site, hook_name=site_to_hook(info["layer"], site))
     return info
@@ -77,12 +87,13 @@ def read_gemmascope2(
             f"{cfg_file}: architecture {arch!r} is not supported; expected 'jump_relu'"
         )
     state = read_safetensors(weights)
-    if "affine_skip_connection" in state or raw.get("affine_connection"):
-        raise ValueError(
-            f"{weights}: an affine-skip transcoder (output + x @ affine_skip_connection); gemmascope "
-            "SAEs have no skip weight, so loading it would change its outputs"
-        )
     check_names(state, ARRAYS, weights)
+    skip = "affine_skip_connection" in state
+    if raw.get("affine_connection") and not skip:
+        raise ValueError(
+            f"{folder}: config.json says affine_connection but params.safetensors has no "
+            "'affine_skip_connection'; the folder is incomplete"
+        )
     w_enc = state.get("w_enc")
     if w_enc is None or w_enc.ndim != 2:
         shapes = {n: tuple(t.shape) for n, t in state.items()}
@@ -100,7 +111,9 @@ def read_gemmascope2(
         )
     extra = dict(info.pop("extra"))
     carried = {
-        key: v for key, v in raw.items() if key not in ("architecture", "model_name", "gemmascope")
+        key: v
+        for key, v in raw.items()
+        if key not in ("architecture", "model_name", "gemmascope", "affine_connection")
     }
     if carried:
         extra["gemmascope2"] = carried
@@ -111,12 +124,15 @@ def read_gemmascope2(
             d_in=d_in,
             d_sae=d_sae,
             dtype=dtype or str(w_enc.dtype).removeprefix("torch."),
+            skip_connection=skip,
             extra=extra,
             **info,
         )
     except ValueError as e:
         raise ValueError(f"{cfg_file}: {e}") from None
     arrays = {"W_" + n[2:] if n.startswith("w_") else n: t for n, t in state.items()}
+    if skip:
+        arrays["W_skip"] = arrays.pop("affine_skip_connection")
     return SAE.from_arrays(cfg, arrays, source=str(weights), allow_nonfinite=allow_nonfinite)
 
 
@@ -132,14 +148,20 @@ def write_gemmascope2(sae: SAE, folder: Path) -> Path:
             "JumpReLU; save it with format='gemmascope', 'saelens' or 'sparsify'"
         )
     s = copy.deepcopy(sae).fold_input_scale().fold_b_dec_into_b_enc()
-    tensors = {n.lower(): t.detach().cpu().contiguous() for n, t in s.state_arrays().items()}
+    names = {"W_skip": "affine_skip_connection"}
+    tensors = {
+        names.get(n, n.lower()): t.detach().cpu().contiguous() for n, t in s.state_arrays().items()
+    }
     if s.cfg.architecture == "relu":
         tensors["threshold"] = torch.zeros_like(tensors["threshold"])
     c = s.cfg
     carried = dict(c.extra.get("gemmascope2") or {})
-    point = _HF_POINTS.get(c.site or "")
-    if point and c.layer is not None:
-        carried["hf_hook_point_in"] = point.format(L=c.layer)
+    for key, site in (("hf_hook_point_in", c.site), ("hf_hook_point_out", c.target_site)):
+        point = _HF_POINTS.get(site or "")
+        if point and c.layer is not None:
+            carried[key] = point.format(L=c.layer)
+    if c.target_site:
+        carried["affine_connection"] = c.skip_connection
     fields = our_fields(c)
     fields["extra"] = {key: v for key, v in c.extra.items() if key != "gemmascope2"}
     config = {"architecture": "jump_relu", "model_name": c.model, **carried, "gemmascope": fields}

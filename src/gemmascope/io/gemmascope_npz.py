@@ -19,6 +19,7 @@ import torch
 
 from gemmascope.common.files import atomic_file
 from gemmascope.io._common import check_names, sae_dims, site_to_hook
+from gemmascope.models import SITES as OUR_SITES
 from gemmascope.sae import SAE, SAEConfig
 
 ARRAYS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
@@ -34,7 +35,6 @@ WIDTHS = {
 }
 """Gemma Scope's width labels are rounded powers of two."""
 SITES = {"res": "resid_post", "mlp": "mlp_out", "att": "attn_z"}
-_OUR_SITES = ("resid_pre", "resid_post", "mlp_out", "attn_out", "attn_z")
 """Repo suffix -> site. `att` SAEs read the concatenated head outputs before `o_proj`, so their
 width is n_heads * head_dim, not d_model."""
 _REPO_RE = re.compile(r"gemma-scope-(\d+b)-(pt|it)-(res|mlp|att|transcoders)$")
@@ -73,7 +73,7 @@ def describe(file: Path, repo_hint: str | None = None) -> dict[str, Any]:
     elif m and m[1] is not None:
         # `gemmascope publish` lays suites out as {site}/layer_L/width_W/average_l0_N/params.npz.
         site_dir = file.parents[3].name if len(file.parents) > 3 else ""
-        if site_dir in _OUR_SITES:
+        if site_dir in OUR_SITES:
             info["site"] = site_dir
             info["hook_name"] = site_to_hook(info["layer"], site_dir)
     return info

@@ -15,7 +15,7 @@ from gemmascope.sae import SAE, SAEConfig
 
 FORMAT = "gemmascope"
 FORMAT_VERSION = 1
-_WEIGHTS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
+_WEIGHTS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold", "W_skip")
 
 
 def write_native(sae: SAE, folder: Path) -> Path:

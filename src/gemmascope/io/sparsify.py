@@ -6,8 +6,12 @@ Mapping (sparsify -> ours), exact in encodings:
 - `activation: topk` -> topk with the config's `k`: the `k` largest of `relu(pre)`, which equals our
   `relu` of the `k` largest `pre`. `groupmax` has no counterpart here and is refused.
 - An SAE subtracts `b_dec` from its input (`apply_b_dec_to_input`); a transcoder (`transcode`) does not.
-  A skip transcoder adds `x @ W_skip.T` to its output, a weight our SAEs do not have: refused.
-- The folder name is the hookpoint (`layers.6`, `h.6`): a decoder block's output, our `resid_post`.
+  A skip transcoder adds `x @ W_skip.T` to its output: our `W_skip` is its transpose.
+- The folder name is the hookpoint. An SAE reads the module's output: `layers.6` (or `h.6`) is a
+  block's, our `resid_post`; `layers.6.mlp` the MLP's, our `mlp_out`. A transcoder reads the
+  module's input and predicts its output: `layers.6` maps `resid_pre -> resid_post`, `layers.6.mlp`
+  `mlp_in -> mlp_out`. (For Gemma, sparsify's MLP output is before the post-feedforward norm, where
+  our `mlp_out` is after it: its Gemma MLP transcoders predict another quantity than ours.)
 sparsify has only TopK, so other architectures are refused on save rather than changed.
 """
 
@@ -30,15 +34,19 @@ from gemmascope.sae import SAE, SAEConfig
 
 _WEIGHTS = ("encoder.weight", "encoder.bias", "W_dec", "b_dec", "W_skip")
 _MAPPED = {"d_in", "k", "num_latents", "activation", "transcode", "skip_connection", "gemmascope"}
-_BLOCK_RE = re.compile(r"(?:model\.|transformer\.|gpt_neox\.)?(?:layers|h)\.(\d+)")
-"""A hookpoint naming a whole decoder block, whose output is the residual stream."""
+_BLOCK_RE = re.compile(r"(?:model\.|transformer\.|gpt_neox\.)?(?:layers|h)\.(\d+)(\.mlp)?")
+"""A hookpoint naming a whole decoder block or its MLP."""
 
 
-def _where(hookpoint: str) -> dict[str, Any]:
+def _where(hookpoint: str, transcode: bool) -> dict[str, Any]:
     m = _BLOCK_RE.fullmatch(hookpoint)
     if not m:
         return {"hook_name": hookpoint}
-    return {"layer": int(m[1]), "site": "resid_post", "hook_name": hookpoint}
+    if transcode:  # the module's input -> its output
+        site, target = ("mlp_in", "mlp_out") if m[2] else ("resid_pre", "resid_post")
+    else:
+        site, target = ("mlp_out" if m[2] else "resid_post"), None
+    return {"layer": int(m[1]), "site": site, "target_site": target, "hook_name": hookpoint}
 
 
 def read_sparsify(
@@ -57,10 +65,11 @@ def read_sparsify(
         )
     state = read_safetensors(weights)
     check_names(state, _WEIGHTS, weights)
-    if raw.get("skip_connection") or "W_skip" in state:
+    transcode, skip = bool(raw.get("transcode")), bool(raw.get("skip_connection"))
+    if skip != ("W_skip" in state):
         raise ValueError(
-            f"{weights}: a skip transcoder (output + x @ W_skip.T); gemmascope SAEs have no skip "
-            "weight, so loading it would change its outputs. Use it in sparsify"
+            f"{folder}: cfg.json says skip_connection={skip} but sae.safetensors "
+            f"{'lacks' if skip else 'holds'} 'W_skip'; the folder is inconsistent"
         )
     d_in, k = raw.get("d_in"), raw.get("k")
     if not isinstance(d_in, int) or not isinstance(k, int):
@@ -81,11 +90,18 @@ def read_sparsify(
         "W_dec": state.get("W_dec"),
         "b_dec": state.get("b_dec"),
     }
+    if skip:
+        arrays["W_skip"] = state["W_skip"].T
     arrays = {n: t for n, t in arrays.items() if t is not None}  # from_arrays names what is missing
-    fields = {**_where(folder.name), **read_our_fields(raw, cfg_file)}
+    fields = {**_where(folder.name, transcode), **read_our_fields(raw, cfg_file)}
+    if skip and not fields.get("target_site"):
+        raise ValueError(
+            f"{folder}: a skip transcoder at hookpoint {folder.name!r}, which names no module we "
+            "know the output of; name the folder after its hookpoint (e.g. `layers.6.mlp`)"
+        )
     extra = dict(fields.pop("extra", {}))
     carried = {key: v for key, v in raw.items() if key not in _MAPPED}
-    extra["sparsify"] = {**carried, "transcode": bool(raw.get("transcode"))}
+    extra["sparsify"] = {**carried, "transcode": transcode}
     try:
         cfg = SAEConfig(
             architecture="topk",
@@ -93,7 +109,8 @@ def read_sparsify(
             d_sae=d_sae,
             k=k,
             dtype=dtype or str(enc.dtype).removeprefix("torch."),
-            apply_b_dec_to_input=not raw.get("transcode", False),
+            apply_b_dec_to_input=not transcode,
+            skip_connection=skip,
             extra=extra,
             **fields,
         )
@@ -103,12 +120,13 @@ def read_sparsify(
 
 
 def _is_transcoder(cfg: SAEConfig) -> bool:
-    return bool(cfg.extra.get("target_site") or cfg.extra.get("sparsify", {}).get("transcode"))
+    return bool(cfg.target_site or cfg.extra.get("sparsify", {}).get("transcode"))
 
 
 def write_sparsify(sae: SAE, folder: Path) -> Path:
     """Write a topk `sae` as a folder that sparsify's `SparseCoder.load_from_disk` loads with the
-    same encodings. Name the folder after the hookpoint (`layers.6`), as sparsify does."""
+    same encodings. Name the folder after the hookpoint (`layers.6`, `layers.6.mlp` for an MLP
+    transcoder), as sparsify does."""
     c = sae.cfg
     if c.architecture != "topk":
         why = (
@@ -134,6 +152,8 @@ def write_sparsify(sae: SAE, folder: Path) -> Path:
         "W_dec": s.W_dec.detach(),
         "b_dec": s.b_dec.detach(),
     }
+    if s.W_skip is not None:
+        tensors["W_skip"] = s.W_skip.detach().T
     tensors = {n: t.cpu().contiguous() for n, t in tensors.items()}
     carried = {key: v for key, v in c.extra.get("sparsify", {}).items() if key not in _MAPPED}
     fields = our_fields(s.cfg)
@@ -147,7 +167,7 @@ def write_sparsify(sae: SAE, folder: Path) -> Path:
         **carried,
         "num_latents": c.d_sae,  # wins over expansion_factor
         "k": c.k,
-        "skip_connection": False,
+        "skip_connection": c.skip_connection,
         "transcode": transcode,
         "d_in": c.d_in,
         "gemmascope": fields,  # sparsify drops fields it does not know

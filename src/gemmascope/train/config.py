@@ -11,7 +11,7 @@ from typing import Literal
 from gemmascope.common.config import check, option
 from gemmascope.common.devices import check_device
 from gemmascope.common.units import Count
-from gemmascope.models import SiteKey
+from gemmascope.models import SITES, SiteKey
 from gemmascope.sae import Architecture
 
 L0Size = Literal["small", "medium", "big"]
@@ -49,7 +49,9 @@ class SAESpec:
     k: int | None = option(None, ge=1)
     """topk/batchtopk: active latents per token."""
     target_site: str | None = None
-    """Transcoder: reconstruct this site of the same layer (e.g. `mlp_out` from `resid_mid`)."""
+    """Transcoder: predict this later site of the same layer instead (`mlp_out` from `mlp_in`)."""
+    skip_connection: bool = False
+    """Transcoder: learn a linear skip `x @ W_skip` beside the latents (an affine skip transcoder)."""
     aux_k: int = option(0, ge=0)
     """topk/batchtopk: dead latents used by the AuxK loss (0 = off)."""
     matryoshka: list[int] = option(default_factory=list, ge=1)
@@ -61,6 +63,17 @@ class SAESpec:
     def __post_init__(self) -> None:
         check(self)
         where = f"SAE at layer {self.layer} {self.site} width {self.width}"
+        order = {s: i for i, s in enumerate(SITES)}  # other names: the caller's own tensors
+        if order.get(self.target_site or "", 99) <= order.get(self.site, -1):
+            raise ValueError(
+                f"{where}: a transcoder's target_site must come after its site in the block "
+                f"({' -> '.join(SITES)}), e.g. site mlp_in, target_site mlp_out"
+            )
+        if self.skip_connection and self.target_site is None:
+            raise ValueError(
+                f"{where}: `skip_connection` is for transcoders (with `target_site`); an SAE that "
+                "reconstructs its own input through a skip would learn the identity"
+            )
         if list(self.matryoshka) != sorted(set(self.matryoshka)) or (
             self.matryoshka and self.matryoshka[-1] >= self.width
         ):
@@ -115,6 +128,7 @@ class SAESpec:
         else:
             sparsity = f"lambda{self.l0_coefficient:g}"
         tc = f"_to_{self.target_site}" if self.target_site else ""
+        tc += "_skip" if self.skip_connection else ""
         nested = "_matryoshka" if self.matryoshka else ""
         return f"layer_{self.layer}_{self.site}{tc}_w{self.width}_{arch}{nested}_{sparsity}"
 

@@ -156,7 +156,7 @@ def _terms(
     z, mask, counts, min_selected = _dense_select(pre, p, obj, B, split)
     bounds = obj.bounds(p.W_dec.shape[0])
     # The reconstruction of each nested prefix (Matryoshka; one prefix, the whole dictionary, else)
-    y_hat = p.b_dec
+    y_hat = p.b_dec if p.W_skip is None else p.b_dec + x @ p.W_skip
     sqs = []
     for lo, hi in itertools.pairwise(bounds):
         part = _mm(z[:, lo:hi], p.W_dec[lo:hi], obj.matmul_dtype)  # (B_local, d)

@@ -250,6 +250,12 @@ def _check_sites(specs: list[SAESpec], batch: dict[SiteKey, Tensor]) -> None:
                     f"{s.name}: the activations have no layer {key[0]} site {key[1]!r}; "
                     f"available: {sorted(batch)}"
                 )
+        d_in, d_out = batch[s.source].shape[-1], batch[s.target].shape[-1]
+        if d_in != d_out:
+            raise ValueError(
+                f"{s.name}: {s.site} is {d_in} wide but {s.target_site} is {d_out}; a transcoder "
+                "here maps a site to one of the same width (mlp_in -> mlp_out)"
+            )
 
 
 def _train_step(

@@ -102,6 +102,7 @@ class Params(nn.Module):
         threshold: float,
         generator: torch.Generator,
         encoder_scale: float = 1.0,
+        skip: bool = False,
     ) -> None:
         super().__init__()
         # W_dec He-uniform, each latent's row rescaled to unit norm; W_enc its transpose (times
@@ -117,6 +118,8 @@ class Params(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
         self.threshold = nn.Parameter(torch.full((d_sae,), float(threshold)))
+        # A skip transcoder's linear part starts at zero, as sparsify's does: the latents begin alone.
+        self.W_skip = nn.Parameter(torch.zeros(d_in, d_in)) if skip else None
 
 
 def encoder_pre(x: Tensor, p: Params, dtype: torch.dtype) -> Tensor:
@@ -163,11 +166,13 @@ def forward_backward(
 
     z = act.val  # active values, CSR order (or dense)
     bounds = obj.bounds(p.W_dec.shape[0])
+    # What every reconstruction shares: b_dec, and a skip transcoder's x @ W_skip
+    base = p.b_dec if p.W_skip is None else torch.addmm(p.b_dec, x, p.W_skip)  # (d,) or (B, d)
     if len(bounds) == 2:
-        y_hat = split.over_latents(act.decode(z, p.W_dec)).add_(p.b_dec)  # (B, d)
+        y_hat = split.over_latents(act.decode(z, p.W_dec)).add_(base)  # (B, d)
         errs = y_hat.sub_(y).unsqueeze(0)  # (1, B, d)
     else:  # Matryoshka: the reconstruction of every prefix (latents not split over ranks)
-        y_hats = act.decode_groups(z, p.W_dec, bounds).cumsum_(0).add_(p.b_dec)  # (G, B, d)
+        y_hats = act.decode_groups(z, p.W_dec, bounds).cumsum_(0).add_(base)  # (G, B, d)
         errs = y_hats.sub_(y)
     sqs = [float(split.over_rows(e.pow(2).sum())) for e in errs]
     sq = sqs[-1]  # the whole dictionary's
@@ -190,6 +195,8 @@ def forward_backward(
             dz = dz * (z > 0)
     p.W_dec.grad = act.left_mul_t_groups(z, gs, bounds)  # (m, d)
     p.b_dec.grad = gs[0].sum(0)
+    if p.W_skip is not None:
+        p.W_skip.grad = x.T @ gs[0]  # (d, d)
     p.W_enc.grad = act.left_mul_t(dz, x).T  # (d, m)
     p.b_enc.grad = act.col_sum(dz)
     if arch != "jumprelu":

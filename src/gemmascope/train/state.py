@@ -48,7 +48,9 @@ def adam_update(run: Run, lr: float, cfg: TrainConfig, step: int) -> None:
 
 def new_run(spec: SAESpec, d_in: int, cfg: TrainConfig, index: int) -> Run:
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + index)
-    params = Params(d_in, spec.width, cfg.threshold_init, gen, cfg.encoder_init_scale)
+    params = Params(
+        d_in, spec.width, cfg.threshold_init, gen, cfg.encoder_init_scale, spec.skip_connection
+    )
     objective = Objective(
         architecture=spec.architecture,
         target_l0=spec.target_l0,
@@ -180,7 +182,8 @@ def unplace(run: Run, split: Partition) -> None:
 
 def export(run: Run, norms: dict[SiteKey, Norm], cfg: TrainConfig) -> SAE:
     """Fold the input normalisation into the weights so the SAE takes raw activations (encodings
-    unchanged): with s = C * dims, pre = ((x - mu) / s) W + b = x (W / s) + (b - (mu / s) W)."""
+    unchanged): with s = C * dims, pre = ((x - mu) / s) W + b = x (W / s) + (b - (mu / s) W); the
+    outputs are scaled back to the target site's units."""
     spec, p = run.spec, run.params
     (mu_in, c_in), (mu_out, c_out) = (
         (norms[k].mean, norms[k].divisor()) for k in (spec.source, spec.target)
@@ -194,6 +197,8 @@ def export(run: Run, norms: dict[SiteKey, Norm], cfg: TrainConfig) -> SAE:
         model=cfg.model,
         layer=spec.layer,
         site=spec.site,
+        target_site=spec.target_site,
+        skip_connection=spec.skip_connection,
         dataset=cfg.dataset,
         context_size=cfg.context_size,
         tokens_trained=cfg.steps * cfg.batch_size,
@@ -202,11 +207,7 @@ def export(run: Run, norms: dict[SiteKey, Norm], cfg: TrainConfig) -> SAE:
             "spec": dataclasses.asdict(spec),
             "train_config": dataclasses.asdict(cfg),
             "input_scale_folded": norms[spec.source].scale,
-            **(
-                {"target_site": spec.target_site, "target_scale_folded": norms[spec.target].scale}
-                if spec.target_site
-                else {}
-            ),
+            **({"target_scale_folded": norms[spec.target].scale} if spec.target_site else {}),
         },
     )
     with torch.no_grad():
@@ -220,6 +221,11 @@ def export(run: Run, norms: dict[SiteKey, Norm], cfg: TrainConfig) -> SAE:
             "b_dec": p.b_dec * c_out + mu_out,
             "threshold": threshold,
         }
+        if (
+            p.W_skip is not None
+        ):  # y_n += x_n W_skip with x_n = (x - mu_in) / c_in, y = mu_out + c_out y_n
+            arrays["W_skip"] = p.W_skip / c_in[:, None] * c_out
+            arrays["b_dec"] = arrays["b_dec"] - ((mu_in / c_in) @ p.W_skip) * c_out
     return SAE.from_arrays(sae_cfg, arrays, source=spec.name).eval()
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from gemmascope.common.config import check, option
 from gemmascope.common.units import Width, parse_width
-from gemmascope.models import parse_layers
+from gemmascope.models import Site, parse_layers
 from gemmascope.sae import Architecture
 from gemmascope.train.config import L0Size, SAESpec, TrainConfig
 
@@ -20,7 +20,7 @@ class Grid:
 
     layers: str = ""
     """Layers of the grid: `6`, `0-17`, `3,6,9` (none: the SAEs of `--spec` alone)."""
-    sites: list[str] = dataclasses.field(default_factory=lambda: ["resid_post"])
+    sites: list[Site] = dataclasses.field(default_factory=lambda: ["resid_post"])
     """Sites of the grid."""
     widths: list[Width] = option(default_factory=lambda: [16384], ge=1)
     """Widths of the grid, e.g. `4k,16k`."""
@@ -34,8 +34,11 @@ class Grid:
     """Gemma Scope 2's named target L0s (jumprelu), e.g. `small,big`: one SAE each (docs/training.md)."""
     k: list[int] = option(default_factory=list, ge=1)
     """k values (topk/batchtopk), e.g. `32,64`: one SAE each."""
-    target_site: str | None = None
-    """Train transcoders: reconstruct this site of the same layer."""
+    target_site: Site | None = None
+    """Train transcoders: predict this later site of the same layer (`--sites mlp_in --target-site
+    mlp_out` stands in for the MLP)."""
+    skip_connection: bool = False
+    """Transcoders: add a learned linear skip `x @ W_skip` (affine skip transcoders)."""
     matryoshka: list[Width] = option(default_factory=list, ge=1)
     """Matryoshka prefixes: widths of nested prefixes that each reconstruct the input too, e.g. `256,1k`."""
 
@@ -50,7 +53,7 @@ class Grid:
             parse_layers(self.layers, n_layers), self.sites, self.widths,
             architecture=self.architecture, target_l0s=self.target_l0, l0_sizes=self.l0_size,
             l0_coefficients=self.l0_coefficient, ks=self.k, target_site=self.target_site,
-            matryoshka=self.matryoshka,
+            skip_connection=self.skip_connection, matryoshka=self.matryoshka,
         )  # fmt: skip
 
 
@@ -65,6 +68,7 @@ def expand_sweep(
     ks: Iterable[int] = (),
     l0_sizes: Iterable[str] = (),
     target_site: str | None = None,
+    skip_connection: bool = False,
     aux_k: int = 0,
     matryoshka: Iterable[int | str] = (),
 ) -> list[SAESpec]:
@@ -87,6 +91,7 @@ def expand_sweep(
             width=w,
             architecture=architecture,
             target_site=target_site,
+            skip_connection=skip_connection,
             aux_k=aux_k,
             matryoshka=[parse_width(w) for w in matryoshka],
             **sp,
