@@ -11,18 +11,16 @@ test dependency. Their side is checked two ways instead:
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import UNPICKLED, Exploit
 from safetensors.torch import load_file
+from toolenv import TORCH, tool_python
 
 from gemmascope import io
 from gemmascope.sae import SAE, SAEConfig
@@ -94,18 +92,12 @@ def test_round_trip_through_ae_pt_keeps_encodings(tmp_path: Path, arch: str) -> 
     torch.testing.assert_close(back(x), sae(x), **TOL)
 
 
-TORCH = torch.__version__.split("+")[0]
-DL_ENV = (
-    Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    / "gemmascope-test-envs"
-    / f"dictionary-learning-0.1.0-torch-{TORCH}"
-)
 # What `import dictionary_learning.utils` needs (its __init__ and utils import nnsight, datasets and
 # zstandard at module level), pinned to versions known to import; installed with torch pinned to ours.
 DL_IMPORTS = ["einops==0.8.2", "pyyaml==6.0.4", "pydantic==2.14.4", "accelerate==1.15.0",
               "transformers==5.24.0", "python-socketio[client]==5.18.1", "pillow==13.0.0",
               "datasets==5.2.0", "zstandard==0.25.0"]  # fmt: skip
-PROBE = "import dictionary_learning.utils, torch; print(torch.__version__)"
+PROBE = "import dictionary_learning.utils"
 # Run in that venv: load_dictionary(folder), then its encode and forward of x, saved to out.
 LOAD_AND_ENCODE = """
 import sys, torch
@@ -118,33 +110,17 @@ with torch.no_grad():
 """
 
 
-def _torch_in(python: Path) -> str | None:
-    if not python.exists():
-        return None
-    run = subprocess.run([python, "-c", PROBE], capture_output=True, text=True)
-    return run.stdout.strip() if run.returncode == 0 else None
-
-
 @pytest.fixture(scope="session")
 def dl_python() -> Path:
-    """The python of a venv with dictionary-learning 0.1.0 and our torch, built unless cached.
-    Building needs PyPI: without it this errors, it never skips."""
-    python = DL_ENV / "bin" / "python"
-    DL_ENV.parent.mkdir(parents=True, exist_ok=True)
-    with open(DL_ENV.parent / f"{DL_ENV.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time across pytest runs
-        found = _torch_in(python)
-        if found != torch.__version__:
-            shutil.rmtree(DL_ENV, ignore_errors=True)
-            subprocess.run([sys.executable, "-m", "venv", DL_ENV], check=True)
-            pip = [python, "-m", "pip", "install", "--quiet"]
-            subprocess.run([*pip, f"torch=={TORCH}"], check=True)  # first: a plain torch is CUDA
-            subprocess.run([*pip, "--no-deps", "dictionary-learning==0.1.0", "nnsight==0.3.7"],
-                           check=True)  # fmt: skip
-            subprocess.run([*pip, f"torch=={TORCH}", *DL_IMPORTS], check=True)
-            found = _torch_in(python)
-    assert found == torch.__version__, f"{DL_ENV}: torch {found}, not ours"
-    return python
+    """The python of a venv with dictionary-learning 0.1.0 and our torch (see `toolenv`)."""
+    return tool_python(
+        "dictionary-learning-0.1.0",
+        [
+            ["--no-deps", "dictionary-learning==0.1.0", "nnsight==0.3.7"],
+            [f"torch=={TORCH}", *DL_IMPORTS],
+        ],
+        PROBE,
+    )
 
 
 @pytest.mark.slow

@@ -109,9 +109,10 @@ class Convert:
     dest: Path = option(positional=True)
     """Folder (or .npz file) to write."""
     to: str = option("gemmascope", required=True)
-    """saelens, gemmascope, npz, sparsify, dictionary_learning or gemmascope2."""
+    """saelens, gemmascope, npz, sparsify, dictionary_learning, gemmascope2, or circuit_tracer (a
+    set: every MLP transcoder of the source, one per layer)."""
     sae_id: str | None = None
-    """Which SAE of a folder or repo holding several."""
+    """Which SAE of a folder or repo holding several (for circuit_tracer: text the ids contain)."""
 
     def __post_init__(self) -> None:
         check(self)

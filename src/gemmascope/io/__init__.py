@@ -27,6 +27,11 @@ from gemmascope.io._common import (
     resolve_sae_id,
     sae_ids_from_files,
 )
+from gemmascope.io.circuit_tracer import (
+    is_transcoder_set,
+    read_transcoder_set,
+    write_transcoder_set,
+)
 from gemmascope.io.dictionary_learning import read_dictionary_learning, write_dictionary_learning
 from gemmascope.io.gemmascope2 import read_gemmascope2, write_gemmascope2
 from gemmascope.io.gemmascope_npz import read_npz, write_npz
@@ -35,7 +40,16 @@ from gemmascope.io.saelens import read_saelens, write_saelens
 from gemmascope.io.sparsify import read_sparsify, write_sparsify
 from gemmascope.sae import SAE
 
-__all__ = ["FORMATS", "SaveFormat", "convert", "list_sae_ids", "load", "save"]
+__all__ = [
+    "FORMATS",
+    "SaveFormat",
+    "convert",
+    "list_sae_ids",
+    "load",
+    "load_transcoders",
+    "save",
+    "save_transcoders",
+]
 
 SaveFormat = Literal[
     "gemmascope", "saelens", "npz", "sparsify", "dictionary_learning", "gemmascope2"
@@ -180,6 +194,11 @@ def save(sae: SAE, path: str | Path, format: str = "gemmascope") -> Path:
         The folder, or the `.npz` file, written.
     """
     path = Path(path)
+    if format == "circuit_tracer":
+        raise ValueError(
+            f"{path}: circuit-tracer's format holds a set of transcoders, one per layer; write it "
+            "with `save_transcoders(saes, folder)` (or `gemmascope convert RUN DEST --to circuit_tracer`)"
+        )
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; choose one of {list(FORMATS)}")
     if format == "npz":
@@ -222,6 +241,55 @@ def convert(
     with `convert(that_folder, "out/layers.6", to="sparsify")` (README, "Convert between formats",
     runs that example in the tests).
     """
+    if to == "circuit_tracer":  # a set: every transcoder of the source
+        return save_transcoders(load_transcoders(source, sae_id, dtype=dtype), dest)
     if to not in FORMATS:
-        raise ValueError(f"unknown format {to!r}; choose one of {list(FORMATS)}")
+        raise ValueError(f"unknown format {to!r}; choose one of {[*FORMATS, 'circuit_tracer']}")
     return save(load(source, sae_id, dtype=dtype), dest, format=to)
+
+
+def load_transcoders(
+    source: str | Path, pick: str | None = None, *, dtype: torch.dtype | str | None = None
+) -> list[SAE]:
+    """The MLP transcoders (`mlp_in -> mlp_out`) of a folder, one per layer, layer 0 first.
+
+    Args:
+        source: a circuit-tracer transcoder set, or any folder holding SAE folders in the formats
+            `load` reads (a training run, a clone of a Gemma Scope 2 repo's `transcoder_all`).
+        pick: keep only the SAE ids containing this text, e.g. `width_16k_l0_small`, when the
+            folder holds several transcoders per layer.
+        dtype: dtype of the weights (default: the files').
+    """
+    path = Path(source)
+    name = dtype_name(dtype) if dtype is not None else None
+    if is_transcoder_set(path):
+        return read_transcoder_set(path, dtype=name)
+    ids = [i for i in list_sae_ids(path) if pick is None or pick in i]
+    by_layer: dict[int, list[tuple[str, SAE]]] = {}
+    for sae_id in ids:
+        sae = load(path, sae_id, dtype=name)
+        if (sae.cfg.site, sae.cfg.target_site) == (
+            "mlp_in",
+            "mlp_out",
+        ) and sae.cfg.layer is not None:
+            by_layer.setdefault(sae.cfg.layer, []).append((sae_id, sae))
+    if not by_layer:
+        raise ValueError(
+            f"{path}: holds no MLP transcoder (mlp_in -> mlp_out){f' matching {pick!r}' if pick else ''}; "
+            "train them with `gemmascope train --sites mlp_in --target-site mlp_out`"
+        )
+    several = {layer: [i for i, _ in found] for layer, found in by_layer.items() if len(found) > 1}
+    if several:
+        layer, found = next(iter(sorted(several.items())))
+        raise ValueError(
+            f"{path}: layer {layer} has {len(found)} transcoders ({found[:3]}); pass `pick` "
+            "(--pick) with text that names one per layer"
+        )
+    return [by_layer[layer][0][1] for layer in sorted(by_layer)]
+
+
+def save_transcoders(saes: list[SAE], folder: str | Path, format: str = "circuit_tracer") -> Path:
+    """Write MLP transcoders, one per layer, as one folder: circuit-tracer's transcoder set."""
+    if format != "circuit_tracer":
+        raise ValueError(f"unknown transcoder-set format {format!r}; choose 'circuit_tracer'")
+    return write_transcoder_set(saes, Path(folder))

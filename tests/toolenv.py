@@ -1,0 +1,49 @@
+"""Virtual environments of their own for the tools whose pins clash with ours (dictionary-learning,
+circuit-tracer): built once into a cache folder, with our torch installed first so that it stays
+ours, and checked by importing the tool. Building needs PyPI: without it the build fails, it never
+skips."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+TORCH = torch.__version__.split("+")[0]
+ROOT = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gemmascope-test-envs"
+
+
+def tool_python(name: str, installs: list[list[str]], probe: str) -> Path:
+    """The python of the venv `name` (built unless cached): `installs` are pip argument lists run in
+    order after our torch; `probe` is code that imports the tool."""
+    env = ROOT / f"{name}-torch-{TORCH}"
+    python = env / "bin" / "python"
+    ROOT.mkdir(parents=True, exist_ok=True)
+    check = f"{probe}\nimport torch; print(torch.__version__)"
+    with open(ROOT / f"{env.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time across pytest runs
+        found = _torch_in(python, check)
+        if found != torch.__version__:
+            shutil.rmtree(env, ignore_errors=True)
+            subprocess.run([sys.executable, "-m", "venv", env], check=True)
+            pip = [python, "-m", "pip", "install", "--quiet"]
+            subprocess.run([*pip, f"torch=={TORCH}"], check=True)  # first: a plain torch is CUDA
+            for args in installs:
+                subprocess.run([*pip, *args], check=True)
+            found = _torch_in(python, check)
+    assert found == torch.__version__, f"{env}: torch {found}, not ours"
+    return python
+
+
+def _torch_in(python: Path, check: str) -> str | None:
+    if not python.exists():
+        return None
+    run = subprocess.run([python, "-c", check], capture_output=True, text=True)
+    return (
+        run.stdout.strip().splitlines()[-1] if run.returncode == 0 and run.stdout.strip() else None
+    )
