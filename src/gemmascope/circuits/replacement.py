@@ -1,0 +1,240 @@
+"""The local replacement model: one forward of the prompt in which the residual stream is linear in
+the transcoders' active latents, the error terms and the token embeddings.
+
+Frozen from the clean run: attention patterns (each head mixes values with the clean run's pattern)
+and the scale of every norm (the clean run's `rsqrt`; a LayerNorm's mean stays, being linear): both
+are constants of the forward, in value and in gradient. Each MLP's output is replaced by a constant equal to it (the
+transcoder's latents decoded, plus the error `mlp_out - transcoder(mlp_in)`) plus the transcoder's
+skip `mlp_in @ W_skip`, the one path through an MLP that carries gradient. The forward's values are
+the clean model's; only its derivatives change. Special positions (BOS) carry no latents and no
+error: what the MLPs write there is a constant of the prompt, as in circuit-tracer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from gemmascope.hooks import _hook, _site_module, run_until_head
+from gemmascope.models import model_info
+from gemmascope.sae import SAE
+
+_FROZEN = "gemmascope_frozen"
+
+
+@dataclass
+class Replacement:
+    """The replacement model's forward on one prompt `[T]`, its tensors kept for attribution."""
+
+    ids: Tensor  # (T,) token ids
+    embed: Tensor  # (1, T, d) what enters block 0 (Gemma's embedding scale included)
+    mlp_in: list[Tensor]  # per layer (1, T, d): what each transcoder reads (targets inject here)
+    mlp_out: list[Tensor]  # per layer (1, T, d): what each MLP writes (sources read gradients here)
+    final: Tensor  # (1, T, d) the final norm's output, which the unembedding reads
+    acts: list[Tensor]  # per layer (T, F): the transcoders' latents, zero at special positions
+    errors: list[Tensor]  # per layer (T, d): mlp_out - transcoder output, zero at special positions
+    transcoders: list[
+        SAE
+    ]  # folded copies: pre = x @ W_enc + b_enc, output = z W_dec + b_dec + skip
+
+
+def prepare(transcoders: Sequence[SAE], n_layers: int) -> list[SAE]:
+    """Copies of one MLP transcoder per layer with input scale and b_dec subtraction folded in."""
+    by_layer = {s.cfg.layer: s for s in transcoders}
+    bad = [s for s in transcoders if (s.cfg.site, s.cfg.target_site) != ("mlp_in", "mlp_out")]
+    if bad:
+        raise ValueError(f"{bad[0]!r} is not an MLP transcoder (mlp_in -> mlp_out)")
+    if sorted(by_layer) != list(range(n_layers)) or len(transcoders) != n_layers:
+        raise ValueError(
+            f"the replacement model needs one MLP transcoder for each of the model's {n_layers} "
+            f"layers; got layers {sorted(by_layer)}"
+        )
+    return [
+        copy.deepcopy(by_layer[i]).float().eval().fold_input_scale().fold_b_dec_into_b_enc()
+        for i in range(n_layers)
+    ]
+
+
+def run(
+    model: nn.Module,
+    ids: Tensor,
+    transcoders: list[SAE],
+    special: Tensor,
+    shift: dict[tuple[int, int], Tensor] | None = None,
+) -> Replacement:
+    """The replacement model's forward on `ids [T]`; `special [T]` marks positions without latents.
+
+    `shift` adds a vector to what the MLP of `(layer, position)` writes, everything else frozen as it
+    was (latents, errors, patterns, norm scales): a latent moved by `eps` is `eps * W_dec[latent]`.
+    """
+    info = model_info(model)
+    clean_in: dict[int, Tensor] = {}
+    clean_out: dict[int, Tensor] = {}
+    frozen: dict[int, Tensor] = {}  # norm scales and attention patterns of the clean run
+    with torch.no_grad(), _frozen(model, frozen), _recording(model, info, clean_in, clean_out):
+        run_until_head(model, lambda: model(input_ids=ids[None], use_cache=False))
+    acts, errors, consts = [], [], []
+    keep = (~special).float()[:, None]  # (T, 1)
+    with torch.no_grad():
+        for layer, tc in enumerate(transcoders):
+            x, y = clean_in[layer][0].float(), clean_out[layer][0].float()  # (T, d)
+            z = tc.encode(x) * keep  # (T, F)
+            decoded = tc.decode(z)
+            skip = tc.skip(x)
+            acts.append(z)
+            errors.append((y - decoded - skip) * keep)
+            const = y - skip  # what the MLP writes, less the part linear in mlp_in
+            for (at, pos), vec in (shift or {}).items():
+                if at == layer:
+                    const[pos] += vec.float()
+            consts.append(const)
+    out: dict[str, list[Tensor]] = {"mlp_in": [], "mlp_out": []}
+    embed: list[Tensor] = []
+    with _frozen(model, frozen), contextlib.ExitStack() as stack:
+        embedding = model.get_input_embeddings()
+
+        def leaf(_: nn.Module, __: tuple, value: Tensor) -> Tensor:
+            embed.append(value.detach().float().requires_grad_())
+            return embed[-1].to(value.dtype)
+
+        stack.callback(embedding.register_forward_hook(leaf).remove)
+        for layer, block_tc in enumerate(transcoders):
+            stack.enter_context(_replaced_mlp(model, info, layer, block_tc, consts[layer], out))
+        with torch.enable_grad():
+            final = run_until_head(model, lambda: model(input_ids=ids[None], use_cache=False))
+    return Replacement(ids, embed[0], out["mlp_in"], out["mlp_out"], final.float(), acts, errors,
+                       transcoders)  # fmt: skip
+
+
+@contextlib.contextmanager
+def _recording(
+    model: nn.Module, info, ins: dict[int, Tensor], outs: dict[int, Tensor]
+) -> Iterator[None]:
+    def recorder(store: dict[int, Tensor], layer: int):
+        return lambda value: store.__setitem__(layer, value)
+
+    handles = [
+        _hook(*_site_module(model, info, layer, site), recorder(store, layer))
+        for layer in range(info.n_layers)
+        for site, store in (("mlp_in", ins), ("mlp_out", outs))
+    ]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def _replaced_mlp(
+    model: nn.Module, info, layer: int, tc: SAE, const: Tensor, out: dict[str, list[Tensor]]
+) -> Iterator[None]:
+    """While active, layer `layer`'s MLP writes `const + mlp_in @ W_skip` (its clean value)."""
+    seen: dict[str, Tensor] = {}
+
+    def read(value: Tensor) -> None:
+        seen["x"] = value
+        out["mlp_in"].append(value)
+
+    def write(value: Tensor) -> Tensor:
+        x = seen.pop("x")[0].float()  # (T, d)
+        if tc.W_skip is not None:
+            new = (const + tc.skip(x))[None]  # (1, T, d), linear in mlp_in
+        else:  # a constant, made a leaf so that gradients can be read at it
+            new = const[None].clone().requires_grad_(True)
+        out["mlp_out"].append(new)
+        return new.to(value.dtype)
+
+    handles = [_hook(*_site_module(model, info, layer, "mlp_in"), read),
+               _hook(*_site_module(model, info, layer, "mlp_out"), write)]  # fmt: skip
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def _frozen(model: nn.Module, cache: dict[int, Tensor]) -> Iterator[None]:
+    """Attention patterns and norm scales are constants: taken from `cache` (by module) when there,
+    else computed from the detached input and stored there; everything else unchanged."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+
+    def attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
+                  **kwargs: object) -> tuple[Tensor, None]:  # fmt: skip
+        if id(module) not in cache:
+            cache[id(module)] = _pattern(module, query, key, mask, **kwargs)
+        groups = query.shape[1] // value.shape[1]
+        w = cache[id(module)].to(query.dtype)  # (B, H, T, T)
+        return (w @ value.repeat_interleave(groups, dim=1)).transpose(1, 2).contiguous(), None
+
+    def norm(module: nn.Module, args: tuple, _: Tensor) -> Tensor:
+        x = args[0]
+        if id(module) not in cache:
+            cache[id(module)] = _scale(module, x.detach())
+        return _scaled(module, x, cache[id(module)], gemma)
+
+    AttentionInterface.register(_FROZEN, attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(_FROZEN, eager_mask)
+    gemma = model_info(model).layout == "gemma"
+    configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}
+    before = {key: c._attn_implementation_internal for key, c in configs.items()}
+    handles = [
+        m.register_forward_hook(norm)
+        for m in model.base_model.modules()
+        if isinstance(m, nn.LayerNorm) or type(m).__name__.endswith("RMSNorm")
+    ]
+    try:
+        for c in configs.values():
+            c._attn_implementation_internal = _FROZEN
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for key, c in configs.items():
+            c._attn_implementation_internal = before[key]
+
+
+def _scale(module: nn.Module, x: Tensor) -> Tensor:
+    """The per-token factor a norm divides by, `[..., 1]`, in float32."""
+    h = x.float()
+    if isinstance(module, nn.LayerNorm):
+        return torch.rsqrt(h.var(-1, unbiased=False, keepdim=True) + module.eps)
+    eps = getattr(module, "eps", None) or module.variance_epsilon
+    return torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def _scaled(module: nn.Module, x: Tensor, scale: Tensor, gemma: bool) -> Tensor:
+    """The norm's output with `scale` as its factor: linear in `x` (a LayerNorm's mean is linear)."""
+    h = x.float()
+    if isinstance(module, nn.LayerNorm):
+        return ((h - h.mean(-1, keepdim=True)) * scale * module.weight + module.bias).to(x.dtype)
+    weight = (1.0 + module.weight.float()) if gemma else module.weight.float()
+    return (h * scale * weight).to(x.dtype)
+
+
+def _pattern(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    mask: Tensor | None,
+    scaling: float | None = None,
+    softcap: float | None = None,
+    **_: object,
+) -> Tensor:
+    """The attention pattern `[B, H, T, T]` as eager attention computes it, detached."""
+    query, key = query.detach(), key.detach()
+    key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+    scaling = module.head_dim**-0.5 if scaling is None else scaling
+    w = query @ key.transpose(2, 3) * scaling  # (B, H, T, T)
+    if softcap is not None:
+        w = torch.tanh(w / softcap) * softcap
+    if mask is not None:
+        w = w + mask[:, :, :, : key.shape[-2]]
+    return torch.softmax(w.float(), dim=-1)
