@@ -136,3 +136,57 @@ def test_pruning_keeps_tokens_and_logits_and_the_json_follows_circuit_tracers_sc
     back = Graph.load(graph.save(tmp_path / "g"))
     torch.testing.assert_close(back.adjacency, graph.adjacency)
     assert back.tokens == graph.tokens and json.dumps(back.frontend_json("t", scan="s"))
+
+
+def test_interventions_change_what_the_graph_says_they_should() -> None:
+    """Setting a latent to its own value changes nothing; zeroing the latent that pushes the top
+    logit hardest (a last-layer latent at the last position) lowers that logit's lead."""
+    from gemmascope.circuits.intervene import Change, intervene
+
+    model, tcs = build_tiny("gemma3"), transcoders()
+    graph = attribute(model, tiny_tokenizer(), IDS, tcs, progress=False)
+    F, T = graph.n_features, graph.n_pos
+    last = torch.nonzero((graph.features[:, 0] == 2) & (graph.features[:, 1] == T - 1)).flatten()
+    s = int(last[graph.adjacency[F, last].argmax()])  # the strongest push on the top logit
+    layer, pos, latent = graph.features[s].tolist()
+    same = intervene(model, IDS, tcs, [Change(layer, latent, float(graph.activations[s]), pos)])
+    assert max(abs(v) for v in same["logit_shift"].values()) < 1e-4
+    top = int(graph.logit_ids[0])
+    r = intervene(model, IDS, tcs, [Change(layer, latent, 0.0, pos)])
+    lead = r["logit_shift"][top] - sum(r["logit_shift"].values()) / len(r["logit_shift"])
+    assert float(graph.adjacency[F, s]) > 0 and lead < 0
+    with pytest.raises(ValueError, match="no latent 9999 at layer 2"):
+        intervene(model, IDS, tcs, [Change(2, 9999)])
+    with pytest.raises(ValueError, match=r"expected LAYER:LATENT=VALUE\[@POSITION\]"):
+        Change.parse("2:5", ablate=False)
+    assert Change.parse("2:5@3", ablate=True) == Change(2, 5, 0.0, 3)
+
+
+def test_cli_graph_writes_the_graph_and_reruns_with_an_ablation(tmp_path, tiny_folder) -> None:
+    from typer.testing import CliRunner
+
+    from gemmascope import io
+    from gemmascope.cli import app
+
+    io.save_transcoders(transcoders(), tmp_path / "set")
+    args = ["graph", "--model", str(tiny_folder), "--prompt", "w5 w9 w13 w7 w22", "--transcoders",
+            str(tmp_path / "set"), "--out", str(tmp_path / "g"), "--ablate", "1:3"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "replacement score" in result.output and "latent(s) changed" in result.output
+    names = sorted(p.name for p in (tmp_path / "g").iterdir())
+    assert names == [
+        "graph-metadata.json",
+        "graph.json",
+        "graph.safetensors",
+        "w5-w9-w13-w7-w22.json",
+    ]
+    graph = Graph.load(tmp_path / "g")
+    assert graph.n_pos == 6 and graph.tokens[0] == "<bos>"
+    bad = CliRunner().invoke(app, [*args[:-1], "1:x"])
+    assert bad.exit_code == 2 and "expected LAYER:LATENT[@POSITION]" in bad.output
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    taken = CliRunner().invoke(app, [*args[:-4], "--out", str(tmp_path / "other")])
+    assert taken.exit_code == 2 and "is not a graph folder" in taken.output
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"

@@ -10,6 +10,7 @@ from gemmascope.common.config import check, option
 from gemmascope.common.devices import check_device
 from gemmascope.common.units import Count
 from gemmascope.corpus import EVAL_FRACTION, fingerprint
+from gemmascope.models import Site
 
 
 @dataclass
@@ -22,8 +23,8 @@ class CacheConfig:
     """Model name or local path, as `models.load_model` takes it."""
     layers: str = "all"
     """Layer spec, e.g. `0-17`, `3,6,9` or `all`."""
-    sites: list[str] = option(default_factory=lambda: ["resid_post"])
-    """Sites within each layer: resid_pre, resid_post, mlp_out, attn_out, attn_z."""
+    sites: list[Site] = option(default_factory=lambda: ["resid_post"])
+    """Sites within each layer: resid_pre, attn_z, attn_out, mlp_in, mlp_out, resid_post."""
     tokens: Count = option(1_000_000, ge=1)
     """Activation vectors to cache per (layer, site): exactly this many collected positions."""
     corpus: str = "default"

@@ -125,8 +125,14 @@ class Graph:
         return Pruned(nodes, edges, cumulative)
 
     # ------------------------------------------------------------ files
-    def save(self, folder: Path) -> Path:
-        """The whole graph (tensors as safetensors, the rest as JSON), atomically."""
+    def save(self, folder: Path, frontend: dict[str, Any] | None = None) -> Path:
+        """The whole graph (tensors as safetensors, the rest as JSON) and, given `frontend_json`'s
+        output, `{slug}.json` and `graph-metadata.json` for circuit-tracer's frontend; atomically.
+        A folder holding anything else is refused rather than replaced."""
+        folder = Path(folder)
+        if folder.exists() and not (folder / "graph.safetensors").is_file():
+            if any(folder.iterdir()):
+                raise ValueError(f"{folder}: exists and is not a graph folder; choose a new path")
         from safetensors.torch import save_file
 
         tensors = {"ids": self.ids, "features": self.features, "activations": self.activations,
@@ -137,6 +143,13 @@ class Graph:
         with atomic_dir(folder) as tmp:
             save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / "graph.safetensors")
             (tmp / "graph.json").write_text(json.dumps(meta, indent=2))
+            if frontend is not None:
+                slug = frontend["metadata"]["slug"]
+                (tmp / f"{slug}.json").write_text(json.dumps(frontend))
+                listing = {
+                    "graphs": [{k: v for k, v in frontend["metadata"].items() if k != "info"}]
+                }
+                (tmp / "graph-metadata.json").write_text(json.dumps(listing, indent=2))
         return folder
 
     @classmethod

@@ -15,6 +15,7 @@ import typer
 
 import gemmascope
 from gemmascope.activations import CacheConfig
+from gemmascope.cli.circuits import register as register_circuits
 from gemmascope.cli.flags import command, fail
 from gemmascope.common.config import check, nested, option
 from gemmascope.evaluate.job import EvalJob
@@ -47,16 +48,11 @@ def main(
     """gemmascope: sparse autoencoders for every layer and site of a language model."""
 
 
-def _echo_err(item: Any) -> None:
+def _echo(item: Any, err: bool = False) -> None:
+    """Print a rich table (or anything rich prints), to stderr with `err`."""
     from rich.console import Console
 
-    Console(stderr=True).print(item)
-
-
-def _echo(item: Any) -> None:
-    from rich.console import Console
-
-    Console().print(item)
+    Console(stderr=err).print(item)
 
 
 # --- sae-info, list-saes, convert: SAE files in every format (gemmascope.io) ---------------------
@@ -350,6 +346,9 @@ def publish(cfg: Publish) -> None:
                            repo_id=cfg.repo_id, license=cfg.license, base_model=cfg.base_model,
                            overwrite=cfg.overwrite)  # fmt: skip
     typer.echo(f"published {folder}" + (f" and uploaded to {cfg.repo_id}" if cfg.repo_id else ""))
+
+
+register_circuits(app, _echo)  # graph: attribution graphs (gemmascope.circuits)
 
 
 # --- suite: plan, cache, train, evaluate, publish and report a whole suite (gemmascope.suite) ----

@@ -1,0 +1,123 @@
+"""Interventions: rerun the model with chosen transcoder latents set to new values and see the next
+token change. Each intervened MLP writes what it wrote plus `(new - a) * W_dec[latent]` at the chosen
+positions, `a` being the latent's activation in this very forward (so a change upstream reaches it);
+everything downstream, attention and later latents included, responds as the model does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gemmascope.circuits.replacement import prepare
+from gemmascope.hooks import _hook, _site_module, run_until_head
+from gemmascope.models import model_info
+from gemmascope.sae import SAE
+
+_SPEC = re.compile(r"(\d+):(\d+)(?:=(-?[\d.eE+-]+))?(?:@(\d+))?")
+
+
+@dataclass(frozen=True)
+class Change:
+    """Set latent `latent` of layer `layer` to `value` at `position` (None: every position)."""
+
+    layer: int
+    latent: int
+    value: float = 0.0
+    position: int | None = None
+
+    @classmethod
+    def parse(cls, spec: str, *, ablate: bool) -> Change:
+        """`LAYER:LATENT[@POS]` to ablate (value 0), `LAYER:LATENT=VALUE[@POS]` to steer."""
+        m = _SPEC.fullmatch(spec.strip())
+        if not m or (ablate and m[3] is not None) or (not ablate and m[3] is None):
+            form = "LAYER:LATENT[@POSITION]" if ablate else "LAYER:LATENT=VALUE[@POSITION]"
+            raise ValueError(
+                f"{spec!r}: expected {form}, e.g. {'6:1234' if ablate else '6:1234=5'}"
+            )
+        return cls(int(m[1]), int(m[2]), 0.0 if ablate else float(m[3]),
+                   None if m[4] is None else int(m[4]))  # fmt: skip
+
+
+def intervene(
+    model: nn.Module,
+    ids: Tensor,
+    transcoders: Sequence[SAE],
+    changes: Sequence[Change],
+    *,
+    top: int = 5,
+) -> dict[str, Any]:
+    """Next-token predictions at the last position of `ids [T]`, clean and with `changes` made.
+
+    Returns `{"clean": [(token id, probability, logit)...], "changed": [...], "changes": [...]}`
+    with the `top` likeliest tokens of each run, and `logit_shift` for each clean top token.
+    """
+    info = model_info(model)
+    tcs = prepare(transcoders, info.n_layers)
+    for c in changes:
+        if not 0 <= c.layer < info.n_layers or not 0 <= c.latent < tcs[c.layer].cfg.d_sae:
+            raise ValueError(
+                f"{c}: no latent {c.latent} at layer {c.layer} (layers 0..{info.n_layers - 1}, "
+                f"{tcs[0].cfg.d_sae} latents each)"
+            )
+        if c.position is not None and not 0 <= c.position < len(ids):
+            raise ValueError(
+                f"{c}: position {c.position} is outside the prompt's {len(ids)} tokens"
+            )
+    clean = _logits(model, ids)
+    with contextlib.ExitStack() as stack:
+        for layer in sorted({c.layer for c in changes}):
+            mine = [c for c in changes if c.layer == layer]
+            stack.enter_context(_changed_mlp(model, info, layer, tcs[layer], mine))
+        changed = _logits(model, ids)
+    order = clean.topk(top).indices
+    p0, p1 = clean.softmax(-1), changed.softmax(-1)
+    return {
+        "clean": [(int(i), float(p0[i]), float(clean[i])) for i in order],
+        "changed": [(int(i), float(p1[i]), float(changed[i])) for i in changed.topk(top).indices],
+        "logit_shift": {int(i): float(changed[i] - clean[i]) for i in order},
+        "changes": [c.__dict__ for c in changes],
+    }
+
+
+def _logits(model: nn.Module, ids: Tensor) -> Tensor:
+    """Logits `[V]` at the last position (soft-capped as the model does)."""
+    with torch.no_grad():
+        final = run_until_head(model, lambda: model(input_ids=ids[None], use_cache=False))
+        logits = model.get_output_embeddings()(final[0, -1]).float()
+        cap = getattr(model.config.get_text_config(decoder=True), "final_logit_softcapping", None)
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+
+@contextlib.contextmanager
+def _changed_mlp(
+    model: nn.Module, info: Any, layer: int, tc: SAE, changes: list[Change]
+) -> Iterator[None]:
+    seen: dict[str, Tensor] = {}
+
+    def read(value: Tensor) -> None:
+        seen["x"] = value
+
+    def write(value: Tensor) -> Tensor:
+        x = seen.pop("x")[0].float()  # (T, d)
+        a = tc.encode(x)  # (T, F) the latents in this forward
+        delta = torch.zeros_like(value[0], dtype=torch.float32)  # (T, d)
+        for c in changes:
+            at = slice(None) if c.position is None else slice(c.position, c.position + 1)
+            delta[at] += (c.value - a[at, c.latent])[:, None] * tc.W_dec[c.latent].float()
+        return (value.float() + delta[None]).to(value.dtype)
+
+    handles = [_hook(*_site_module(model, info, layer, "mlp_in"), read),
+               _hook(*_site_module(model, info, layer, "mlp_out"), write)]  # fmt: skip
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for h in handles:
+            h.remove()
