@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from toolenv import tool_python
+from toolenv import circuit_tracer_python
 
 from gemmascope import io
 from gemmascope.sae import SAE, SAEConfig
@@ -63,15 +63,7 @@ with torch.no_grad():
 
 @pytest.fixture(scope="session")
 def ct_python() -> Path:
-    """The python of a venv with circuit-tracer 0.5.0 (and the nnsight its backend needs)."""
-    return tool_python(
-        "circuit-tracer-0.5.0",
-        [
-            ["circuit-tracer==0.5.0"],
-            [f"torch=={torch.__version__.split('+')[0]}", "nnsight==0.6.3"],
-        ],
-        "import circuit_tracer.transcoder.single_layer_transcoder",
-    )
+    return circuit_tracer_python()
 
 
 def transcoder(layer: int, arch: str = "jumprelu", skip: bool = True, **cfg: object) -> SAE:

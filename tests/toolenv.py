@@ -47,3 +47,27 @@ def _torch_in(python: Path, check: str) -> str | None:
     return (
         run.stdout.strip().splitlines()[-1] if run.returncode == 0 and run.stdout.strip() else None
     )
+
+
+def circuit_tracer_python() -> Path:
+    """The python of a venv with circuit-tracer 0.5.0 and the nnsight 0.6.3 its backend needs."""
+    return tool_python(
+        "circuit-tracer-0.5.0",
+        [["circuit-tracer==0.5.0"], [f"torch=={TORCH}", "nnsight==0.6.3"]],
+        "import circuit_tracer.transcoder.single_layer_transcoder",
+    )
+
+
+def for_transformers_4(folder: Path) -> None:
+    """Restate what transformers 4.57 reads from a folder transformers 5 saved: Gemma 3's two rope
+    bases under their old names, and a tokenizer class it knows."""
+    import json
+
+    cfg = json.loads((folder / "config.json").read_text())
+    rope = cfg.get("rope_parameters") or {}
+    cfg["rope_theta"] = rope.get("full_attention", {}).get("rope_theta", 10000.0)
+    cfg["rope_local_base_freq"] = rope.get("sliding_attention", {}).get("rope_theta", 10000.0)
+    (folder / "config.json").write_text(json.dumps(cfg, indent=1))
+    tok = json.loads((folder / "tokenizer_config.json").read_text())
+    tok["tokenizer_class"] = "PreTrainedTokenizerFast"
+    (folder / "tokenizer_config.json").write_text(json.dumps(tok))
