@@ -256,7 +256,7 @@ def test_rerunning_a_finished_suite_does_nothing(
 
 def test_clear_errors(tmp_path: Path, full: Path, tiny_folder: Path, corpus: Path) -> None:
     cases = [
-        (dict(sites="resid_post,bogus"), "unknown site 'bogus'"),
+        (dict(sites="resid_post,bogus"), "unknown `sites` 'bogus'"),
         (dict(layers="0-7"), "layer 7 in '0-7' is out of range; this model has layers 0..2"),
         (dict(disk_budget="500k"), "holds no layer's cache"),
         (dict(tokens="100"), "less than one training batch"),
