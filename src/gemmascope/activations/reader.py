@@ -63,6 +63,9 @@ def permutation(seed: int, *stream: int, n: int) -> np.ndarray:
     """A permutation of range(n) fixed by (seed, *stream) on every machine (numpy PCG64)."""
     return np.random.Generator(np.random.PCG64([seed, *stream])).permutation(n)
 
+BUFFER_BYTES = 1 << 30
+"""The most one shuffle buffer of `CachedActivations` holds by default, in float32."""
+
 
 class CachedActivations:
     """Shuffled batches of one or more (layer, site) pairs from a cache written by `gemmascope cache`.
@@ -72,7 +75,11 @@ class CachedActivations:
         keys: the (layer, site) pairs to read; a single pair may be given bare.
         batch_size: rows per batch.
         buffer_size: vectors shuffled together (rounded to whole chunks); Gemma Scope used ~10**6.
+            None: 2^19, or fewer when the keys are many, so a buffer holds at most 1 GiB of float32
+            (about three are in memory at once: 36 sites at d 640 would otherwise need 18 GiB).
         chunk_size: consecutive vectors read as a unit; smaller mixes better, reads more often.
+            None: 4096, or less when a buffer would hold fewer than 64 chunks, so that each batch
+            still draws from at least 64 places in the corpus.
         seed: fixes every epoch's order.
         epochs: stop after this many epochs (None: never).
         dtype: dtype of the batches (float32 by default, whatever the cache stores).
@@ -90,8 +97,8 @@ class CachedActivations:
         keys: Sequence[SiteKey] | SiteKey,
         *,
         batch_size: int = 4096,
-        buffer_size: int = 1 << 19,
-        chunk_size: int = 4096,
+        buffer_size: int | None = None,
+        chunk_size: int | None = None,
         seed: int = 0,
         epochs: int | None = None,
         dtype: torch.dtype = torch.float32,
@@ -127,6 +134,10 @@ class CachedActivations:
         self.n_tokens = sum(s["tokens"] for s in shards)
         self._starts = [int(s["start"]) for s in shards]
         self._files = {k: [self._open(s, k, verify) for s in shards] for k in self.keys}
+        if buffer_size is None:
+            buffer_size = min(1 << 19, BUFFER_BYTES // (4 * sum(self.widths.values())))
+        if chunk_size is None:
+            chunk_size = 4096 if buffer_size >= 64 * 4096 else max(64, buffer_size // 64)
         self.chunk_size = min(chunk_size, self.n_tokens)
         self.n_chunks = -(-self.n_tokens // self.chunk_size)
         self.chunks_per_buffer = max(1, min(buffer_size // self.chunk_size, self.n_chunks))
