@@ -63,6 +63,7 @@ def permutation(seed: int, *stream: int, n: int) -> np.ndarray:
     """A permutation of range(n) fixed by (seed, *stream) on every machine (numpy PCG64)."""
     return np.random.Generator(np.random.PCG64([seed, *stream])).permutation(n)
 
+
 BUFFER_BYTES = 1 << 30
 """The most one shuffle buffer of `CachedActivations` holds by default, in float32."""
 
