@@ -124,6 +124,21 @@ def splice(
             to the value's dtype.
         source: the site `fn` reads (default: `site` itself); it must come before `site` in the block.
     """
+    with rewrite(model, layer, site, lambda src, _: fn(src), source=source):
+        yield
+
+
+@contextlib.contextmanager
+def rewrite(
+    model: nn.Module,
+    layer: int,
+    site: str,
+    fn: Callable[[Tensor, Tensor], Tensor],
+    *,
+    source: str | None = None,
+) -> Iterator[None]:
+    """`splice` whose `fn(source value, value)` also sees the value it replaces (the same tensor
+    twice without `source`): an MLP's output edited from its input, say."""
     info = model_info(model)
     check_site(info, layer, site)
     if source is not None:
@@ -137,7 +152,7 @@ def splice(
     read: dict[str, Tensor] = {}
 
     def replace(value: Tensor) -> Tensor:
-        new = fn(value if source is None else read.pop("value"))
+        new = fn(value if source is None else read.pop("value"), value)
         if not isinstance(new, Tensor) or new.shape != value.shape:
             got = tuple(new.shape) if isinstance(new, Tensor) else type(new).__name__
             raise ValueError(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from gemmascope.circuits.replacement import prepare
-from gemmascope.hooks import _hook, _site_module, run_until_head
+from gemmascope.hooks import rewrite, run_until_head
 from gemmascope.models import model_info
 from gemmascope.sae import SAE
 
@@ -71,10 +71,10 @@ def intervene(
                 f"{c}: position {c.position} is outside the prompt's {len(ids)} tokens"
             )
     clean = _logits(model, ids)
-    with contextlib.ExitStack() as stack:
+    with contextlib.ExitStack() as stack, torch.no_grad():
         for layer in sorted({c.layer for c in changes}):
             mine = [c for c in changes if c.layer == layer]
-            stack.enter_context(_changed_mlp(model, info, layer, tcs[layer], mine))
+            stack.enter_context(_changed_mlp(model, layer, tcs[layer], mine))
         changed = _logits(model, ids)
     order = clean.topk(top).indices
     p0, p1 = clean.softmax(-1), changed.softmax(-1)
@@ -95,29 +95,15 @@ def _logits(model: nn.Module, ids: Tensor) -> Tensor:
         return torch.tanh(logits / cap) * cap if cap else logits
 
 
-@contextlib.contextmanager
 def _changed_mlp(
-    model: nn.Module, info: Any, layer: int, tc: SAE, changes: list[Change]
-) -> Iterator[None]:
-    seen: dict[str, Tensor] = {}
-
-    def read(value: Tensor) -> None:
-        seen["x"] = value
-
-    def write(value: Tensor) -> Tensor:
-        x = seen.pop("x")[0].float()  # (T, d)
-        a = tc.encode(x)  # (T, F) the latents in this forward
+    model: nn.Module, layer: int, tc: SAE, changes: list[Change]
+) -> contextlib.AbstractContextManager[None]:
+    def write(x_in: Tensor, value: Tensor) -> Tensor:
+        a = tc.encode(x_in[0].float())  # (T, F) the latents in this forward
         delta = torch.zeros_like(value[0], dtype=torch.float32)  # (T, d)
         for c in changes:
             at = slice(None) if c.position is None else slice(c.position, c.position + 1)
             delta[at] += (c.value - a[at, c.latent])[:, None] * tc.W_dec[c.latent].float()
-        return (value.float() + delta[None]).to(value.dtype)
+        return value.float() + delta[None]
 
-    handles = [_hook(*_site_module(model, info, layer, "mlp_in"), read),
-               _hook(*_site_module(model, info, layer, "mlp_out"), write)]  # fmt: skip
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for h in handles:
-            h.remove()
+    return rewrite(model, layer, "mlp_out", write, source="mlp_in")

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from gemmascope.hooks import _hook, _site_module, run_until_head
+from gemmascope.hooks import _hook, _site_module, rewrite, run_until_head
 from gemmascope.models import model_info
 from gemmascope.sae import SAE
 
@@ -104,7 +104,7 @@ def run(
 
         stack.callback(embedding.register_forward_hook(leaf).remove)
         for layer, block_tc in enumerate(transcoders):
-            stack.enter_context(_replaced_mlp(model, info, layer, block_tc, consts[layer], out))
+            stack.enter_context(_replaced_mlp(model, layer, block_tc, consts[layer], out))
         with torch.enable_grad():
             final = run_until_head(model, lambda: model(input_ids=ids[None], use_cache=False))
     return Replacement(ids, embed[0], out["mlp_in"], out["mlp_out"], final.float(), acts, errors,
@@ -130,33 +130,22 @@ def _recording(
             h.remove()
 
 
-@contextlib.contextmanager
 def _replaced_mlp(
-    model: nn.Module, info, layer: int, tc: SAE, const: Tensor, out: dict[str, list[Tensor]]
-) -> Iterator[None]:
+    model: nn.Module, layer: int, tc: SAE, const: Tensor, out: dict[str, list[Tensor]]
+) -> contextlib.AbstractContextManager[None]:
     """While active, layer `layer`'s MLP writes `const + mlp_in @ W_skip` (its clean value)."""
-    seen: dict[str, Tensor] = {}
 
-    def read(value: Tensor) -> None:
-        seen["x"] = value
-        out["mlp_in"].append(value)
-
-    def write(value: Tensor) -> Tensor:
-        x = seen.pop("x")[0].float()  # (T, d)
+    def write(x_in: Tensor, _: Tensor) -> Tensor:
+        out["mlp_in"].append(x_in)
+        x = x_in[0].float()  # (T, d)
         if tc.W_skip is not None:
             new = (const + tc.skip(x))[None]  # (1, T, d), linear in mlp_in
         else:  # a constant, made a leaf so that gradients can be read at it
             new = const[None].clone().requires_grad_(True)
         out["mlp_out"].append(new)
-        return new.to(value.dtype)
+        return new
 
-    handles = [_hook(*_site_module(model, info, layer, "mlp_in"), read),
-               _hook(*_site_module(model, info, layer, "mlp_out"), write)]  # fmt: skip
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+    return rewrite(model, layer, "mlp_out", write, source="mlp_in")
 
 
 @contextlib.contextmanager
