@@ -379,3 +379,47 @@ def test_gemma_3_270m_layer_6() -> None:
     for name in FLOATS:
         assert np.isfinite(rand[name]), name
     assert rand["tokens"] > 900 and rand["delta_lm_loss"] > 0
+
+
+def test_a_clt_is_scored_layer_by_layer_against_a_splice_by_hand() -> None:
+    """Each layer of a CLT replaces that layer's MLP with what every earlier layer's latents (and
+    its own) write there: its records against a hand-made splice of `clt(x)[..., layer, :]`."""
+    from gemmascope.clt import CLT
+    from gemmascope.evaluate.results import site_label
+    from gemmascope.hooks import splice
+
+    model, ids = _relu_gpt2(), _sequences()
+    g = torch.Generator().manual_seed(4)
+    L, d, m = 3, 32, 48
+    cfg = SAEConfig("jumprelu", d_in=d, d_sae=m, layer=0, site="mlp_in", target_site="mlp_out",
+                    skip_connection=True, n_layers=L)  # fmt: skip
+    clt = CLT.from_arrays(cfg, {
+        "W_enc": torch.randn(L, d, m, generator=g) * 0.3, "b_enc": torch.randn(L, m, generator=g) * 0.1,
+        "threshold": torch.rand(L, m, generator=g) * 0.2, "b_dec": torch.randn(L, d, generator=g) * 0.1,
+        "W_skip": torch.randn(L, d, d, generator=g) * 0.1,
+        **{f"W_dec_{i}": torch.randn(m, L - i, d, generator=g) * 0.1 for i in range(L)},
+    })  # fmt: skip
+    records = _eval(model, [clt], ids)
+    assert [r["layer"] for r in records] == [0, 1, 2]
+    assert site_label(records[2]) == "mlp_in->mlp_out+skip CLT"
+    keep = ~torch.isin(ids, torch.tensor(SPECIAL))
+    acts = collect(model, ids, [(i, s) for i in range(L) for s in ("mlp_in", "mlp_out")])
+    x = torch.stack([acts[i, "mlp_in"] for i in range(L)], -2)  # (B, T, L, d)
+    with torch.no_grad():
+        y_hat = clt(x)  # (B, T, L, d)
+    for layer, r in enumerate(records):
+        y, pred = acts[layer, "mlp_out"][keep], y_hat[..., layer, :][keep]
+        fvu = float((y - pred).pow(2).sum() / (y - y.mean(0)).pow(2).sum())
+        assert r["fvu"] == pytest.approx(fvu, rel=1e-5)
+
+        def fn(x_in: torch.Tensor, layer: int = layer) -> torch.Tensor:
+            out = acts[layer, "mlp_out"].clone()
+            out[keep] = y_hat[..., layer, :][keep]
+            return out
+
+        with torch.no_grad(), splice(model, layer, "mlp_out", fn, source="mlp_in"):
+            logits = model(ids).logits[:, :-1]
+        scored = keep[:, :-1]
+        ce = float(F.cross_entropy(logits[scored], ids[:, 1:][scored]))
+        assert r["ce_spliced"] == pytest.approx(ce, rel=1e-5)
+    assert records[2]["fvu"] != pytest.approx(records[1]["fvu"], rel=1e-3)  # the check can fail

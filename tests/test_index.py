@@ -309,3 +309,42 @@ def test_stats_reject_bad_settings() -> None:
         FeatureStats(4, bins=10)
     with pytest.raises(ValueError, match="top_k"):
         FeatureStats(4, top_k=0)
+
+
+def test_one_layer_of_a_clt_indexes_as_the_clt_encodes(
+    assets: dict[str, Any], tmp_path: Path
+) -> None:
+    """`--clt-layer N` indexes the latents of a cross-layer transcoder's layer N; steering them from
+    the explorer is refused (they write every later layer too)."""
+    from gemmascope.clt import CLT
+    from gemmascope.explore.live import InputError, Live
+
+    g = torch.Generator().manual_seed(1)
+    L, d = 3, 32
+    cfg = SAEConfig("jumprelu", d_in=d, d_sae=D_SAE, layer=0, site="mlp_in", target_site="mlp_out",
+                    n_layers=L, model="tiny-gemma3")  # fmt: skip
+    clt = CLT.from_arrays(cfg, {
+        "W_enc": torch.randn(L, d, D_SAE, generator=g), "b_enc": torch.zeros(L, D_SAE),
+        "threshold": torch.full((L, D_SAE), 2.0), "b_dec": torch.zeros(L, d),
+        **{f"W_dec_{i}": torch.randn(D_SAE, L - i, d, generator=g) for i in range(L)},
+    })  # fmt: skip
+    gemmascope.save(clt, tmp_path / "clt")
+    base = index_config(assets, tmp_path / "i.sqlite", sae_source=str(tmp_path / "clt"))
+    with pytest.raises(ValueError, match=r"pass --clt-layer N \(0..2\)"):
+        build_index(base, model=assets["model"], tokenizer=assets["tokenizer"], progress=False)
+    cfg1 = index_config(
+        assets, tmp_path / "i.sqlite", sae_source=str(tmp_path / "clt"), clt_layer=1
+    )
+    path = build_index(cfg1, model=assets["model"], tokenizer=assets["tokenizer"], progress=False)
+    tokens = torch.tensor(np.stack(list(pack_sequences(
+        iter_documents(str(assets["corpus"]), "all"), assets["tokenizer"], CONTEXT))[:16]))  # fmt: skip
+    x = collect(assets["model"], tokens, [(1, "mlp_in")])[1, "mlp_in"]
+    keep = ~torch.isin(tokens, torch.tensor(special_ids(assets["tokenizer"])))
+    with torch.no_grad():
+        z = clt.encode_layer(x[keep], 1)  # (n, D_SAE)
+    db = IndexDB(path)
+    assert db.meta["clt_layer"] == 1 and db.meta["layer"] == 1 and db.meta["site"] == "mlp_in"
+    fired = [db.feature(f)["fired"] for f in range(D_SAE)]
+    assert fired == (z > 0).sum(0).tolist() and sum(fired) > 0
+    with pytest.raises(InputError, match="one layer of a cross-layer transcoder"):
+        Live(db.meta).steer("w5 w6", 0, 1.0, 4)

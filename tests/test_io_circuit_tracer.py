@@ -12,6 +12,7 @@ import yaml
 from toolenv import circuit_tracer_python
 
 from gemmascope import io
+from gemmascope.clt import CLT
 from gemmascope.sae import SAE, SAEConfig
 
 D, M, LAYERS = 12, 40, 3
@@ -162,3 +163,79 @@ def test_a_run_folder_converts_to_a_set(tmp_path: Path) -> None:
     x = x_batch()
     for layer, sae in enumerate(saes):
         torch.testing.assert_close(sae(x), transcoder(layer)(x), **TOL)
+
+
+# In the venv: circuit-tracer's own CLT loader on our folder, then its encode and forward of xs
+# `[n_layers, B, d]`; and its Gemma Scope 2 CLT loader on a `layer_{i}.safetensors` folder.
+LOAD_CLT = """
+import sys, glob, torch
+from circuit_tracer.transcoder.cross_layer_transcoder import load_clt, load_gemma_scope_2_clt
+folder, kind, x, out = sys.argv[1:]
+if kind == "circuit_tracer":
+    clt = load_clt(folder, lazy_decoder=False, device=torch.device("cpu"), dtype=torch.float32)
+else:  # its loader reads layers 0 .. max(key) - 1, so one key past the last
+    n = len(glob.glob(f"{folder}/layer_*.safetensors"))
+    paths = {i: f"{folder}/layer_{min(i, n - 1)}.safetensors" for i in range(n + 1)}
+    clt = load_gemma_scope_2_clt(paths, device=torch.device("cpu"), dtype=torch.float32)
+x = torch.load(x, weights_only=True)
+with torch.no_grad():  # its forward drops the skip's input (0.5.0), decode takes it
+    z = clt.encode(x)
+    torch.save({"encode": z, "forward": clt.decode(z.to_sparse(), x), "n_layers": clt.n_layers}, out)
+"""
+
+
+def random_clt(arch: str = "jumprelu", skip: bool = False, **cfg: object) -> CLT:
+    g = torch.Generator().manual_seed(3)
+    c = SAEConfig(arch, d_in=D, d_sae=M, k=4 if "topk" in arch else None, layer=0,  # type: ignore[arg-type]
+                  site="mlp_in", target_site="mlp_out", skip_connection=skip, n_layers=LAYERS, **cfg)  # fmt: skip
+    arrays = {"W_enc": torch.randn(LAYERS, D, M, generator=g) * 0.4,
+              "b_enc": torch.randn(LAYERS, M, generator=g) * 0.1,
+              "threshold": torch.rand(LAYERS, M, generator=g) * 0.5,
+              "b_dec": torch.randn(LAYERS, D, generator=g),
+              **{f"W_dec_{i}": torch.randn(M, LAYERS - i, D, generator=g) for i in range(LAYERS)},
+              **({"W_skip": torch.randn(LAYERS, D, D, generator=g) * 0.3} if skip else {})}  # fmt: skip
+    return CLT.from_arrays(c, arrays).eval()
+
+
+def layered_x() -> torch.Tensor:
+    return torch.randn(32, LAYERS, D, generator=torch.Generator().manual_seed(9)) * 2  # (B, L, d)
+
+
+@pytest.mark.parametrize("arch", ["jumprelu", "relu", "batchtopk"])
+def test_clts_round_trip_through_circuit_tracers_files(tmp_path: Path, arch: str) -> None:
+    clt = random_clt(arch, model="google/gemma-3-270m")
+    folder = io.save(clt, tmp_path / "clt", format="circuit_tracer")
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["W_dec_0.safetensors", "W_dec_1.safetensors", "W_dec_2.safetensors",
+                     "W_enc_0.safetensors", "W_enc_1.safetensors", "W_enc_2.safetensors", "config.yaml"]  # fmt: skip
+    raw = yaml.safe_load((folder / "config.yaml").read_text())
+    assert raw["model_kind"] == "cross_layer_transcoder"
+    back = io.load_transcoders(folder)
+    assert isinstance(back, CLT) and back.cfg.model == "google/gemma-3-270m"
+    x = layered_x()
+    torch.testing.assert_close(back(x), clt(x).detach(), **TOL)
+    with pytest.raises(ValueError, match="without a skip connection"):
+        io.save(random_clt(skip=True), tmp_path / "skip", format="circuit_tracer")
+    with pytest.raises(ValueError, match="saves as"):
+        io.save(clt, tmp_path / "npz", format="npz")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt,skip", [("circuit_tracer", False), ("gemmascope2", True)])
+def test_saved_clt_loads_in_circuit_tracer_with_same_outputs(
+    tmp_path: Path, ct_python: Path, fmt: str, skip: bool
+) -> None:
+    clt = random_clt(skip=skip)
+    folder = io.save(clt, tmp_path / "clt", format=fmt)
+    x = layered_x()
+    torch.save(x.transpose(0, 1).contiguous(), tmp_path / "x.pt")  # theirs: (L, B, d)
+    subprocess.run(
+        [ct_python, "-c", LOAD_CLT, folder, fmt, tmp_path / "x.pt", tmp_path / "out.pt"], check=True
+    )
+    theirs = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert theirs["n_layers"] == LAYERS
+    with torch.no_grad():
+        z, y = clt.encode(x), clt(x)
+    assert (z > 0).any() and (z == 0).any()
+    torch.testing.assert_close(theirs["encode"].transpose(0, 1), z, **TOL)
+    torch.testing.assert_close(theirs["forward"].transpose(0, 1), y, **TOL)

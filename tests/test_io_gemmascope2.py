@@ -15,6 +15,7 @@ from safetensors.numpy import save_file
 from safetensors.torch import load_file
 
 from gemmascope import io
+from gemmascope.clt import CLT
 from gemmascope.sae import SAE, SAEConfig
 
 D, M = 16, 64
@@ -163,3 +164,36 @@ def test_transcoders_load_and_save_both_ways_with_saelens(
         "mlp_in", "mlp_out", affine,
     )  # fmt: skip
     torch.testing.assert_close(back(x), sae(x).detach(), **TOL)
+
+
+@pytest.mark.parametrize("affine", [False, True], ids=["plain", "affine"])
+def test_clts_load_in_saelens_layer_by_layer_and_come_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, affine: bool
+) -> None:
+    """Gemma Scope 2's `clt/` folders: SAELens reads one layer's file as a transcoder whose encoder
+    is that layer's and whose decoder is its rows summed over the layers they write."""
+    L, g = 3, torch.Generator().manual_seed(2)
+    cfg = SAEConfig("jumprelu", d_in=D, d_sae=M, layer=0, site="mlp_in", target_site="mlp_out",
+                    skip_connection=affine, n_layers=L, model="google/gemma-3-270m")  # fmt: skip
+    clt = CLT.from_arrays(cfg, {
+        "W_enc": torch.randn(L, D, M, generator=g) * 0.3, "b_enc": torch.randn(L, M, generator=g) * 0.1,
+        "threshold": torch.rand(L, M, generator=g) * 0.3, "b_dec": torch.randn(L, D, generator=g),
+        **{f"W_dec_{i}": torch.randn(M, L - i, D, generator=g) for i in range(L)},
+        **({"W_skip": torch.randn(L, D, D, generator=g)} if affine else {}),
+    })  # fmt: skip
+    name = f"clt/width_16k_l0_small{'_affine' if affine else ''}"
+    folder = io.save(clt, tmp_path / name, format="gemmascope2")
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "config.json", "layer_0.safetensors", "layer_1.safetensors", "layer_2.safetensors",
+    ]  # fmt: skip
+    x = torch.randn(40, L, D, generator=g)
+    with torch.no_grad():
+        z = clt.encode(x)
+    for i in range(L):
+        lens = lens_load(tmp_path, f"{name}/layer_{i}", monkeypatch)
+        torch.testing.assert_close(lens.encode(x[:, i]).detach(), z[:, i], **TOL)
+        torch.testing.assert_close(lens.W_dec.detach(), clt.W_dec[i].detach().sum(1), **TOL)
+    (folder / "config.json").unlink()  # as on the hub: the weights alone
+    back = io.load(folder)
+    assert isinstance(back, CLT) and back.cfg.skip_connection == affine and back.n_layers == L
+    torch.testing.assert_close(back(x), clt(x).detach(), **TOL)

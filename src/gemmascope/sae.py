@@ -62,6 +62,9 @@ class SAEConfig:
     skip_connection: bool = False
     """Add a learned linear skip `x @ W_skip` to the output (Gemma Scope 2's affine skip
     transcoders, sparsify's `skip_connection`)."""
+    n_layers: int | None = option(None, ge=1)
+    """Cross-layer transcoders (`clt.CLT`): the consecutive layers from `layer` on whose `site` it
+    reads and whose `target_site` it writes, `d_sae` latents each. None: one layer (an `SAE`)."""
     hook_name: str | None = None
     """The site's name in another tool (e.g. SAELens' `blocks.6.hook_resid_post`), kept for round trips."""
     dataset: str | None = None
@@ -96,6 +99,14 @@ class SAEConfig:
             )
         if not self.input_scale > 0:
             raise ValueError(f"`input_scale` must be positive, got {self.input_scale}")
+        if self.n_layers is not None and (
+            self.target_site is None or self.layer is None or self.apply_b_dec_to_input
+            or self.input_scale != 1.0
+        ):  # fmt: skip
+            raise ValueError(
+                "a cross-layer transcoder (`n_layers`) needs `layer` (its first) and `target_site`, "
+                "and reads raw activations (no `apply_b_dec_to_input`, `input_scale` 1)"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -116,6 +127,24 @@ class SAEConfig:
         return json.dumps(self.to_dict(), indent=2)
 
 
+def activate(pre: Tensor, cfg: SAEConfig, threshold: Tensor, training: bool = False) -> Tensor:
+    """The sparsifying rule of `cfg.architecture` on pre-activations `[..., d_sae]`."""
+    arch = cfg.architecture
+    if arch == "jumprelu" or (arch == "batchtopk" and not training):
+        return pre * (pre > threshold)
+    if arch == "relu":
+        return torch.relu(pre)
+    if arch == "topk":
+        vals, idx = pre.topk(cfg.k, dim=-1, sorted=False)
+        return torch.zeros_like(pre).scatter_(-1, idx, torch.relu(vals))
+    if arch == "batchtopk":
+        flat = pre.reshape(-1)
+        n_tokens = flat.numel() // cfg.d_sae
+        vals, idx = torch.relu(flat).topk(cfg.k * n_tokens, sorted=False)
+        return torch.zeros_like(flat).scatter_(0, idx, vals).reshape(pre.shape)
+    raise AssertionError(arch)
+
+
 class SAE(nn.Module):
     """A sparse autoencoder `x -> z -> x_hat` with Gemma Scope's parameter names and shapes.
 
@@ -132,6 +161,11 @@ class SAE(nn.Module):
 
     def __init__(self, cfg: SAEConfig, *, device: torch.device | str | None = None) -> None:
         super().__init__()
+        if cfg.n_layers is not None:
+            raise ValueError(
+                f"this config is a cross-layer transcoder over {cfg.n_layers} layers; build it "
+                "with `gemmascope.clt.CLT` (`io.load` does)"
+            )
         self.cfg = cfg
         dt = dtype_of(cfg.dtype)
         d, m = cfg.d_in, cfg.d_sae
@@ -175,20 +209,7 @@ class SAE(nn.Module):
 
     def activate(self, pre: Tensor) -> Tensor:
         """Apply the architecture's sparsifying rule to pre-activations."""
-        arch = self.cfg.architecture
-        if arch == "jumprelu" or (arch == "batchtopk" and not self.training):
-            return pre * (pre > self.threshold)
-        if arch == "relu":
-            return torch.relu(pre)
-        if arch == "topk":
-            vals, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
-            return torch.zeros_like(pre).scatter_(-1, idx, torch.relu(vals))
-        if arch == "batchtopk":
-            flat = pre.reshape(-1)
-            n_tokens = flat.numel() // self.cfg.d_sae
-            vals, idx = torch.relu(flat).topk(self.cfg.k * n_tokens, sorted=False)
-            return torch.zeros_like(flat).scatter_(0, idx, vals).reshape(pre.shape)
-        raise AssertionError(arch)
+        return activate(pre, self.cfg, self.threshold, self.training)
 
     def encode(self, x: Tensor) -> Tensor:
         """Latent activations `[..., d_sae]` for raw activations `[..., d_in]`."""

@@ -21,8 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gemmascope.circuits.graph import Graph
+from gemmascope.circuits.graph import Graph, influence
 from gemmascope.circuits.replacement import Replacement, prepare, run
+from gemmascope.clt import CLT
 from gemmascope.common.progress import progress_bar
 from gemmascope.corpus import special_ids
 from gemmascope.models import model_info
@@ -33,11 +34,12 @@ def attribute(
     model: nn.Module,
     tokenizer: Any,
     prompt: str | Tensor,
-    transcoders: Sequence[SAE],
+    transcoders: Sequence[SAE] | CLT,
     *,
     max_logits: int = 10,
     logit_prob: float = 0.95,
     batch_size: int = 64,
+    max_feature_nodes: int | None = None,
     progress: bool = True,
 ) -> Graph:
     """The attribution graph of `prompt` through `transcoders` (one MLP transcoder per layer).
@@ -45,11 +47,17 @@ def attribute(
     Args:
         model, tokenizer: the language model and its tokenizer.
         prompt: text (tokenized with the tokenizer's BOS) or token ids `[T]`.
-        transcoders: `mlp_in -> mlp_out` transcoders, one per layer (`io.load_transcoders`).
+        transcoders: `mlp_in -> mlp_out` transcoders, one per layer, or a cross-layer transcoder
+            over every layer (`io.load_transcoders` reads either).
         max_logits, logit_prob: the logit targets are the most likely next tokens at the last
             position, as few as hold `logit_prob` of the probability, at most `max_logits`.
         batch_size: targets per backward pass; memory grows with it (about batch x T x d x 4 bytes
             per layer).
+        max_feature_nodes: compute incoming edges for at most this many latents, the most
+            influential first (influence re-estimated from the rows so far every 4 batches, as
+            circuit-tracer does); the others stay sources only. The adjacency is then
+            `(max_feature_nodes + K) x (F + L T + T)`, so memory grows linearly with the prompt.
+            None: every active latent.
         progress: show a progress bar over the targets.
     Returns:
         The unpruned `Graph` (prune it with `Graph.prune`, export it with `Graph.frontend_json`).
@@ -60,6 +68,8 @@ def attribute(
             f"need max_logits >= 1, 0 < logit_prob <= 1 and batch_size >= 1; got {max_logits}, "
             f"{logit_prob}, {batch_size}"
         )
+    if max_feature_nodes is not None and max_feature_nodes < 0:
+        raise ValueError(f"`max_feature_nodes` must be >= 0 or None, got {max_feature_nodes}")
     ids = _ids(tokenizer, prompt)
     if len(ids) < 2:
         raise ValueError(f"the prompt is {len(ids)} token(s) long; a graph needs at least two")
@@ -73,54 +83,98 @@ def attribute(
     logit_ids, logit_probs, logit_vecs = _logit_targets(model, rep.final[0, -1], max_logits,
                                                         logit_prob)  # fmt: skip
     F, T, L, K = len(features), len(ids), info.n_layers, len(logit_ids)
+    capped = max_feature_nodes is not None and max_feature_nodes < F
+    R = max_feature_nodes if capped else F  # latents with a row
     sources = [_Sources.of(rep, layer, f, T) for layer, f in enumerate(feats)]
-    adjacency = torch.zeros(F + K, F + L * T + T)
     offsets = [0, *torch.tensor([len(f) for f in feats]).cumsum(0).tolist()]
-    bar = progress_bar(F + K, unit="target", desc="attribute", enabled=progress)
+    adjacency = torch.zeros(R + K, F + L * T + T)
+    bar = progress_bar(R + K, unit="target", desc="attribute", enabled=progress)
+
+    def latent_rows(which: Tensor) -> Tensor:
+        """The rows of latents `which` (indices into `features`, one layer)."""
+        layer, tc = int(features[which[0], 0]), rep.dictionary.encoders[int(features[which[0], 0])]
+        pos, latent = features[which, 1], features[which, 2]
+        inject = torch.zeros(len(which), 1, T, tc.cfg.d_in)
+        inject[torch.arange(len(which)), 0, pos] = tc.W_enc.detach()[:, latent].T
+        bar.update(len(which))
+        return _rows(rep, rep.mlp_in[layer], inject, layer, sources, offsets)
+
     with bar:
         # the logits: every layer's sources
         for lo in range(0, K, batch_size):
             vecs = logit_vecs[lo : lo + batch_size]  # (B, d)
             inject = torch.zeros(len(vecs), 1, T, vecs.shape[1])
             inject[:, 0, T - 1] = vecs
-            rows = _rows(rep, rep.final, inject, L, sources, offsets)
-            adjacency[F + lo : F + lo + len(vecs)] = rows
+            adjacency[R + lo : R + lo + len(vecs)] = _rows(rep, rep.final, inject, L, sources,
+                                                           offsets)  # fmt: skip
             bar.update(len(vecs))
-        # the latents of each layer: sources of earlier layers and the tokens
-        for layer in range(L):
-            tc, f = rep.transcoders[layer], feats[layer]
-            for lo in range(0, len(f), batch_size):
-                part = f[lo : lo + batch_size]
-                inject = torch.zeros(len(part), 1, T, tc.cfg.d_in)
-                inject[torch.arange(len(part)), 0, part[:, 0]] = tc.W_enc.detach()[:, part[:, 1]].T
-                row = offsets[layer] + lo
-                adjacency[row : row + len(part)] = _rows(rep, rep.mlp_in[layer], inject, layer,
-                                                         sources, offsets)  # fmt: skip
-                bar.update(len(part))
+        if not capped:  # the latents of each layer: sources of earlier layers and the tokens
+            for layer in range(L):
+                for lo in range(offsets[layer], offsets[layer + 1], batch_size):
+                    which = torch.arange(lo, min(lo + batch_size, offsets[layer + 1]))
+                    adjacency[lo : lo + len(which)] = latent_rows(which)
+            expanded = None
+        else:
+            expanded = _expand_by_influence(adjacency, R, F, L, logit_probs, features, batch_size,
+                                            latent_rows)  # fmt: skip
+            adjacency = torch.cat([adjacency[: len(expanded)], adjacency[R:]])
     tok = [tokenizer.decode([int(i)]) for i in ids]
     return Graph(
         prompt=prompt if isinstance(prompt, str) else tokenizer.decode(ids),
         ids=ids, tokens=tok, features=features, activations=activations.float(),
         logit_ids=logit_ids, logit_probs=logit_probs,
         logit_tokens=[tokenizer.decode([int(i)]) for i in logit_ids],
-        adjacency=adjacency, n_layers=L,
+        adjacency=adjacency, n_layers=L, expanded=expanded,
         info={"seconds": round(time.perf_counter() - started, 2),
-              "transcoder_width": int(rep.transcoders[0].cfg.d_sae),
-              "skip_connection": rep.transcoders[0].W_skip is not None},
+              "transcoder_width": rep.dictionary.width, "skip_connection": rep.dictionary.skip,
+              "cross_layer": isinstance(transcoders, CLT), "max_feature_nodes": max_feature_nodes},
     )  # fmt: skip
+
+
+def _expand_by_influence(adjacency: Tensor, R: int, F: int, L: int, logit_probs: Tensor,
+                         features: Tensor, batch_size: int, latent_rows: Any) -> Tensor:  # fmt: skip
+    """Fill rows `0..R-1` of `adjacency` (the logits' rows, `R..`, already there) with the latents
+    of most influence on the logits through the rows so far, `4 * batch_size` at a time; returns
+    which latents they are, in row order."""
+    K = len(logit_probs)
+    N = adjacency.shape[1] + K
+    expanded = torch.zeros(0, dtype=torch.long)
+    done = torch.zeros(F, dtype=torch.bool)
+    while len(expanded) < R:
+        rows = torch.cat([torch.arange(len(expanded)), torch.arange(R, R + K)])
+        a = adjacency[rows].abs()
+        norm = a / a.sum(1, keepdim=True).clamp_min(1e-10)
+        row_nodes = torch.cat([expanded, torch.arange(N - K, N)])
+        score = influence(norm, row_nodes, logit_probs.float(), N, L)[:F]
+        score[done] = -1.0
+        n = min(4 * batch_size, R - len(expanded), int((score > 0).sum()))
+        if n == 0:  # nothing left that reaches the logits
+            break
+        pick = score.topk(n).indices
+        pick = pick[torch.argsort(features[pick, 0] * F + pick)]  # by layer, for one pass each
+        for layer in features[pick, 0].unique().tolist():
+            group = pick[features[pick, 0] == layer]
+            for lo in range(0, len(group), batch_size):
+                which = group[lo : lo + batch_size]
+                at = len(expanded)
+                adjacency[at : at + len(which)] = latent_rows(which)
+                expanded = torch.cat([expanded, which])
+        done[pick] = True
+    return expanded
 
 
 @dataclass
 class _Sources:
-    """One layer's latents as sources: decoder rows times activations, grouped by position."""
+    """One layer's latents as sources: per layer they write, decoder rows times activations, grouped
+    by position."""
 
-    dec: Tensor  # (n, d) activation * W_dec row of each active latent, ordered by position
+    dec: dict[int, Tensor]  # layer j -> (n, d) activation * W_dec row into j, ordered by position
     spans: list[tuple[int, int, int]]  # (position, start, end) of each position's latents in `dec`
 
     @classmethod
     def of(cls, rep: Replacement, layer: int, f: Tensor, T: int) -> _Sources:
         a = rep.acts[layer][f[:, 0], f[:, 1]]  # (n,)
-        dec = rep.transcoders[layer].W_dec.detach()[f[:, 1]].float() * a[:, None]
+        dec = {j: w[f[:, 1]].float() * a[:, None] for j, w in rep.dictionary.writes[layer]}
         ends = torch.bincount(f[:, 0], minlength=T).cumsum(0).tolist()
         starts = [0, *ends[:-1]]
         spans = [
@@ -138,7 +192,8 @@ def _rows(
     offsets: list[int],
 ) -> Tensor:
     """Edges into `B` targets that inject `inject [B, 1, T, d]` at `out`, from the latents and errors
-    of layers < `upto` and from the tokens: `[B, F + L T + T]`."""
+    of layers < `upto` and from the tokens: `[B, F + L T + T]`. A latent's edge sums over the MLP
+    outputs it writes before `upto` (one, or a CLT's every later layer)."""
     B, _, T, _ = inject.shape
     L = len(rep.mlp_out)
     inputs = [*rep.mlp_out[:upto], rep.embed]
@@ -146,14 +201,17 @@ def _rows(
                                 is_grads_batched=True, allow_unused=True)  # fmt: skip
     F = offsets[-1]
     row = torch.zeros(B, F + L * T + T)
-    for layer in range(upto):
-        if grads[layer] is None:
+    for j in range(upto):
+        if grads[j] is None:
             continue
-        g = grads[layer][:, 0].float()  # (B, T, d)
-        src, at = sources[layer], offsets[layer]
-        for p, lo, hi in src.spans:  # latents at position p read the gradient there
-            row[:, at + lo : at + hi] = g[:, p] @ src.dec[lo:hi].T
-        row[:, F + layer * T : F + (layer + 1) * T] = (g * rep.errors[layer]).sum(-1)
+        g = grads[j][:, 0].float()  # (B, T, d): the gradient at MLP j's output
+        for i in range(j + 1):  # the latents of layer i that write MLP j read it
+            src, at = sources[i], offsets[i]
+            if j not in src.dec:
+                continue
+            for p, lo, hi in src.spans:
+                row[:, at + lo : at + hi] += g[:, p] @ src.dec[j][lo:hi].T
+        row[:, F + j * T : F + (j + 1) * T] = (g * rep.errors[j]).sum(-1)
     g = grads[-1]
     if g is not None:
         row[:, F + L * T :] = (g[:, 0].float() * rep.embed.detach()[0].float()).sum(-1)

@@ -4,8 +4,9 @@ graph viewer read.
 
 Nodes, in the order of circuit-tracer's adjacency matrix: the F active latents (by layer, position,
 latent), the L x T error nodes (layer-major), the T token embeddings and the K logits. Only latents
-and logits receive edges, so the matrix is kept as its `F + K` rows (latents, then logits) by its
-`F + L T + T` source columns; `adjacency[t, s]` is the direct effect of source s on target t.
+and logits receive edges, so the matrix is kept as its rows (the latents whose incoming edges were
+computed, `expanded`: all of them unless `max_feature_nodes` capped it, then the logits) by its
+`F + L T + T` source columns; `adjacency[r, s]` is the direct effect of source s on row r's node.
 """
 
 from __future__ import annotations
@@ -33,10 +34,19 @@ class Graph:
     logit_ids: Tensor  # (K,)
     logit_probs: Tensor  # (K,)
     logit_tokens: list[str]
-    adjacency: Tensor  # (F + K, F + L * T + T)
+    adjacency: Tensor  # (R + K, F + L * T + T)
     n_layers: int
     info: dict[str, Any] = field(default_factory=dict)
     """Where it came from: model, transcoders, timings, scores."""
+    expanded: Tensor | None = None
+    """(R,) the latents (indices into `features`) that have a row, in row order; None: all F."""
+
+    @property
+    def row_nodes(self) -> Tensor:
+        """(R + K,) the node of each row of `adjacency`: the expanded latents, then the logits."""
+        F, N, K = self.n_features, self.node_count(), len(self.logit_ids)
+        latents = torch.arange(F) if self.expanded is None else self.expanded.long()
+        return torch.cat([latents, torch.arange(N - K, N)])
 
     @property
     def n_pos(self) -> int:
@@ -59,16 +69,8 @@ class Graph:
         """Each node's total (indirect) influence on the logits, weighted by their probabilities:
         w A + w A^2 + ... over the normalised matrix; `[N]` in node order."""
         norm = self.normalized() if norm is None else norm
-        F, K = self.n_features, len(self.logit_ids)
-        rows = torch.cat([torch.zeros(F), self.logit_probs.float()])  # weight on each target row
-        total = torch.zeros(self.node_count())
-        for _ in range(self.n_layers + 2):  # the graph is layered: paths are at most L + 1 edges
-            reached = rows @ norm  # (C,) influence on each source through one more edge
-            total[: reached.numel()] += reached
-            rows = torch.cat([reached[:F], torch.zeros(K)])
-            if not bool(rows.any()):
-                break
-        return total
+        return influence(norm, self.row_nodes, self.logit_probs.float(), self.node_count(),
+                         self.n_layers)  # fmt: skip
 
     def scores(self) -> dict[str, float]:
         """circuit-tracer's replacement score (the share of the influence on the logits that reaches
@@ -81,9 +83,7 @@ class Graph:
         weight = inf.clone()
         weight[-len(self.logit_ids) :] += self.logit_probs.float()
         from_errors = torch.zeros(self.node_count())
-        rows = torch.cat([torch.arange(F), torch.arange(self.node_count() - len(self.logit_ids),
-                                                        self.node_count())])  # fmt: skip
-        from_errors[rows] = norm[:, F : F + LT].sum(1)
+        from_errors[self.row_nodes] = norm[:, F : F + LT].sum(1)
         return {
             "replacement": float(tok / (tok + err).clamp_min(1e-12)),
             "completeness": float(((1 - from_errors) * weight).sum() / weight.sum()),
@@ -101,22 +101,23 @@ class Graph:
         inf = self.influence()
         nodes = inf >= _threshold(inf, node_threshold)
         nodes[N - T - K :] = True
-        keep_rows = torch.cat([nodes[:F], nodes[N - K :]])
-        a = self.adjacency * keep_rows[:, None] * nodes[: N - K][None, :]
+        row_nodes = self.row_nodes
+        a = self.adjacency * nodes[row_nodes][:, None] * nodes[: N - K][None, :]
         norm = self.normalized(a)
         inf2 = self.influence(norm)
-        row_inf = torch.cat([inf2[:F], inf2[N - K :] + self.logit_probs.float()])
+        row_inf = inf2[row_nodes]
+        row_inf[-K:] += self.logit_probs.float()
         edge_score = norm * row_inf[:, None]  # (R, C)
         edges = edge_score >= _threshold(edge_score.flatten(), edge_threshold)
         edges &= edge_score > 0
         while True:  # drop nodes left dangling until nothing changes
             has_out = edges.any(0)  # (C,)
-            has_in = edges.any(1)  # (R,)
+            has_in = torch.zeros(N, dtype=torch.bool)
+            has_in[row_nodes] = edges.any(1)
             before = nodes.clone()
             nodes[:F] &= has_out[:F] & has_in[:F]
             nodes[F : F + LT] &= has_out[F : F + LT]
-            keep_rows = torch.cat([nodes[:F], nodes[N - K :]])
-            edges &= keep_rows[:, None] & nodes[: N - K][None, :]
+            edges &= nodes[row_nodes][:, None] & nodes[: N - K][None, :]
             if torch.equal(before, nodes):
                 break
         order = torch.argsort(inf, descending=True)
@@ -137,7 +138,8 @@ class Graph:
 
         tensors = {"ids": self.ids, "features": self.features, "activations": self.activations,
                    "logit_ids": self.logit_ids, "logit_probs": self.logit_probs,
-                   "adjacency": self.adjacency}  # fmt: skip
+                   "adjacency": self.adjacency,
+                   **({} if self.expanded is None else {"expanded": self.expanded})}  # fmt: skip
         meta = {"prompt": self.prompt, "tokens": self.tokens, "logit_tokens": self.logit_tokens,
                 "n_layers": self.n_layers, "info": self.info}  # fmt: skip
         with atomic_dir(folder) as tmp:
@@ -162,7 +164,7 @@ class Graph:
         meta = json.loads((folder / "graph.json").read_text())
         return cls(meta["prompt"], t["ids"], meta["tokens"], t["features"], t["activations"],
                    t["logit_ids"], t["logit_probs"], meta["logit_tokens"], t["adjacency"],
-                   meta["n_layers"], meta.get("info", {}))  # fmt: skip
+                   meta["n_layers"], meta.get("info", {}), t.get("expanded"))  # fmt: skip
 
     def frontend_json(
         self, slug: str, *, scan: str, node_threshold: float = 0.8, edge_threshold: float = 0.98
@@ -179,7 +181,7 @@ class Graph:
             node["influence"] = None if i >= N - K else float(pruned.cumulative[i])
             ids[i] = node["node_id"]
             nodes.append(node)
-        rows = torch.cat([torch.arange(F), torch.arange(N - K, N)])
+        rows = self.row_nodes
         links = []
         for r, c in torch.nonzero(pruned.edges).tolist():
             target, source = int(rows[r]), int(c)
@@ -227,8 +229,24 @@ class Graph:
 @dataclass
 class Pruned:
     nodes: Tensor  # (N,) bool, node order
-    edges: Tensor  # (F + K, F + L T + T) bool, as the adjacency
+    edges: Tensor  # (R + K, F + L T + T) bool, as the adjacency
     cumulative: Tensor  # (N,) share of the influence held by the nodes at least as influential
+
+
+def influence(norm: Tensor, row_nodes: Tensor, logit_probs: Tensor, n_nodes: int,
+              n_layers: int) -> Tensor:  # fmt: skip
+    """`[n_nodes]`: each node's influence on the logits through the rows of the normalised
+    adjacency `norm [R + K, C]` whose nodes are `row_nodes` (the last K are the logits)."""
+    K = len(logit_probs)
+    weights = torch.cat([torch.zeros(len(row_nodes) - K), logit_probs])  # on each row
+    total = torch.zeros(n_nodes)
+    for _ in range(n_layers + 2):  # the graph is layered: paths are at most L + 1 edges
+        reached = weights @ norm  # (C,) influence on each source through one more edge
+        total[: reached.numel()] += reached
+        weights = torch.cat([reached[row_nodes[:-K]], torch.zeros(K)])
+        if not bool(weights.any()):
+            break
+    return total
 
 
 def _threshold(scores: Tensor, share: float) -> float:

@@ -1,7 +1,8 @@
 """Interventions: rerun the model with chosen transcoder latents set to new values and see the next
-token change. Each intervened MLP writes what it wrote plus `(new - a) * W_dec[latent]` at the chosen
-positions, `a` being the latent's activation in this very forward (so a change upstream reaches it);
-everything downstream, attention and later latents included, responds as the model does.
+token change. Each MLP a changed latent writes (its own; a CLT's, every later one too) writes what it
+wrote plus `(new - a) * W_dec[latent]` at the chosen positions, `a` being the latent's activation in
+this very forward (so a change upstream reaches it); everything downstream, attention and later
+latents included, responds as the model does.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gemmascope.circuits.replacement import prepare
+from gemmascope.circuits.replacement import Dictionary, prepare
+from gemmascope.clt import CLT
 from gemmascope.hooks import rewrite, run_until_head
 from gemmascope.models import model_info
 from gemmascope.sae import SAE
@@ -48,7 +50,7 @@ class Change:
 def intervene(
     model: nn.Module,
     ids: Tensor,
-    transcoders: Sequence[SAE],
+    transcoders: Sequence[SAE] | CLT,
     changes: Sequence[Change],
     *,
     top: int = 5,
@@ -59,22 +61,23 @@ def intervene(
     with the `top` likeliest tokens of each run, and `logit_shift` for each clean top token.
     """
     info = model_info(model)
-    tcs = prepare(transcoders, info.n_layers)
+    d = prepare(transcoders, info.n_layers)
     for c in changes:
-        if not 0 <= c.layer < info.n_layers or not 0 <= c.latent < tcs[c.layer].cfg.d_sae:
+        if not 0 <= c.layer < info.n_layers or not 0 <= c.latent < d.width:
             raise ValueError(
                 f"{c}: no latent {c.latent} at layer {c.layer} (layers 0..{info.n_layers - 1}, "
-                f"{tcs[0].cfg.d_sae} latents each)"
+                f"{d.width} latents each)"
             )
         if c.position is not None and not 0 <= c.position < len(ids):
             raise ValueError(
                 f"{c}: position {c.position} is outside the prompt's {len(ids)} tokens"
             )
     clean = _logits(model, ids)
+    coefficients: dict[Change, Tensor] = {}  # (T,) new - a, filled as the forward reaches each
     with contextlib.ExitStack() as stack, torch.no_grad():
-        for layer in sorted({c.layer for c in changes}):
-            mine = [c for c in changes if c.layer == layer]
-            stack.enter_context(_changed_mlp(model, layer, tcs[layer], mine))
+        written = sorted({j for c in changes for j, _ in d.writes[c.layer]})
+        for layer in written:
+            stack.enter_context(_changed_mlp(model, layer, d, changes, coefficients))
         changed = _logits(model, ids)
     order = clean.topk(top).indices
     p0, p1 = clean.softmax(-1), changed.softmax(-1)
@@ -96,14 +99,25 @@ def _logits(model: nn.Module, ids: Tensor) -> Tensor:
 
 
 def _changed_mlp(
-    model: nn.Module, layer: int, tc: SAE, changes: list[Change]
-) -> contextlib.AbstractContextManager[None]:
+    model: nn.Module, layer: int, d: Dictionary, changes: Sequence[Change],
+    coefficients: dict[Change, Tensor],
+) -> contextlib.AbstractContextManager[None]:  # fmt: skip
+    """While active, MLP `layer` adds what the changes of its own and earlier layers write there."""
+
     def write(x_in: Tensor, value: Tensor) -> Tensor:
-        a = tc.encode(x_in[0].float())  # (T, F) the latents in this forward
+        mine = [c for c in changes if c.layer == layer]
+        if mine:
+            a = d.encoders[layer].encode(x_in[0].float())  # (T, F) the latents in this forward
+            for c in mine:
+                at = slice(None) if c.position is None else slice(c.position, c.position + 1)
+                coefficient = torch.zeros(a.shape[0])
+                coefficient[at] = c.value - a[at, c.latent]
+                coefficients[c] = coefficient
         delta = torch.zeros_like(value[0], dtype=torch.float32)  # (T, d)
-        for c in changes:
-            at = slice(None) if c.position is None else slice(c.position, c.position + 1)
-            delta[at] += (c.value - a[at, c.latent])[:, None] * tc.W_dec[c.latent].float()
+        for c, coefficient in coefficients.items():
+            w = dict(d.writes[c.layer]).get(layer)
+            if w is not None:
+                delta += coefficient[:, None] * w[c.latent].float()
         return value.float() + delta[None]
 
     return rewrite(model, layer, "mlp_out", write, source="mlp_in")

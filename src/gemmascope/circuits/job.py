@@ -19,20 +19,25 @@ class GraphJob:
     prompt: str = option(required=True)
     """The text whose next token is explained (the tokenizer's BOS is put in front)."""
     transcoders: Path = option(required=True)
-    """A circuit-tracer transcoder set, or a folder of MLP transcoders (a training run)."""
+    """MLP transcoders: a circuit-tracer transcoder set or CLT, a Gemma Scope 2 CLT folder, or a
+    folder of transcoders (a training run: one per layer, or its cross-layer transcoder)."""
     out: Path = option(required=True)
     """Graph folder: graph.safetensors + graph.json (all edges), {slug}.json + graph-metadata.json
     (circuit-tracer's frontend and Neuronpedia's viewer read them)."""
     model: str = "gemma-3-270m"
     """`gemma-3-270m` (embedded), a hub name or a local folder."""
     pick: str | None = None
-    """Text the transcoders' ids contain, when the folder holds several per layer."""
+    """Text the transcoders' ids contain, when the folder holds several per layer (`clt_` picks a
+    run's cross-layer transcoder)."""
     max_logits: int = option(10, ge=1)
     """Most logit targets: the likeliest next tokens ..."""
     logit_prob: float = option(0.95, gt=0, le=1)
     """... as few as hold this share of the probability."""
     batch_size: int = option(64, ge=1)
     """Targets per backward pass."""
+    max_feature_nodes: int | None = option(None, ge=1)
+    """Compute incoming edges for at most this many latents, the most influential first (as
+    circuit-tracer's option of that name); memory then grows linearly with the prompt. Default all."""
     node_threshold: float = option(0.8, ge=0, le=1)
     """Pruning: keep the nodes holding this share of the influence on the logits."""
     edge_threshold: float = option(0.98, ge=0, le=1)
@@ -71,6 +76,7 @@ def run_graph(job: GraphJob) -> dict[str, Any]:
     from gemmascope import io
     from gemmascope.circuits.attribution import _ids, attribute
     from gemmascope.circuits.intervene import intervene
+    from gemmascope.clt import CLT
     from gemmascope.common.devices import resolve_device
     from gemmascope.models import load_model
 
@@ -79,9 +85,14 @@ def run_graph(job: GraphJob) -> dict[str, Any]:
     )  # bad folders fail before the model
     model, tokenizer = load_model(job.model, device=resolve_device(job.device))
     device = next(model.parameters()).device
-    transcoders = [t.to(device) for t in transcoders]
+    transcoders = (
+        transcoders.to(device)
+        if isinstance(transcoders, CLT)
+        else [t.to(device) for t in transcoders]
+    )
     graph = attribute(model, tokenizer, job.prompt, transcoders, max_logits=job.max_logits,
-                      logit_prob=job.logit_prob, batch_size=job.batch_size)  # fmt: skip
+                      logit_prob=job.logit_prob, batch_size=job.batch_size,
+                      max_feature_nodes=job.max_feature_nodes)  # fmt: skip
     graph.info.update(model=job.model, transcoders=str(job.transcoders), scores=graph.scores())
     slug = job.slug or re.sub(r"[^a-z0-9]+", "-", job.prompt.lower()).strip("-")[:60] or "graph"
     frontend = graph.frontend_json(slug, scan=str(job.transcoders), node_threshold=job.node_threshold,

@@ -3,11 +3,13 @@ the transcoders' active latents, the error terms and the token embeddings.
 
 Frozen from the clean run: attention patterns (each head mixes values with the clean run's pattern)
 and the scale of every norm (the clean run's `rsqrt`; a LayerNorm's mean stays, being linear): both
-are constants of the forward, in value and in gradient. Each MLP's output is replaced by a constant equal to it (the
-transcoder's latents decoded, plus the error `mlp_out - transcoder(mlp_in)`) plus the transcoder's
-skip `mlp_in @ W_skip`, the one path through an MLP that carries gradient. The forward's values are
-the clean model's; only its derivatives change. Special positions (BOS) carry no latents and no
-error: what the MLPs write there is a constant of the prompt, as in circuit-tracer.
+are constants of the forward, in value and in gradient. Each MLP's output is replaced by a constant
+equal to it (the transcoder's latents decoded, plus the error `mlp_out - transcoder(mlp_in)`) plus
+the transcoder's skip `mlp_in @ W_skip`, the one path through an MLP that carries gradient. The
+forward's values are the clean model's; only its derivatives change. A cross-layer transcoder is
+the same with each layer's latents decoding into that MLP and every later one
+(`Dictionary.writes`). Special positions (BOS) carry no latents and no error: what the MLPs write
+there is a constant of the prompt, as in circuit-tracer.
 """
 
 from __future__ import annotations
@@ -20,11 +22,81 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from gemmascope.clt import CLT
 from gemmascope.hooks import _hook, _site_module, rewrite, run_until_head
 from gemmascope.models import model_info
 from gemmascope.sae import SAE
 
 _FROZEN = "gemmascope_frozen"
+
+
+@dataclass
+class Dictionary:
+    """The MLP transcoders as the replacement model uses them: one per layer, or a cross-layer
+    transcoder, folded so that `pre = x @ W_enc[l] + b_enc[l]` reads raw `mlp_in`."""
+
+    encoders: list[SAE]  # per layer: encodes that layer's mlp_in (its decoder unused)
+    writes: list[
+        list[tuple[int, Tensor]]
+    ]  # per layer i: (layer j, W_dec [F, d]) for each j it writes
+    b_dec: list[Tensor]  # per layer (d,)
+    W_skip: list[Tensor | None]  # per layer (d, d) or None
+
+    @property
+    def width(self) -> int:
+        return self.encoders[0].cfg.d_sae
+
+    @property
+    def skip(self) -> bool:
+        return self.W_skip[0] is not None
+
+    def decode(self, acts: list[Tensor]) -> list[Tensor]:
+        """What the latents of every layer `[T, F]` write to each layer's MLP output `[T, d]`."""
+        out = [b.expand(acts[0].shape[0], -1).clone() for b in self.b_dec]
+        for i, z in enumerate(acts):
+            for j, w in self.writes[i]:
+                out[j] += z @ w
+        return out
+
+
+def prepare(transcoders: Sequence[SAE] | CLT, n_layers: int) -> Dictionary:
+    """The `Dictionary` of one MLP transcoder per layer, or of a CLT over all `n_layers` layers."""
+    if isinstance(transcoders, CLT):
+        return _of_clt(transcoders, n_layers)
+    by_layer = {s.cfg.layer: s for s in transcoders}
+    bad = [s for s in transcoders if (s.cfg.site, s.cfg.target_site) != ("mlp_in", "mlp_out")]
+    if bad:
+        raise ValueError(f"{bad[0]!r} is not an MLP transcoder (mlp_in -> mlp_out)")
+    if sorted(by_layer) != list(range(n_layers)) or len(transcoders) != n_layers:
+        raise ValueError(
+            f"the replacement model needs one MLP transcoder for each of the model's {n_layers} "
+            f"layers; got layers {sorted(by_layer)}"
+        )
+    tcs = [
+        copy.deepcopy(by_layer[i]).float().eval().fold_input_scale().fold_b_dec_into_b_enc()
+        for i in range(n_layers)
+    ]
+    return Dictionary(tcs, [[(i, tc.W_dec.detach())] for i, tc in enumerate(tcs)],
+                      [tc.b_dec.detach() for tc in tcs],
+                      [None if tc.W_skip is None else tc.W_skip.detach() for tc in tcs])  # fmt: skip
+
+
+def _of_clt(clt: CLT, n_layers: int) -> Dictionary:
+    c = clt.cfg
+    if (c.site, c.target_site) != ("mlp_in", "mlp_out") or list(clt.layers) != list(
+        range(n_layers)
+    ):
+        raise ValueError(
+            f"{clt!r} does not stand in for every MLP of this {n_layers}-layer model; the replacement "
+            "model needs a CLT from mlp_in to mlp_out over layers 0.."
+            f"{n_layers - 1}"
+        )
+    clt = copy.deepcopy(clt).float().eval()
+    encoders = [clt.layer_transcoder(i) for i in range(n_layers)]
+    writes = [[(i + k, w.detach()[:, k]) for k in range(n_layers - i)]
+              for i, w in enumerate(clt.W_dec)]  # fmt: skip
+    skip = [None if clt.W_skip is None else clt.W_skip.detach()[i] for i in range(n_layers)]
+    return Dictionary(encoders, writes, list(clt.b_dec.detach()), skip)
 
 
 @dataclass
@@ -38,32 +110,13 @@ class Replacement:
     final: Tensor  # (1, T, d) the final norm's output, which the unembedding reads
     acts: list[Tensor]  # per layer (T, F): the transcoders' latents, zero at special positions
     errors: list[Tensor]  # per layer (T, d): mlp_out - transcoder output, zero at special positions
-    transcoders: list[
-        SAE
-    ]  # folded copies: pre = x @ W_enc + b_enc, output = z W_dec + b_dec + skip
-
-
-def prepare(transcoders: Sequence[SAE], n_layers: int) -> list[SAE]:
-    """Copies of one MLP transcoder per layer with input scale and b_dec subtraction folded in."""
-    by_layer = {s.cfg.layer: s for s in transcoders}
-    bad = [s for s in transcoders if (s.cfg.site, s.cfg.target_site) != ("mlp_in", "mlp_out")]
-    if bad:
-        raise ValueError(f"{bad[0]!r} is not an MLP transcoder (mlp_in -> mlp_out)")
-    if sorted(by_layer) != list(range(n_layers)) or len(transcoders) != n_layers:
-        raise ValueError(
-            f"the replacement model needs one MLP transcoder for each of the model's {n_layers} "
-            f"layers; got layers {sorted(by_layer)}"
-        )
-    return [
-        copy.deepcopy(by_layer[i]).float().eval().fold_input_scale().fold_b_dec_into_b_enc()
-        for i in range(n_layers)
-    ]
+    dictionary: Dictionary
 
 
 def run(
     model: nn.Module,
     ids: Tensor,
-    transcoders: list[SAE],
+    dictionary: Dictionary,
     special: Tensor,
     shift: dict[tuple[int, int], Tensor] | None = None,
 ) -> Replacement:
@@ -78,16 +131,17 @@ def run(
     frozen: dict[int, Tensor] = {}  # norm scales and attention patterns of the clean run
     with torch.no_grad(), _frozen(model, frozen), _recording(model, info, clean_in, clean_out):
         run_until_head(model, lambda: model(input_ids=ids[None], use_cache=False))
-    acts, errors, consts = [], [], []
     keep = (~special).float()[:, None]  # (T, 1)
+    d = dictionary
     with torch.no_grad():
-        for layer, tc in enumerate(transcoders):
-            x, y = clean_in[layer][0].float(), clean_out[layer][0].float()  # (T, d)
-            z = tc.encode(x) * keep  # (T, F)
-            decoded = tc.decode(z)
-            skip = tc.skip(x)
-            acts.append(z)
-            errors.append((y - decoded - skip) * keep)
+        xs = [clean_in[layer][0].float() for layer in range(info.n_layers)]  # (T, d) each
+        acts = [enc.encode(x) * keep for enc, x in zip(d.encoders, xs, strict=True)]  # (T, F)
+        decoded = d.decode(acts)
+        errors, consts = [], []
+        for layer, x in enumerate(xs):
+            y = clean_out[layer][0].float()
+            skip = x @ d.W_skip[layer] if d.skip else torch.zeros_like(x)
+            errors.append((y - decoded[layer] - skip) * keep)
             const = y - skip  # what the MLP writes, less the part linear in mlp_in
             for (at, pos), vec in (shift or {}).items():
                 if at == layer:
@@ -103,12 +157,12 @@ def run(
             return embed[-1].to(value.dtype)
 
         stack.callback(embedding.register_forward_hook(leaf).remove)
-        for layer, block_tc in enumerate(transcoders):
-            stack.enter_context(_replaced_mlp(model, layer, block_tc, consts[layer], out))
+        for layer in range(info.n_layers):
+            stack.enter_context(_replaced_mlp(model, layer, d.W_skip[layer], consts[layer], out))
         with torch.enable_grad():
             final = run_until_head(model, lambda: model(input_ids=ids[None], use_cache=False))
     return Replacement(ids, embed[0], out["mlp_in"], out["mlp_out"], final.float(), acts, errors,
-                       transcoders)  # fmt: skip
+                       dictionary)  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -131,15 +185,14 @@ def _recording(
 
 
 def _replaced_mlp(
-    model: nn.Module, layer: int, tc: SAE, const: Tensor, out: dict[str, list[Tensor]]
+    model: nn.Module, layer: int, W_skip: Tensor | None, const: Tensor, out: dict[str, list[Tensor]]
 ) -> contextlib.AbstractContextManager[None]:
     """While active, layer `layer`'s MLP writes `const + mlp_in @ W_skip` (its clean value)."""
 
     def write(x_in: Tensor, _: Tensor) -> Tensor:
         out["mlp_in"].append(x_in)
-        x = x_in[0].float()  # (T, d)
-        if tc.W_skip is not None:
-            new = (const + tc.skip(x))[None]  # (1, T, d), linear in mlp_in
+        if W_skip is not None:
+            new = (const + x_in[0].float() @ W_skip)[None]  # (1, T, d), linear in mlp_in
         else:  # a constant, made a leaf so that gradients can be read at it
             new = const[None].clone().requires_grad_(True)
         out["mlp_out"].append(new)

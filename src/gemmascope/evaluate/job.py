@@ -42,6 +42,7 @@ class EvalJob:
 def run_eval(job: EvalJob) -> list[dict[str, Any]]:
     """Load the SAEs and the model, evaluate, write `job.out`; the records, one per SAE."""
     from gemmascope import io
+    from gemmascope.clt import CLT
     from gemmascope.models import load_model
 
     pairs = expand_sources(job.sources, job.sae_id)
@@ -51,7 +52,9 @@ def run_eval(job: EvalJob) -> list[dict[str, Any]]:
     settings = {k: v for k, v in flat(job).items() if k not in ("sources", "out", "sae_id")}
     print(f"evaluating {len(saes)} SAE(s): {settings}", file=sys.stderr)
     records = evaluate(lm, tokenizer, saes, job.eval)
-    for record, (src, sid) in zip(records, pairs, strict=True):
+    per_layer = [pair for pair, sae in zip(pairs, saes, strict=True)
+                 for _ in range(sae.n_layers if isinstance(sae, CLT) else 1)]  # fmt: skip
+    for record, (src, sid) in zip(records, per_layer, strict=True):
         record.update(source=src, sae_id=sid)
     write_results(job.out, records, settings)
     return records

@@ -136,6 +136,7 @@ def record(sae: SAE, key: SiteKey, st: Sums, run: Totals, model_name: str | None
         "dead": int((density == 0).sum()), "dense": int((density > DENSE_ABOVE).sum()),
         "density_hist": {"log10_edges": DENSITY_EDGES, "counts": hist.tolist()},
         "tokens_trained": c.tokens_trained,
+        "cross_layer": "clt" in c.extra,  # a layer of a CLT: its output holds earlier layers' too
     }  # fmt: skip
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from gemmascope.clt import CLT
 from gemmascope.common.progress import progress_bar
 from gemmascope.corpus import iter_documents, pack_sequences, special_ids
 from gemmascope.evaluate.config import EvalConfig
@@ -24,10 +25,53 @@ from gemmascope.sae import SAE
 _RESID = ("resid_pre", "resid_post")
 
 
+@dataclasses.dataclass
+class _CLTLayer:
+    """Layer `i` of a cross-layer transcoder, scored as a transcoder of that layer whose output
+    also holds what every earlier layer's latents write there."""
+
+    clt: CLT
+    i: int
+
+    @property
+    def cfg(self):  # noqa: ANN201 - an SAEConfig of this layer alone, for the record
+        c = self.clt.cfg
+        extra = {**c.extra, "clt": {"layers": list(self.clt.layers), "layer_index": self.i}}
+        return dataclasses.replace(c, n_layers=None, layer=c.layer + self.i, extra=extra)
+
+    @property
+    def W_skip(self) -> Tensor | None:
+        return self.clt.W_skip
+
+    def predict(self, clean: dict[SiteKey, Tensor], mask: Tensor,
+                cache: dict[int, list[Tensor]]) -> tuple[Tensor, Tensor]:  # fmt: skip
+        """This layer's latents `[n, F]` and the CLT's output at its target `[n, d]`, each layer's
+        encodings computed once per batch (`cache`)."""
+        clt, i = self.clt, self.i
+        if id(clt) not in cache:
+            xs = [clean[(layer, clt.cfg.site)][mask] for layer in clt.layers]
+            cache[id(clt)] = [clt.encode_layer(x, j) for j, x in enumerate(xs)]
+        zs = cache[id(clt)]
+        y_hat = clt.b_dec[i] + sum(zs[j] @ clt.W_dec[j][:, i - j] for j in range(i + 1))
+        if clt.W_skip is not None:
+            y_hat = (
+                y_hat + clean[(clt.cfg.layer + i, clt.cfg.site)][mask].to(clt.dtype) @ clt.W_skip[i]
+            )
+        return zs[i], y_hat
+
+
+def per_layer(saes: Sequence[SAE | CLT]) -> list[SAE | _CLTLayer]:
+    """The SAEs to score, each CLT as one item per layer."""
+    return [
+        item for s in saes
+        for item in ([_CLTLayer(s, i) for i in range(s.n_layers)] if isinstance(s, CLT) else [s])
+    ]  # fmt: skip
+
+
 def evaluate(
     model: nn.Module,
     tokenizer: Any,
-    saes: Sequence[SAE],
+    saes: Sequence[SAE | CLT],
     cfg: EvalConfig | None = None,
     *,
     progress: bool = True,
@@ -38,13 +82,14 @@ def evaluate(
     Args:
         model, tokenizer: the language model the SAEs read, and its tokenizer.
         saes: SAEs of any architecture with `cfg.layer` and `cfg.site` set (anything `gemmascope.load`
-            returns); put them on the model's device for speed.
+            returns); put them on the model's device for speed. A cross-layer transcoder is scored
+            layer by layer: its output at each layer replaces that layer's MLP.
         cfg: the text and the passes (see `EvalConfig`); default `EvalConfig()`.
         progress: show a progress bar counting forward passes (one clean, one per SAE and two per
             site for the ablations, per batch).
         **options: `EvalConfig` fields that replace those of `cfg`, e.g. `tokens=10_000`.
     Returns:
-        One record per SAE, in order (see `evaluate_sequences`).
+        One record per SAE (per layer of a CLT), in order (see `evaluate_sequences`).
     """
     cfg = dataclasses.replace(cfg or EvalConfig(), **options)
     check_forward(model, cfg.batch_size, cfg.context_size)
@@ -72,7 +117,7 @@ def evaluate(
 
 def evaluate_sequences(
     model: nn.Module,
-    saes: Sequence[SAE],
+    saes: Sequence[SAE | CLT],
     sequences: Iterable[np.ndarray | Tensor],
     *,
     skip_ids: Iterable[int] = (),
@@ -102,6 +147,7 @@ def evaluate_sequences(
         `sae_id` are None for the caller to fill.
     """
     info = model_info(model)
+    saes = per_layer(saes)
     keys = [_check_sae(info, i, sae) for i, sae in enumerate(saes)]
     if not keys:
         raise ValueError("`saes` is empty; pass at least one SAE to evaluate")
@@ -115,7 +161,7 @@ def evaluate_sequences(
     # forwards per batch: the site means (ablations only), the clean one, one per SAE and ablation
     per_batch = 1 + len(saes) + len(run.ablated) + (1 if ablations else 0)
     bar = progress_bar(len(batches) * per_batch, unit="fwd", desc="evaluate", enabled=progress)
-    with torch.no_grad(), _eval_mode(saes), bar:
+    with torch.no_grad(), _eval_mode([s.clt if isinstance(s, _CLTLayer) else s for s in saes]), bar:
         means = _site_means(model, batches, sites, skip, pad_id, bar) if ablations else {}
         for ids in batches:
             _eval_batch(
@@ -130,7 +176,7 @@ def evaluate_sequences(
 # ---------------------------------------------------------------- the passes
 def _eval_batch(
     model: nn.Module,
-    saes: Sequence[SAE],
+    saes: Sequence[SAE | _CLTLayer],
     keys: list[tuple[SiteKey, SiteKey]],
     ids: Tensor,
     means: dict[SiteKey, Tensor],
@@ -153,15 +199,22 @@ def _eval_batch(
         return float(token_losses(model, final[:, :-1][scored], labels, chunk=chunk).double().sum())
 
     ends = {key for pair in keys for key in pair}
+    ends |= {
+        (layer, s.clt.cfg.site) for s in saes if isinstance(s, _CLTLayer) for layer in s.clt.layers
+    }
     resumed = {(layer, "resid_pre") for layer, site in ends if site not in _RESID}
     clean, final = _clean_forward(model, ids, sorted(ends | resumed), attn)
     run.ce_clean += loss(final)
     run.loss_tokens += len(labels)
     bar.update()
+    encoded: dict[int, list[Tensor]] = {}  # each CLT's latents of every layer, once
     for sae, (source, target), st in zip(saes, keys, run.stats, strict=True):
         x = clean[source][mask]  # (n, W)
-        z = sae.encode(x)  # (n, d_sae)
-        y_hat = sae.decode(z) if sae.W_skip is None else sae.decode(z) + sae.skip(x)
+        if isinstance(sae, _CLTLayer):
+            z, y_hat = sae.predict(clean, mask, encoded)
+        else:
+            z = sae.encode(x)  # (n, d_sae)
+            y_hat = sae.decode(z) if sae.W_skip is None else sae.decode(z) + sae.skip(x)
         y_hat = y_hat.to(x.device)  # (n, W)
         accumulate(st, clean[target][mask], z, y_hat)  # (n, W) each
         st.ce += loss(_resume(model, target, _replaced(clean[target], mask, y_hat), clean, attn))
@@ -254,7 +307,7 @@ def _site_means(
 
 
 # ---------------------------------------------------------------- checks, inputs, records
-def _check_sae(info: ModelInfo, index: int, sae: SAE) -> tuple[SiteKey, SiteKey]:
+def _check_sae(info: ModelInfo, index: int, sae: SAE | _CLTLayer) -> tuple[SiteKey, SiteKey]:
     """Where the SAE reads and writes, `(layer, site)` each, after checking that it can be
     evaluated on this model."""
     c = sae.cfg

@@ -66,11 +66,12 @@ def read_results(path: str | Path) -> list[dict[str, Any]]:
 
 
 def site_label(r: dict[str, Any]) -> str:
-    """Where a record's SAE reads, and for a transcoder where it writes: `mlp_in->mlp_out+skip`."""
+    """Where a record's SAE reads, and for a transcoder where it writes: `mlp_in->mlp_out+skip`
+    (`... CLT` for a layer of a cross-layer transcoder)."""
     site = str(r.get("site"))
     if r.get("target_site"):
         site += f"->{r['target_site']}" + ("+skip" if r.get("skip_connection") else "")
-    return site
+    return site + (" CLT" if r.get("cross_layer") else "")
 
 
 def results_table(records: list[dict[str, Any]], *, title: str) -> Any:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 import gemmascope
+from gemmascope.clt import CLT
 from gemmascope.common.config import check, option
 from gemmascope.common.devices import resolve_device
 from gemmascope.common.files import atomic_file
@@ -52,6 +53,9 @@ class IndexConfig:
     """The `.sqlite` file to write; `OUT.partial` holds the checkpoint while it runs."""
     sae_id: str | None = None
     """Which SAE of a folder or repo holding several."""
+    clt_layer: int | None = option(None, ge=0)
+    """For a cross-layer transcoder: which of its layers' latents to index (0 = its first); they
+    encode as the CLT does, and their logit lens reads their own layer's decoder rows."""
     model: str = "gemma-3-270m"
     """The model the SAE reads: `gemma-3-270m` (embedded), a hub name or a local folder."""
     layer: int | None = option(None, ge=0)
@@ -124,7 +128,7 @@ def build_index(
     *,
     model: Any = None,
     tokenizer: Any = None,
-    sae: SAE | None = None,
+    sae: SAE | CLT | None = None,
     progress: bool = True,
     on_chunk: Callable[[int], None] | None = None,
 ) -> Path:
@@ -218,15 +222,33 @@ def _index_chunk(
         stats.update(z, tokens, counted, first_sequence=chunk * batch_size, chunk=chunk)
 
 
-def _load(cfg: IndexConfig, model: Any, tokenizer: Any, sae: SAE | None) -> tuple[Any, Any, SAE]:
+def _load(
+    cfg: IndexConfig, model: Any, tokenizer: Any, sae: SAE | CLT | None
+) -> tuple[Any, Any, SAE]:
     device = resolve_device(cfg.device)
     if sae is None:
         from gemmascope import io
 
         sae = io.load(cfg.sae_source, cfg.sae_id, device=device)
+    sae = layer_of(sae, cfg.clt_layer, cfg.sae_source)
     model, tokenizer = given_or_loaded(cfg.model, model, tokenizer, device=device,
                                        caller="build_index")  # fmt: skip
     return model, tokenizer, sae.eval()
+
+
+def layer_of(sae: SAE | CLT, clt_layer: int | None, source: str) -> SAE:
+    """The SAE to index: `sae` itself, or layer `clt_layer` of a cross-layer transcoder."""
+    if not isinstance(sae, CLT):
+        if clt_layer is not None:
+            raise ValueError(f"--clt-layer {clt_layer}: {source} is not a cross-layer transcoder")
+        return sae
+    if clt_layer is None or clt_layer >= sae.n_layers:
+        raise ValueError(
+            f"{source} is a cross-layer transcoder over layers {sae.layers.start}.."
+            f"{sae.layers.stop - 1}; pass --clt-layer N (0..{sae.n_layers - 1}) to index the "
+            "latents of one of its layers"
+        )
+    return sae.layer_transcoder(clt_layer)
 
 
 def _where(cfg: IndexConfig, sae: SAE, model: Any) -> tuple[int, str]:

@@ -59,10 +59,10 @@ class Live:
             self._model, self._tokenizer = load_model(self.meta["model"], device=self.device)
         if self._sae is None:
             from gemmascope import io
+            from gemmascope.explore.index import layer_of
 
-            self._sae = io.load(
-                self.meta["sae_source"], self.meta.get("sae_id"), device=self.device
-            )
+            loaded = io.load(self.meta["sae_source"], self.meta.get("sae_id"), device=self.device)
+            self._sae = layer_of(loaded, self.meta.get("clt_layer"), self.meta["sae_source"])
         return self._model, self._tokenizer, self._sae.eval()
 
     def _encode_text(self, tokenizer: Any, model: Any, text: str) -> torch.Tensor:
@@ -118,6 +118,11 @@ class Live:
         The direction is added at every position (the prompt's and the generated ones), in the scale
         of the raw activations, i.e. as if the latent's activation were raised by `strength`.
         """
+        if self.meta.get("clt_layer") is not None:
+            raise InputError(
+                "this index holds one layer of a cross-layer transcoder, whose latents write every "
+                "later layer too; steer them with `gemmascope graph --steer LAYER:LATENT=VALUE`"
+            )
         with self._lock:
             model, tokenizer, sae = self._ensure()
             if not 0 <= feature < sae.cfg.d_sae:

@@ -14,6 +14,7 @@ from typing import Literal
 
 import torch
 
+from gemmascope.clt import CLT
 from gemmascope.io import hub
 from gemmascope.io._common import (
     FORMATS,
@@ -28,12 +29,21 @@ from gemmascope.io._common import (
     sae_ids_from_files,
 )
 from gemmascope.io.circuit_tracer import (
+    is_clt,
     is_transcoder_set,
+    read_clt,
     read_transcoder_set,
+    write_clt,
     write_transcoder_set,
 )
 from gemmascope.io.dictionary_learning import read_dictionary_learning, write_dictionary_learning
-from gemmascope.io.gemmascope2 import read_gemmascope2, write_gemmascope2
+from gemmascope.io.gemmascope2 import (
+    is_clt_folder,
+    read_gemmascope2,
+    read_gemmascope2_clt,
+    write_gemmascope2,
+    write_gemmascope2_clt,
+)
 from gemmascope.io.gemmascope_npz import read_npz, write_npz
 from gemmascope.io.native import read_native, write_native
 from gemmascope.io.saelens import read_saelens, write_saelens
@@ -79,8 +89,9 @@ def load(
     device: torch.device | str | None = None,
     dtype: torch.dtype | str | None = None,
     allow_nonfinite: bool = False,
-) -> SAE:
-    """Load an SAE from a file, a folder or a Hugging Face repo, detecting the format.
+) -> SAE | CLT:
+    """Load an SAE (or a cross-layer transcoder) from a file, a folder or a Hugging Face repo,
+    detecting the format.
 
     Args:
         source: a Gemma Scope `params.npz`; an SAE folder in one of `FORMATS` (Gemma Scope, Gemma
@@ -114,8 +125,13 @@ def load(
 def _load_local(
     path: Path, sae_id: str | None, *, dtype: str | None, repo_hint: str | None = None,
     allow_nonfinite: bool = False,
-) -> SAE:  # fmt: skip
+) -> SAE | CLT:  # fmt: skip
     """Read one SAE from a local file or folder; the end point of every loader."""
+    if path.is_dir() and not sae_id:  # a CLT in circuit-tracer's or Gemma Scope 2's layout
+        if is_clt(path):
+            return read_clt(path, dtype=dtype)
+        if is_clt_folder(path):
+            return read_gemmascope2_clt(path, dtype=dtype)
     folder, fmt = _locate(path, sae_id)
     if fmt == "npz":
         file = path if path.is_file() and path.suffix == ".npz" else folder / "params.npz"
@@ -177,11 +193,13 @@ def list_sae_ids(source: str | Path) -> list[str]:
     raise FileNotFoundError(f"{source}: no such folder, nor a Hugging Face repo id (`owner/name`)")
 
 
-def save(sae: SAE, path: str | Path, format: str = "gemmascope") -> Path:
+def save(sae: SAE | CLT, path: str | Path, format: str = "gemmascope") -> Path:
     """Write `sae` atomically in one of `FORMATS`.
 
     Args:
-        sae: the SAE to write; it is not modified (folding happens on a copy).
+        sae: the SAE to write; it is not modified (folding happens on a copy). A cross-layer
+            transcoder (`CLT`) writes as `gemmascope`, `gemmascope2` (a `clt/...` folder of
+            `layer_{i}.safetensors`) or `circuit_tracer` (its `W_enc_{i}`/`W_dec_{i}` files).
         path: the folder to write, or for `npz` a `.npz` file or a folder to hold `params.npz`.
             An existing folder is replaced only if it holds SAE files alone.
         format: `gemmascope` (lossless), `saelens` (SAELens 6 `load_from_disk`), `npz` (Gemma
@@ -194,6 +212,8 @@ def save(sae: SAE, path: str | Path, format: str = "gemmascope") -> Path:
         The folder, or the `.npz` file, written.
     """
     path = Path(path)
+    if isinstance(sae, CLT):
+        return _save_clt(sae, path, format)
     if format == "circuit_tracer":
         raise ValueError(
             f"{path}: circuit-tracer's format holds a set of transcoders, one per layer; write it "
@@ -215,6 +235,25 @@ def save(sae: SAE, path: str | Path, format: str = "gemmascope") -> Path:
                 "whole folder. Choose a new path or empty it first"
             )
     return _WRITERS[format](sae, path)
+
+
+def _save_clt(clt: CLT, path: Path, format: str) -> Path:
+    writers = {"gemmascope": write_native, "gemmascope2": write_gemmascope2_clt,
+               "circuit_tracer": write_clt}  # fmt: skip
+    if format not in writers:
+        raise ValueError(
+            f"{path}: a cross-layer transcoder saves as {sorted(writers)}, not {format!r}"
+        )
+    if (
+        path.is_dir()
+        and any(path.iterdir())
+        and not (folder_format(path) == "gemmascope" or is_clt(path) or is_clt_folder(path))
+    ):
+        raise ValueError(
+            f"{path}: exists and holds files that are not a CLT's; saving replaces the whole "
+            "folder. Choose a new path or empty it first"
+        )
+    return writers[format](clt, path)
 
 
 def convert(
@@ -241,8 +280,13 @@ def convert(
     with `convert(that_folder, "out/layers.6", to="sparsify")` (README, "Convert between formats",
     runs that example in the tests).
     """
-    if to == "circuit_tracer":  # a set: every transcoder of the source
-        return save_transcoders(load_transcoders(source, sae_id, dtype=dtype), dest)
+    if to == "circuit_tracer":  # a set: every transcoder of the source, or its CLT
+        found = load_transcoders(source, sae_id, dtype=dtype)
+        return (
+            save(found, dest, "circuit_tracer")
+            if isinstance(found, CLT)
+            else save_transcoders(found, dest)
+        )
     if to not in FORMATS:
         raise ValueError(f"unknown format {to!r}; choose one of {[*FORMATS, 'circuit_tracer']}")
     return save(load(source, sae_id, dtype=dtype), dest, format=to)
@@ -250,29 +294,44 @@ def convert(
 
 def load_transcoders(
     source: str | Path, pick: str | None = None, *, dtype: torch.dtype | str | None = None
-) -> list[SAE]:
-    """The MLP transcoders (`mlp_in -> mlp_out`) of a folder, one per layer, layer 0 first.
+) -> list[SAE] | CLT:
+    """The MLP transcoders (`mlp_in -> mlp_out`) of a folder: one per layer, layer 0 first, or one
+    cross-layer transcoder.
 
     Args:
-        source: a circuit-tracer transcoder set, or any folder holding SAE folders in the formats
-            `load` reads (a training run, a clone of a Gemma Scope 2 repo's `transcoder_all`).
-        pick: keep only the SAE ids containing this text, e.g. `width_16k_l0_small`, when the
-            folder holds several transcoders per layer.
+        source: a circuit-tracer transcoder set or CLT, a Gemma Scope 2 CLT folder, or any folder
+            holding SAE folders in the formats `load` reads (a training run, a clone of a Gemma
+            Scope 2 repo's `transcoder_all`).
+        pick: keep only the SAE ids containing this text, e.g. `width_16k_l0_small` (or `clt`),
+            when the folder holds several transcoders per layer (or a CLT beside them).
         dtype: dtype of the weights (default: the files').
     """
     path = Path(source)
     name = dtype_name(dtype) if dtype is not None else None
     if is_transcoder_set(path):
         return read_transcoder_set(path, dtype=name)
+    if is_clt(path) or is_clt_folder(path):
+        return load(path, dtype=name)  # type: ignore[return-value]
     ids = [i for i in list_sae_ids(path) if pick is None or pick in i]
     by_layer: dict[int, list[tuple[str, SAE]]] = {}
+    clts: list[tuple[str, CLT]] = []
     for sae_id in ids:
         sae = load(path, sae_id, dtype=name)
-        if (sae.cfg.site, sae.cfg.target_site) == (
-            "mlp_in",
-            "mlp_out",
-        ) and sae.cfg.layer is not None:
+        if (sae.cfg.site, sae.cfg.target_site) != ("mlp_in", "mlp_out") or sae.cfg.layer is None:
+            continue
+        if isinstance(sae, CLT):
+            clts.append((sae_id, sae))
+        else:
             by_layer.setdefault(sae.cfg.layer, []).append((sae_id, sae))
+    if clts and (by_layer or len(clts) > 1):
+        found = [i for i, _ in clts] + [i for f in by_layer.values() for i, _ in f][:2]
+        raise ValueError(
+            f"{path}: holds {len(clts)} cross-layer transcoder(s) and {len(by_layer)} layers of "
+            f"one-layer transcoders ({found[:4]}); pass `pick` (--pick) with text naming one CLT "
+            "(e.g. `clt_`) or one transcoder per layer"
+        )
+    if clts:
+        return clts[0][1]
     if not by_layer:
         raise ValueError(
             f"{path}: holds no MLP transcoder (mlp_in -> mlp_out){f' matching {pick!r}' if pick else ''}; "

@@ -7,6 +7,11 @@ Each layer file holds `W_enc [F, d]` (our `W_enc` transposed), `W_dec [F, d]`, `
 `model_kind: transcoder_set` and the TransformerLens hooks read and written: `mlp.hook_in` (our
 `mlp_in`) and `hook_mlp_out` (our `mlp_out`). Our own fields ride along under a `gemmascope` key,
 which circuit-tracer ignores.
+
+Its cross-layer transcoders (`model_kind: cross_layer_transcoder`, its `load_clt`) are one folder of
+`W_enc_{i}.safetensors` (`W_enc_{i} [F, d]`, `b_enc_{i}`, `b_dec_{i}`, `threshold_{i}` for JumpReLU)
+and `W_dec_{i}.safetensors` (`W_dec_{i} [F, n_layers - i, d]`) per layer; it stores no skip
+connection, so a skip CLT is refused.
 """
 
 from __future__ import annotations
@@ -19,8 +24,15 @@ from typing import Any
 
 import torch
 
+from gemmascope.clt import CLT
 from gemmascope.common.files import atomic_dir
-from gemmascope.io._common import check_names, our_fields, read_safetensors, site_to_hook
+from gemmascope.io._common import (
+    check_names,
+    our_fields,
+    read_our_fields,
+    read_safetensors,
+    site_to_hook,
+)
 from gemmascope.sae import SAE, SAEConfig
 
 CONFIG = "config.yaml"
@@ -34,6 +46,92 @@ _LAYER_RE = re.compile(r"layer_(\d+)\.safetensors")
 def is_transcoder_set(folder: Path) -> bool:
     """Whether `folder` is laid out as a circuit-tracer transcoder set."""
     return (folder / CONFIG).is_file() and any(folder.glob("layer_*.safetensors"))
+
+
+def is_clt(folder: Path) -> bool:
+    """Whether `folder` is laid out as a circuit-tracer cross-layer transcoder."""
+    return (folder / "W_enc_0.safetensors").is_file() and (folder / "W_dec_0.safetensors").is_file()
+
+
+def write_clt(clt: CLT, folder: Path, *, scan: str | None = None) -> Path:
+    """Write an `mlp_in -> mlp_out` CLT over layers 0..n-1 as circuit-tracer's `load_clt` reads it."""
+    c = clt.cfg
+    if (c.site, c.target_site, c.layer) != ("mlp_in", "mlp_out", 0):
+        raise ValueError(
+            f"{folder}: {clt!r} is not an MLP CLT from layer 0; circuit-tracer's CLTs replace "
+            "every MLP (mlp_in -> mlp_out)"
+        )
+    if c.architecture == "topk" or c.skip_connection:
+        raise ValueError(
+            f"{folder}: circuit-tracer's CLT files hold JumpReLU or relu latents without a skip "
+            f"connection; {clt!r} has {'a skip connection' if c.skip_connection else 'topk'}. "
+            "Save it as gemmascope or gemmascope2 instead"
+        )
+    files: dict[str, dict[str, torch.Tensor]] = {}
+    for i in range(clt.n_layers):
+        enc = {f"W_enc_{i}": clt.W_enc[i].T, f"b_enc_{i}": clt.b_enc[i], f"b_dec_{i}": clt.b_dec[i]}
+        if c.architecture in ("jumprelu", "batchtopk"):
+            enc[f"threshold_{i}"] = clt.threshold[i]
+        files[f"W_enc_{i}.safetensors"] = enc
+        files[f"W_dec_{i}.safetensors"] = {f"W_dec_{i}": clt.W_dec[i]}
+    config = {
+        "model_kind": "cross_layer_transcoder",
+        "feature_input_hook": _HOOKS["mlp_in"],
+        "feature_output_hook": _HOOKS["mlp_out"],
+        "scan": scan or f"gemmascope/{c.model or 'model'}/clt",
+        "gemmascope": our_fields(c),
+    }
+    _write(folder, files, config)
+    return folder
+
+
+def read_clt(folder: Path, *, dtype: str | None = None) -> CLT:
+    """A circuit-tracer CLT folder (config.yaml optional: its loader needs only the files)."""
+    import yaml
+
+    n = sum(1 for _ in folder.glob("W_enc_*.safetensors"))
+    raw = (
+        (yaml.safe_load((folder / CONFIG).read_text()) or {}) if (folder / CONFIG).is_file() else {}
+    )
+    ours = read_our_fields(raw, folder / CONFIG)
+    arrays: dict[str, torch.Tensor] = {}
+    stacks: dict[str, list[torch.Tensor]] = {"W_enc": [], "b_enc": [], "b_dec": [], "threshold": []}
+    for i in range(n):
+        enc_file, dec_file = folder / f"W_enc_{i}.safetensors", folder / f"W_dec_{i}.safetensors"
+        if not dec_file.is_file():
+            raise ValueError(f"{folder}: has {n} W_enc files but no {dec_file.name}")
+        enc, dec = read_safetensors(enc_file), read_safetensors(dec_file)
+        check_names(enc, (f"W_enc_{i}", f"b_enc_{i}", f"b_dec_{i}", f"threshold_{i}"), enc_file)
+        check_names(dec, (f"W_dec_{i}",), dec_file)
+        for name in stacks:
+            if f"{name}_{i}" in enc:
+                t = enc[f"{name}_{i}"]
+                stacks[name].append(t.T if name == "W_enc" else t)
+            elif name != "threshold":
+                raise ValueError(f"{enc_file}: missing array {name}_{i}")
+        arrays[f"W_dec_{i}"] = dec[f"W_dec_{i}"]
+    if 0 < len(stacks["threshold"]) < n:
+        raise ValueError(f"{folder}: some layers have a threshold and some do not")
+    arrays.update({k: torch.stack(v) for k, v in stacks.items() if v})
+    d, m = arrays["W_enc"].shape[1:]
+    fields = {"layer": 0, "site": _IN_HOOKS.get(str(raw.get("feature_input_hook")), "mlp_in"),
+              "target_site": _OUT_HOOKS.get(str(raw.get("feature_output_hook")), "mlp_out"),
+              **ours}  # fmt: skip
+    cfg = SAEConfig(
+        architecture="jumprelu" if "threshold" in arrays else "relu", d_in=d, d_sae=m, n_layers=n,
+        dtype=dtype or str(arrays["W_enc"].dtype).removeprefix("torch."), **fields,
+    )  # fmt: skip
+    return CLT.from_arrays(cfg, arrays, source=str(folder)).eval()
+
+
+def _write(folder: Path, files: dict[str, dict[str, torch.Tensor]], config: dict[str, Any]) -> None:
+    import yaml
+    from safetensors.torch import save_file
+
+    with atomic_dir(folder) as tmp:
+        for name, tensors in files.items():
+            save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, tmp / name)
+        (tmp / CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
 
 
 def write_transcoder_set(saes: Sequence[SAE], folder: Path, *, scan: str | None = None) -> Path:
@@ -57,7 +155,7 @@ def write_transcoder_set(saes: Sequence[SAE], folder: Path, *, scan: str | None 
             tensors["activation_function.threshold"] = s.threshold.detach()
         if s.W_skip is not None:
             tensors["W_skip"] = s.W_skip.detach().T
-        files[f"layer_{layer}.safetensors"] = {n: t.cpu().contiguous() for n, t in tensors.items()}
+        files[f"layer_{layer}.safetensors"] = tensors
     first = by_layer[0].cfg
     config: dict[str, Any] = {
         "model_kind": "transcoder_set",
@@ -66,13 +164,7 @@ def write_transcoder_set(saes: Sequence[SAE], folder: Path, *, scan: str | None 
         "scan": scan or f"gemmascope/{first.model or 'model'}/transcoders",
         "gemmascope": {str(layer): our_fields(sae.cfg) for layer, sae in by_layer.items()},
     }
-    import yaml
-    from safetensors.torch import save_file
-
-    with atomic_dir(folder) as tmp:
-        for name, tensors in files.items():
-            save_file(tensors, tmp / name)
-        (tmp / CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
+    _write(folder, files, config)
     return folder
 
 

@@ -8,6 +8,9 @@ The arrays are Gemma Scope's, named in lower case: `w_enc [d_in, d_sae]`, `w_dec
 the same fields. Transcoders read `pre_feedforward_layernorm.output` (our `mlp_in`) and write
 `post_feedforward_layernorm.output` (our `mlp_out`); affine skip transcoders (`affine_connection`)
 add `affine_skip_connection [d_in, d_out]`, applied as `x @ affine_skip_connection`: our `W_skip`.
+Cross-layer transcoders (`clt/`) hold one `layer_{i}.safetensors` per layer whose `w_dec` is
+`[d_sae, n_layers, d_out]`, zero into the layers before `i` (as circuit-tracer's and SAELens' loaders
+read them).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 
 import torch
 
+from gemmascope.clt import CLT
 from gemmascope.common.files import atomic_dir, read_json, write_json
 from gemmascope.io._common import (
     check_names,
@@ -171,3 +175,79 @@ def write_gemmascope2(sae: SAE, folder: Path) -> Path:
         save_file(tensors, tmp / "params.safetensors")
         write_json(tmp / "config.json", config)
     return folder
+
+
+def is_clt_folder(folder: Path) -> bool:
+    """Whether `folder` holds a Gemma Scope 2 CLT: `layer_{i}.safetensors` files with lower-case
+    names (a circuit-tracer transcoder set has the same file names beside a `config.yaml`)."""
+    return (folder / "layer_0.safetensors").is_file() and not (folder / "config.yaml").exists()
+
+
+def write_gemmascope2_clt(clt: CLT, folder: Path) -> Path:
+    """Write a CLT as Gemma Scope 2 does (`clt/width_{W}_l0_{size}/`): per layer `layer_{i}.safetensors`
+    with `w_enc [d, F]`, `w_dec [F, n_layers, d]` (zero into earlier layers), `b_enc`, `b_dec`,
+    `threshold` and, for an affine CLT, `affine_skip_connection [d, d]`; and a `config.json`."""
+    c = clt.cfg
+    if c.architecture == "topk" or c.layer != 0:
+        raise ValueError(
+            f"{folder}: Gemma Scope 2's CLTs are JumpReLU over every layer from 0; {clt!r} is not"
+        )
+    L, d, m = clt.n_layers, c.d_in, c.d_sae
+    files = {}
+    for i in range(L):
+        w_dec = torch.zeros(m, L, d, dtype=clt.dtype)
+        w_dec[:, i:] = clt.W_dec[i].detach()
+        threshold = clt.threshold[i] if c.architecture != "relu" else torch.zeros(m)
+        tensors = {"w_enc": clt.W_enc[i], "w_dec": w_dec, "b_enc": clt.b_enc[i],
+                   "b_dec": clt.b_dec[i], "threshold": threshold}  # fmt: skip
+        if clt.W_skip is not None:
+            tensors["affine_skip_connection"] = clt.W_skip[i]
+        files[f"layer_{i}.safetensors"] = {
+            k: t.detach().cpu().contiguous() for k, t in tensors.items()
+        }
+    config = {"architecture": "jump_relu", "model_name": c.model, "n_layers": L,
+              "hf_hook_point_in": _HF_POINTS["mlp_in"], "hf_hook_point_out": _HF_POINTS["mlp_out"],
+              "affine_connection": c.skip_connection, "gemmascope": our_fields(c)}  # fmt: skip
+    from safetensors.torch import save_file
+
+    with atomic_dir(folder) as tmp:
+        for name, tensors in files.items():
+            save_file(tensors, tmp / name)
+        write_json(tmp / "config.json", config)
+    return folder
+
+
+def read_gemmascope2_clt(folder: Path, *, dtype: str | None = None) -> CLT:
+    """Load a Gemma Scope 2 CLT folder (`layer_{i}.safetensors`, config.json optional)."""
+    cfg_file = folder / "config.json"
+    raw = read_json(cfg_file) if cfg_file.is_file() else {}
+    n = sum(1 for _ in folder.glob("layer_*.safetensors"))
+    layers = [read_safetensors(folder / f"layer_{i}.safetensors") for i in range(n)
+              if (folder / f"layer_{i}.safetensors").is_file()]  # fmt: skip
+    if len(layers) != n:
+        raise ValueError(f"{folder}: layer files are not layer_0 .. layer_{n - 1}.safetensors")
+    for i, state in enumerate(layers):
+        check_names(state, ARRAYS, folder / f"layer_{i}.safetensors")
+        w_dec = state.get("w_dec")
+        if w_dec is None or w_dec.ndim != 3 or w_dec.shape[1] != n:
+            raise ValueError(
+                f"{folder / f'layer_{i}.safetensors'}: expected 'w_dec' of shape (d_sae, {n}, "
+                f"d_model) for a {n}-layer CLT"
+            )
+    skip = all("affine_skip_connection" in s for s in layers)
+    arrays = {"W_enc": torch.stack([s["w_enc"] for s in layers]),
+              "b_enc": torch.stack([s["b_enc"] for s in layers]),
+              "b_dec": torch.stack([s["b_dec"] for s in layers]),
+              "threshold": torch.stack([s["threshold"] for s in layers]),
+              **{f"W_dec_{i}": s["w_dec"][:, i:] for i, s in enumerate(layers)}}  # fmt: skip
+    if skip:
+        arrays["W_skip"] = torch.stack([s["affine_skip_connection"] for s in layers])
+    d, m = arrays["W_enc"].shape[1:]
+    fields = {"model": raw.get("model_name"), "layer": 0, "site": "mlp_in", "target_site": "mlp_out",
+              **read_our_fields(raw, cfg_file)}  # fmt: skip
+    try:
+        cfg = SAEConfig(architecture="jumprelu", d_in=d, d_sae=m, n_layers=n, skip_connection=skip,
+                        dtype=dtype or str(arrays["W_enc"].dtype).removeprefix("torch."), **fields)  # fmt: skip
+    except ValueError as e:
+        raise ValueError(f"{cfg_file}: {e}") from None
+    return CLT.from_arrays(cfg, arrays, source=str(folder)).eval()

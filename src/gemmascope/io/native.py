@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from gemmascope.clt import CLT
 from gemmascope.common.files import atomic_dir, read_json, write_json
 from gemmascope.io._common import check_names, read_safetensors
 from gemmascope.sae import SAE, SAEConfig
@@ -18,8 +19,8 @@ FORMAT_VERSION = 1
 _WEIGHTS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold", "W_skip")
 
 
-def write_native(sae: SAE, folder: Path) -> Path:
-    """Write `sae` losslessly (all config fields, weights in their dtype) to `folder`."""
+def write_native(sae: SAE | CLT, folder: Path) -> Path:
+    """Write `sae` (or a CLT) losslessly (all config fields, weights in their dtype) to `folder`."""
     cfg = {"format": FORMAT, "format_version": FORMAT_VERSION, **sae.cfg.to_dict()}
     try:
         json.dumps(cfg)
@@ -41,7 +42,7 @@ def read_native(
     *,
     dtype: str | None = None,
     allow_nonfinite: bool = False,
-) -> SAE:
+) -> SAE | CLT:
     """Load a folder written by `write_native`; `dtype` overrides the saved one."""
     cfg_file, weights = folder / "cfg.json", folder / "sae.safetensors"
     raw = read_json(cfg_file)
@@ -63,5 +64,7 @@ def read_native(
     except (TypeError, ValueError) as e:
         raise ValueError(f"{cfg_file}: {e}") from None
     state = read_safetensors(weights)
+    if cfg.n_layers is not None:
+        return CLT.from_arrays(cfg, state, source=str(weights), allow_nonfinite=allow_nonfinite)
     check_names(state, _WEIGHTS, weights)
     return SAE.from_arrays(cfg, state, source=str(weights), allow_nonfinite=allow_nonfinite)

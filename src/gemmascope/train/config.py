@@ -59,10 +59,21 @@ class SAESpec:
     training: losses summed), e.g. `[256, 1024]` for a 4k SAE. Empty: plain training."""
     l0_size: L0Size | None = None
     """Gemma Scope 2's named target: `target_l0` from `L0_SIZES` at this layer (see `resolve`)."""
+    n_layers: int | None = option(None, ge=1)
+    """A cross-layer transcoder over this many layers from `layer` on: `width` latents per layer,
+    each decoding into its layer's `target_site` and every later one's. None: one layer. A named L0
+    size gives every layer its value at the last layer."""
 
     def __post_init__(self) -> None:
         check(self)
         where = f"SAE at layer {self.layer} {self.site} width {self.width}"
+        if self.n_layers is not None and (
+            self.target_site is None or self.matryoshka or self.aux_k
+        ):
+            raise ValueError(
+                f"{where}: a cross-layer transcoder (`n_layers`) needs `target_site` and has no "
+                "Matryoshka prefixes or AuxK"
+            )
         order = {s: i for i, s in enumerate(SITES)}  # other names: the caller's own tensors
         if order.get(self.target_site or "", 99) <= order.get(self.site, -1):
             raise ValueError(
@@ -104,9 +115,19 @@ class SAESpec:
         """This spec with `target_l0` set from its `l0_size` for a model of `n_layers` layers."""
         if self.l0_size is None or self.target_l0 is not None:
             return self
-        return dataclasses.replace(
-            self, target_l0=float(named_l0(self.l0_size, self.layer, n_layers))
-        )
+        layer = self.layer + (self.n_layers or 1) - 1
+        return dataclasses.replace(self, target_l0=float(named_l0(self.l0_size, layer, n_layers)))
+
+    @property
+    def layers(self) -> range:
+        """The layers it reads and writes: one, or a cross-layer transcoder's."""
+        return range(self.layer, self.layer + (self.n_layers or 1))
+
+    @property
+    def keys(self) -> list[SiteKey]:
+        """Every `(layer, site)` its steps read: its inputs, then its targets (when others)."""
+        sites = [self.site] if self.target_site is None else [self.site, self.target_site]
+        return [(layer, site) for site in sites for layer in self.layers]
 
     @property
     def source(self) -> SiteKey:
@@ -130,7 +151,10 @@ class SAESpec:
         tc = f"_to_{self.target_site}" if self.target_site else ""
         tc += "_skip" if self.skip_connection else ""
         nested = "_matryoshka" if self.matryoshka else ""
-        return f"layer_{self.layer}_{self.site}{tc}_w{self.width}_{arch}{nested}_{sparsity}"
+        where = f"layer_{self.layer}"
+        if self.n_layers is not None:
+            where = f"clt_{self.layers.start}-{self.layers.stop - 1}"
+        return f"{where}_{self.site}{tc}_w{self.width}_{arch}{nested}_{sparsity}"
 
 
 RECIPES: dict[str, dict[str, float | bool]] = {
@@ -186,7 +210,8 @@ class TrainConfig:
     frequency_penalty: float | None = option(None, ge=0)
     """Gemma Scope 2's secondary penalty (jumprelu): coefficient of sum_j max(0, f_j /
     `max_frequency` - 1)^2, f_j the share of a batch's tokens latent j fires on, warmed up with the
-    L0 penalty (recipe: short 0.1, paper 0 = off)."""
+    L0 penalty (recipe: short 0.1, paper 0 = off). Not applied to cross-layer transcoders, whose
+    latents it kills (docs/circuits.md)."""
     max_frequency: float = option(0.1, gt=0, le=1)
     """The firing share above which `frequency_penalty` applies; for an SAE with a target L0, never
     under 4 x target / width (so a narrow SAE's target is not fought: 4 x 50 / 4,096 is 0.05)."""

@@ -58,7 +58,7 @@ def run_job(job: TrainJob) -> dict[str, SAE]:
         raise ValueError(
             "no SAEs to train: pass --spec FILE or --layers with a sparsity (--target-l0, --k, ...)"
         )
-    keys = sorted({key for s in specs for key in (s.source, s.target)})
+    keys = sorted({key for s in specs for key in s.keys})
     if activations is not None:
         from gemmascope.activations import CachedActivations
 

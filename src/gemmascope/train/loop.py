@@ -29,6 +29,7 @@ from gemmascope.common.progress import progress_bar
 from gemmascope.models import SiteKey
 from gemmascope.sae import SAE
 from gemmascope.train.config import RECIPES, SAESpec, TrainConfig
+from gemmascope.train.cross_layer import clt_forward_backward, dense_clt_forward_backward
 from gemmascope.train.dense import dense_forward_backward
 from gemmascope.train.objectives import StepStats, forward_backward
 from gemmascope.train.state import (
@@ -244,7 +245,7 @@ class _Logger:
 
 def _check_sites(specs: list[SAESpec], batch: dict[SiteKey, Tensor]) -> None:
     for s in specs:
-        for key in {s.source, s.target}:
+        for key in s.keys:
             if key not in batch:
                 raise ValueError(
                     f"{s.name}: the activations have no layer {key[0]} site {key[1]!r}; "
@@ -268,19 +269,22 @@ def _train_step(
     split: Partition = Partition(),  # noqa: B008 - frozen
 ):
     spec = run.spec
-    device = run.params.W_enc.device
-    x = norms[spec.source](batch[spec.source].to(device))
-    y = x if spec.target == spec.source else norms[spec.target](batch[spec.target].to(device))
+    device = run.params.b_dec.device
+    x, y = _inputs(spec, batch, norms, device)
     if spec.l0_coefficient is not None:
         run.objective.coefficient = cfg.coefficient_at(step, spec.l0_coefficient)
     elif spec.target_l0 is not None:
         run.objective.coefficient = cfg.coefficient_at(step, 1.0)
-    run.objective.frequency_coefficient = cfg.coefficient_at(step, cfg.frequency_penalty)
+    if spec.n_layers is None:  # on a CLT it kills most latents (docs/circuits.md): not applied
+        run.objective.frequency_coefficient = cfg.coefficient_at(step, cfg.frequency_penalty)
     dead_after = min(cfg.dead_tokens, cfg.tokens // 4)
     tokens = step * cfg.batch_size
     dead = (tokens - run.last_fired) >= dead_after if tokens >= dead_after else None
     # CPU: sparse numba kernels; GPU/MPS: dense autograd with the same estimators.
-    step_fn = forward_backward if device.type == "cpu" else dense_forward_backward
+    if spec.n_layers is None:
+        step_fn = forward_backward if device.type == "cpu" else dense_forward_backward
+    else:
+        step_fn = clt_forward_backward if device.type == "cpu" else dense_clt_forward_backward
     stats = step_fn(run.params, x, y, run.objective, dead, split)
     if split.rows:  # each rank's gradient is its rows' share of the global batch's: sum them
         for q in run.params.parameters():
@@ -293,6 +297,18 @@ def _train_step(
         )
     adam_update(run, lr, cfg, step)
     return stats
+
+
+def _inputs(spec: SAESpec, batch: dict[SiteKey, Tensor], norms: dict[SiteKey, Norm],
+            device: torch.device) -> tuple[Tensor, Tensor] | tuple[list[Tensor], list[Tensor]]:  # fmt: skip
+    """What a step reads and predicts, normalised: `[B, d]` each, or per layer for a CLT."""
+    get = lambda key: norms[key](batch[key].to(device))  # noqa: E731
+    if spec.n_layers is not None:
+        return [get((i, spec.site)) for i in spec.layers], [
+            get((i, spec.target_site)) for i in spec.layers
+        ]
+    x = get(spec.source)
+    return x, (x if spec.target == spec.source else get(spec.target))
 
 
 def _accumulate(run: Run, stats: StepStats) -> None:
@@ -331,7 +347,8 @@ def _log(
         s.clear()
         s["last"] = {k: round(v, 4) for k, v in rec.items()}
         n_dead = ((tokens - run.last_fired) >= dead_after).sum()
-        dead = float(split.over_latents(n_dead)) / run.spec.width if tokens >= dead_after else 0.0
+        width = run.spec.width * (run.spec.n_layers or 1)  # a CLT's latents of every layer
+        dead = float(split.over_latents(n_dead)) / width if tokens >= dead_after else 0.0
         if log is None:
             continue
         coefficient = run.objective.coefficient

@@ -124,9 +124,39 @@ class Params(nn.Module):
 
 def encoder_pre(x: Tensor, p: Params, dtype: torch.dtype) -> Tensor:
     """`x @ W_enc + b_enc` in the parameters' dtype, the matmul optionally in a lower precision."""
-    if dtype == p.W_enc.dtype:
-        return torch.addmm(p.b_enc, x, p.W_enc)
-    return (x.to(dtype) @ p.W_enc.to(dtype)).to(p.W_enc.dtype).add_(p.b_enc)
+    return affine(x, p.W_enc, p.b_enc, dtype)
+
+
+def affine(x: Tensor, w: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
+    """`x @ w + b` in `w`'s dtype, the matmul in `dtype`."""
+    if dtype == w.dtype:
+        return torch.addmm(b, x, w)
+    return (x.to(dtype) @ w.to(dtype)).to(w.dtype).add_(b)
+
+
+def select_active(
+    pre: Tensor, threshold: Tensor, obj: Objective, B: int, split: Partition = ALONE
+) -> tuple[Active | DenseActive, Window | None, float]:
+    """The active latents of `pre [B_local, m]` by the architecture's rule, JumpReLU's STE window,
+    and BatchTopK's smallest selected value (for its inference threshold)."""
+    arch = obj.architecture
+    window: Window | None = None
+    min_selected = 0.0
+    if arch in ("jumprelu", "relu"):
+        theta = threshold if arch == "jumprelu" else torch.zeros_like(threshold)
+        half = obj.bandwidth / 2 if arch == "jumprelu" else 0.0
+        act, window = select(pre, theta, half, obj.max_density)
+    elif arch == "topk":
+        act = _topk_active(pre, obj.k, split)
+    elif arch == "batchtopk":
+        act = _batch_topk(pre, obj.k * B, obj.k, split)
+        pos = act.val[act.val > 0]
+        least = pos.min() if pos.numel() else torch.tensor(float("inf"))
+        min_selected = float(split.min_all(least.float()))
+        min_selected = 0.0 if min_selected == float("inf") else min_selected
+    else:
+        raise ValueError(f"unknown architecture {arch!r}")
+    return act, window, min_selected
 
 
 @torch.no_grad()
@@ -147,22 +177,7 @@ def forward_backward(
     B = int(split.over_rows(torch.tensor(x.shape[0])))  # rows of the whole batch
     pre = encoder_pre(x, p, obj.matmul_dtype)  # (B_local, m_local)
     arch = obj.architecture
-    window: Window | None = None
-    min_selected = 0.0
-    if arch in ("jumprelu", "relu"):
-        theta = p.threshold if arch == "jumprelu" else torch.zeros_like(p.b_enc)
-        half = obj.bandwidth / 2 if arch == "jumprelu" else 0.0
-        act, window = select(pre, theta, half, obj.max_density)
-    elif arch == "topk":
-        act = _topk_active(pre, obj.k, split)
-    elif arch == "batchtopk":
-        act = _batch_topk(pre, obj.k * B, obj.k, split)
-        pos = act.val[act.val > 0]
-        least = pos.min() if pos.numel() else torch.tensor(float("inf"))
-        min_selected = float(split.min_all(least.float()))
-        min_selected = 0.0 if min_selected == float("inf") else min_selected
-    else:
-        raise ValueError(f"unknown architecture {arch!r}")
+    act, window, min_selected = select_active(pre, p.threshold, obj, B, split)
 
     z = act.val  # active values, CSR order (or dense)
     bounds = obj.bounds(p.W_dec.shape[0])
@@ -188,7 +203,9 @@ def forward_backward(
         dz = dz + obj.coefficient / B * (act.mask if isinstance(act, DenseActive) else 1.0)
         penalty = obj.coefficient * float(split.over_all(z.sum())) / B
     elif arch == "jumprelu":
-        penalty = _jumprelu_threshold_grad(p, gs, bounds, window, obj, l0, fired / B, B, split)
+        p.threshold.grad, penalty = threshold_grad(
+            p.threshold, p.W_dec, gs, bounds, window, obj, l0, fired / B, B, split
+        )
     else:
         penalty = 0.0
         if isinstance(act, Active):
@@ -279,8 +296,9 @@ def batch_threshold(pre: Tensor, n: int, k: int, split: Partition = ALONE) -> Te
     return v
 
 
-def _jumprelu_threshold_grad(
-    p: Params,
+def threshold_grad(
+    theta: Tensor,
+    W_dec: Tensor,
     gs: Tensor,
     bounds: tuple[int, ...],
     window: Window,
@@ -288,15 +306,15 @@ def _jumprelu_threshold_grad(
     l0: float,
     freq: Tensor,
     B: int,
-    split: Partition,
-) -> float:
-    """Threshold gradient from both STEs over the window; returns the penalties' value."""
-    theta = p.threshold.detach()
+    split: Partition = ALONE,
+) -> tuple[Tensor, float]:
+    """JumpReLU's threshold gradient from both STEs over the window, and the penalties' value."""
+    theta = theta.detach()
     eps = obj.bandwidth
     r, c = window.rows, window.cols
     if gs.shape[0] > 1:  # each entry takes the gradient of its latent's group
         r = group_of(bounds)[c] * gs.shape[1] + r
-    dz_w = pair_dots(r, c, gs.reshape(-1, gs.shape[-1]), p.W_dec)  # dL/dz at window entries
+    dz_w = pair_dots(r, c, gs.reshape(-1, gs.shape[-1]), W_dec)  # dL/dz at window entries
     t_w = theta[c]
     # JumpReLU STE: dz * -(t / eps); L0 STE: dpenalty/dL0 * -(1 / eps) / B per entry, and the
     # frequency penalty's d/d f_j * -(1 / eps) / B per entry of latent j.
@@ -306,8 +324,7 @@ def _jumprelu_threshold_grad(
         freq_penalty, dpen_df = obj.frequency_penalty(freq)
         penalty += float(split.over_latents(torch.tensor(freq_penalty)))
         per_entry -= dpen_df[c] / (eps * B)
-    p.threshold.grad = torch.zeros_like(theta).index_add_(0, c, per_entry)
-    return penalty
+    return torch.zeros_like(theta).index_add_(0, c, per_entry), penalty
 
 
 def _batch_topk(pre: Tensor, n: int, k: int, split: Partition) -> Active:

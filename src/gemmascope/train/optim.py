@@ -19,8 +19,9 @@ _EPS = 1e-8
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True)
-def _adam_rows(w, g, v, mom, lr, beta1, beta2, bc1, bc2, unit_rows):  # pragma: no cover - compiled
-    """One Adam step on each row of `w` (2-D), projecting and renormalising rows if `unit_rows`."""
+def _adam_rows(w, g, v, mom, lr, beta1, beta2, bc1, bc2, unit_rows, cols):  # pragma: no cover
+    """One Adam step on each row of `w` (2-D), projecting and renormalising rows if `unit_rows`;
+    column j's step is scaled by `cols[j]`."""
     n, d = w.shape
     use_m = beta1 > 0.0
     for i in numba.prange(n):
@@ -37,7 +38,7 @@ def _adam_rows(w, g, v, mom, lr, beta1, beta2, bc1, bc2, unit_rows):  # pragma: 
                 mj = beta1 * mom[i, j] + (1.0 - beta1) * gj
                 mom[i, j] = mj
                 gj = mj / bc1
-            wj = w[i, j] - lr * gj / (math.sqrt(vj / bc2) + _EPS)
+            wj = w[i, j] - lr * cols[j] * gj / (math.sqrt(vj / bc2) + _EPS)
             w[i, j] = wj
             sq += wj * wj
         if unit_rows:
@@ -56,12 +57,14 @@ def adam_step(
     beta2: float,
     step: int,
     unit_rows: bool = False,
+    col_scale: Tensor | None = None,
 ) -> None:
     """One in-place Adam step on `q` from `q.grad` (then cleared); `v`, `m`: its moment estimates.
 
     With `unit_rows` (decoder weights, one latent per row), the gradient component along each row is
     removed first and each row is put back on the unit sphere after the step, as Gemma Scope does.
-    `m` is only read when `beta1 > 0` (the recipe's beta1 is 0).
+    `m` is only read when `beta1 > 0` (the recipe's beta1 is 0). `col_scale [q.shape[1]]` scales
+    the step of each column of a 2-D `q` (a CLT's decoder blocks).
     """
     g = q.grad
     if g is None:
@@ -71,8 +74,9 @@ def adam_step(
     bc1, bc2 = 1 - beta1 ** (step + 1), 1 - beta2 ** (step + 1)
     # unit rows must be rows of memory; plain Adam is element-wise, so a transposed layout will do
     rows = _row_views(q.data, g, v, m if m is not None else v, transposed=not unit_rows)
-    if rows is not None:
-        _adam_rows(*rows, lr, beta1, beta2, bc1, bc2, unit_rows)
+    if rows is not None and (col_scale is None or unit_rows):
+        cols = torch.ones(rows[0].shape[1]) if col_scale is None else col_scale.float().cpu()
+        _adam_rows(*rows, lr, beta1, beta2, bc1, bc2, unit_rows, cols.numpy())
     else:
         if unit_rows:
             g = g - (g * q.data).sum(1, keepdim=True) * q.data
@@ -80,7 +84,8 @@ def adam_step(
         if m is not None and beta1 > 0:
             m.mul_(beta1).add_(g, alpha=1 - beta1)
             g = m / bc1
-        q.data.addcdiv_(g, (v / bc2).sqrt_().add_(_EPS), value=-lr)
+        step_dir = g if col_scale is None else g * col_scale.to(g.device)
+        q.data.addcdiv_(step_dir, (v / bc2).sqrt_().add_(_EPS), value=-lr)
         if unit_rows:
             q.data /= q.data.norm(dim=1, keepdim=True)
     q.grad = None

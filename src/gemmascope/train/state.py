@@ -12,12 +12,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from gemmascope.clt import CLT
 from gemmascope.common import distributed
 from gemmascope.common.distributed import Partition
 from gemmascope.common.files import atomic_dir, write_json
 from gemmascope.models import SiteKey
 from gemmascope.sae import SAE, SAEConfig
 from gemmascope.train.config import SAESpec, TrainConfig
+from gemmascope.train.cross_layer import CLTParams
 from gemmascope.train.objectives import Objective, Params
 from gemmascope.train.optim import adam_step
 
@@ -27,7 +29,7 @@ class Run:
     """The training state of one SAE."""
 
     spec: SAESpec
-    params: Params
+    params: Params | CLTParams
     objective: Objective
     adam_v: dict[str, Tensor]
     last_fired: Tensor  # (m,) token count when each latent last fired
@@ -37,20 +39,21 @@ class Run:
 
 def adam_update(run: Run, lr: float, cfg: TrainConfig, step: int) -> None:
     """Adam with beta1 = 0 by default (Gemma Scope); decoder rows stay unit-norm (see `optim`)."""
-    p = run.params
-    for name, q in p.named_parameters():
+    for name, q in run.params.named_parameters():
+        kind = name.split(".")[0]  # a CLT's are per layer: `W_dec.3`
         m = run.adam_v.setdefault(f"{name}.m", torch.zeros_like(q)) if cfg.beta1 > 0 else None
-        rate = lr * cfg.threshold_lr if q is p.threshold else lr
+        rate = lr * cfg.threshold_lr if kind == "threshold" else lr
+        scale = run.params.step_scale(name) if isinstance(run.params, CLTParams) else None
         adam_step(q, run.adam_v[name], m, lr=rate, beta1=cfg.beta1, beta2=cfg.beta2, step=step,
-                  unit_rows=q is p.W_dec)  # fmt: skip
-    p.threshold.data.clamp_(min=0.0)
+                  unit_rows=kind == "W_dec", col_scale=scale)  # fmt: skip
+        if kind == "threshold":
+            q.data.clamp_(min=0.0)
 
 
 def new_run(spec: SAESpec, d_in: int, cfg: TrainConfig, index: int) -> Run:
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + index)
-    params = Params(
-        d_in, spec.width, cfg.threshold_init, gen, cfg.encoder_init_scale, spec.skip_connection
-    )
+    args = (d_in, spec.width, cfg.threshold_init, gen, cfg.encoder_init_scale, spec.skip_connection)
+    params = Params(*args) if spec.n_layers is None else CLTParams(spec.n_layers, *args)
     objective = Objective(
         architecture=spec.architecture,
         target_l0=spec.target_l0,
@@ -60,11 +63,12 @@ def new_run(spec: SAESpec, d_in: int, cfg: TrainConfig, index: int) -> Run:
         max_density=cfg.max_density,
         matmul_dtype=getattr(torch, cfg.matmul_dtype),
         prefixes=tuple(spec.matryoshka),
-        frequency_coefficient=cfg.frequency_penalty,
+        frequency_coefficient=cfg.frequency_penalty if spec.n_layers is None else 0.0,
         max_frequency=max(cfg.max_frequency, 4 * (spec.target_l0 or 0) / spec.width),
     )
     adam_v = {n: torch.zeros_like(q) for n, q in params.named_parameters()}
-    return Run(spec, params, objective, adam_v, torch.zeros(spec.width, dtype=torch.int64))
+    fired = torch.zeros(spec.width * (spec.n_layers or 1), dtype=torch.int64)
+    return Run(spec, params, objective, adam_v, fired)
 
 
 @dataclass
@@ -115,6 +119,8 @@ def partition_of(cfg: TrainConfig, specs: list[SAESpec]) -> Partition:
     if cfg.parallel == "data":
         return Partition(rows=True)
     for s in specs:
+        if s.n_layers is not None:
+            raise ValueError(f"{s.name}: a CLT's latents stay on one rank; use `parallel` data")
         if s.matryoshka:
             raise ValueError(
                 f"{s.name}: Matryoshka prefixes need every latent on one rank; use `parallel` data"
@@ -137,7 +143,7 @@ def place(run: Run, split: Partition, device: torch.device) -> None:
 
     def take(name: str, t: Tensor) -> Tensor:
         dim = _LATENT_DIM.get(name.split(".")[0])
-        if dim is not None:
+        if dim is not None and split.latents:
             t = t.narrow(dim, lo, hi - lo)
         if name.startswith("W_enc"):  # one latent per row of memory, as its gradient is made
             return t.T.contiguous().T.to(device)
@@ -180,36 +186,17 @@ def unplace(run: Run, split: Partition) -> None:
     run.last_fired = state["last_fired"]
 
 
-def export(run: Run, norms: dict[SiteKey, Norm], cfg: TrainConfig) -> SAE:
+def export(run: Run, norms: dict[SiteKey, Norm], cfg: TrainConfig) -> SAE | CLT:
     """Fold the input normalisation into the weights so the SAE takes raw activations (encodings
     unchanged): with s = C * dims, pre = ((x - mu) / s) W + b = x (W / s) + (b - (mu / s) W); the
     outputs are scaled back to the target site's units."""
     spec, p = run.spec, run.params
+    if isinstance(p, CLTParams):
+        return _export_clt(run, norms, cfg)
     (mu_in, c_in), (mu_out, c_out) = (
         (norms[k].mean, norms[k].divisor()) for k in (spec.source, spec.target)
     )
-    d_in = p.W_enc.shape[0]
-    sae_cfg = SAEConfig(
-        architecture=spec.architecture,
-        d_in=d_in,
-        d_sae=spec.width,
-        k=spec.k,
-        model=cfg.model,
-        layer=spec.layer,
-        site=spec.site,
-        target_site=spec.target_site,
-        skip_connection=spec.skip_connection,
-        dataset=cfg.dataset,
-        context_size=cfg.context_size,
-        tokens_trained=cfg.steps * cfg.batch_size,
-        extra={
-            "trainer": "gemmascope",
-            "spec": dataclasses.asdict(spec),
-            "train_config": dataclasses.asdict(cfg),
-            "input_scale_folded": norms[spec.source].scale,
-            **({"target_scale_folded": norms[spec.target].scale} if spec.target_site else {}),
-        },
-    )
+    sae_cfg = _exported_config(run, norms, cfg, p.W_enc.shape[0])
     with torch.no_grad():
         threshold = p.threshold.clone()
         if spec.architecture == "batchtopk":
@@ -227,6 +214,62 @@ def export(run: Run, norms: dict[SiteKey, Norm], cfg: TrainConfig) -> SAE:
             arrays["W_skip"] = p.W_skip / c_in[:, None] * c_out
             arrays["b_dec"] = arrays["b_dec"] - ((mu_in / c_in) @ p.W_skip) * c_out
     return SAE.from_arrays(sae_cfg, arrays, source=spec.name).eval()
+
+
+def _exported_config(
+    run: Run, norms: dict[SiteKey, Norm], cfg: TrainConfig, d_in: int
+) -> SAEConfig:
+    spec = run.spec
+    return SAEConfig(
+        architecture=spec.architecture,
+        d_in=d_in,
+        d_sae=spec.width,
+        k=spec.k,
+        model=cfg.model,
+        layer=spec.layer,
+        site=spec.site,
+        target_site=spec.target_site,
+        skip_connection=spec.skip_connection,
+        n_layers=spec.n_layers,
+        dataset=cfg.dataset,
+        context_size=cfg.context_size,
+        tokens_trained=cfg.steps * cfg.batch_size,
+        extra={
+            "trainer": "gemmascope",
+            "spec": dataclasses.asdict(spec),
+            "train_config": dataclasses.asdict(cfg),
+            "input_scale_folded": norms[spec.source].scale,
+            **({"target_scale_folded": norms[spec.target].scale} if spec.target_site else {}),
+        },
+    )
+
+
+def _export_clt(run: Run, norms: dict[SiteKey, Norm], cfg: TrainConfig) -> CLT:
+    """`export` for a CLT: each layer's encoder folds its input's normalisation, each decoder row
+    block its target layer's, as one-layer transcoders do."""
+    spec, p = run.spec, run.params
+    L, d = p.n_layers, p.b_dec.shape[1]
+    ins = [norms[(layer, spec.site)] for layer in spec.layers]
+    outs = [norms[(layer, spec.target_site)] for layer in spec.layers]  # type: ignore[index]
+    c_out = torch.stack([n.divisor() for n in outs])  # (L, d)
+    mu_out = torch.stack([n.mean for n in outs])
+    with torch.no_grad():
+        arrays: dict[str, Tensor] = {"b_dec": p.b_dec * c_out + mu_out}
+        enc, b_enc, skip = [], [], []
+        for i, n in enumerate(ins):
+            c_in, mu_in = n.divisor(), n.mean
+            enc.append(p.W_enc[i] / c_in[:, None])
+            b_enc.append(p.b_enc[i] - (mu_in / c_in) @ p.W_enc[i])
+            arrays[f"W_dec_{i}"] = p.W_dec[i].view(-1, L - i, d) * c_out[i:]
+            if p.W_skip is not None:
+                skip.append(p.W_skip[i] / c_in[:, None] * c_out[i])
+                arrays["b_dec"][i] -= ((mu_in / c_in) @ p.W_skip[i]) * c_out[i]
+        arrays.update(W_enc=torch.stack(enc), b_enc=torch.stack(b_enc),
+                      threshold=torch.stack([t.detach() for t in p.threshold]))  # fmt: skip
+        if skip:
+            arrays["W_skip"] = torch.stack(skip)
+    sae_cfg = _exported_config(run, norms, cfg, d)
+    return CLT.from_arrays(sae_cfg, arrays, source=spec.name).eval()
 
 
 def write_run_config(out: Path, specs: list[SAESpec], cfg: TrainConfig) -> None:
@@ -284,7 +327,7 @@ def load_checkpoint(ckpt: Path, specs: list[SAESpec], cfg: TrainConfig):
     for s in specs:
         info = state["runs"][s.name]
         i = info["index"]
-        d_in = tensors[f"{i}.params.W_enc"].shape[0]
+        d_in = tensors[f"{i}.params.W_enc" + (".0" if s.n_layers else "")].shape[0]
         run = new_run(s, d_in, cfg, i)
         with torch.no_grad():
             for n, q in run.params.named_parameters():

@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from gemmascope.common.config import check, option
 from gemmascope.common.units import Width, parse_width
@@ -41,20 +42,43 @@ class Grid:
     """Transcoders: add a learned linear skip `x @ W_skip` (affine skip transcoders)."""
     matryoshka: list[Width] = option(default_factory=list, ge=1)
     """Matryoshka prefixes: widths of nested prefixes that each reconstruct the input too, e.g. `256,1k`."""
+    cross_layer: Literal["no", "also", "only"] = "no"
+    """Transcoders: also (or only) train one cross-layer transcoder over all of `--layers`, each
+    layer's latents writing to that layer's `--target-site` and every later one's."""
 
     def __post_init__(self) -> None:
         check(self)
+        if self.cross_layer != "no" and self.target_site is None:
+            raise ValueError(
+                "--cross-layer trains cross-layer transcoders: give --target-site too (e.g. "
+                "--sites mlp_in --target-site mlp_out)"
+            )
 
     def specs(self, n_layers: int) -> list[SAESpec]:
         """The grid's SAEs (none without `layers`)."""
         if not self.layers:
             return []
-        return expand_sweep(
-            parse_layers(self.layers, n_layers), self.sites, self.widths,
+        layers = parse_layers(self.layers, n_layers)
+        options = dict(
             architecture=self.architecture, target_l0s=self.target_l0, l0_sizes=self.l0_size,
             l0_coefficients=self.l0_coefficient, ks=self.k, target_site=self.target_site,
             skip_connection=self.skip_connection, matryoshka=self.matryoshka,
         )  # fmt: skip
+        specs = (
+            []
+            if self.cross_layer == "only"
+            else expand_sweep(layers, self.sites, self.widths, **options)
+        )
+        if self.cross_layer != "no":
+            if layers != list(range(layers[0], layers[0] + len(layers))):
+                raise ValueError(
+                    f"--cross-layer needs consecutive layers (a CLT writes every later one), got "
+                    f"{self.layers!r}; give a range such as 0-17"
+                )
+            specs += expand_sweep(
+                layers[:1], self.sites, self.widths, n_layers=len(layers), **options
+            )
+        return specs
 
 
 def expand_sweep(
@@ -71,6 +95,7 @@ def expand_sweep(
     skip_connection: bool = False,
     aux_k: int = 0,
     matryoshka: Iterable[int | str] = (),
+    n_layers: int | None = None,
 ) -> list[SAESpec]:
     """The grid sites x layers x widths x sparsities as specs (named L0 sizes unresolved: see
     `SAESpec.resolve`)."""
@@ -94,6 +119,7 @@ def expand_sweep(
             skip_connection=skip_connection,
             aux_k=aux_k,
             matryoshka=[parse_width(w) for w in matryoshka],
+            n_layers=n_layers,
             **sp,
         )
         for site in sites
