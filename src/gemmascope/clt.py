@@ -139,7 +139,6 @@ class CLT(nn.Module):
         rows only (so it encodes exactly as the CLT does; it reconstructs only part of the output)."""
         c = self.cfg
         cfg = SAEConfig(**{**c.to_dict(), "n_layers": None, "layer": c.layer + i,  # type: ignore[operator]
-                           "skip_connection": c.skip_connection,
                            "extra": {**c.extra, "clt_layer": i}})  # fmt: skip
         arrays = {"W_enc": self.W_enc[i], "W_dec": self.W_dec[i][:, 0], "b_enc": self.b_enc[i],
                   "b_dec": self.b_dec[i], "threshold": self.threshold[i],

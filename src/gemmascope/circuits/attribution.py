@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gemmascope.circuits.graph import Graph, influence
+from gemmascope.circuits.graph import Graph, influence, normalized
 from gemmascope.circuits.replacement import Replacement, prepare, run
 from gemmascope.clt import CLT
 from gemmascope.common.progress import progress_bar
@@ -92,7 +92,8 @@ def attribute(
 
     def latent_rows(which: Tensor) -> Tensor:
         """The rows of latents `which` (indices into `features`, one layer)."""
-        layer, tc = int(features[which[0], 0]), rep.dictionary.encoders[int(features[which[0], 0])]
+        layer = int(features[which[0], 0])
+        tc = rep.dictionary.encoders[layer]
         pos, latent = features[which, 1], features[which, 2]
         inject = torch.zeros(len(which), 1, T, tc.cfg.d_in)
         inject[torch.arange(len(which)), 0, pos] = tc.W_enc.detach()[:, latent].T
@@ -142,8 +143,7 @@ def _expand_by_influence(adjacency: Tensor, R: int, F: int, L: int, logit_probs:
     done = torch.zeros(F, dtype=torch.bool)
     while len(expanded) < R:
         rows = torch.cat([torch.arange(len(expanded)), torch.arange(R, R + K)])
-        a = adjacency[rows].abs()
-        norm = a / a.sum(1, keepdim=True).clamp_min(1e-10)
+        norm = normalized(adjacency[rows])
         row_nodes = torch.cat([expanded, torch.arange(N - K, N)])
         score = influence(norm, row_nodes, logit_probs.float(), N, L)[:F]
         score[done] = -1.0

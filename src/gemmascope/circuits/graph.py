@@ -62,8 +62,7 @@ class Graph:
     # ------------------------------------------------------------ influence, pruning, scores
     def normalized(self, adjacency: Tensor | None = None) -> Tensor:
         """|A| with each target's incoming weights summing to one."""
-        a = (self.adjacency if adjacency is None else adjacency).abs()
-        return a / a.sum(1, keepdim=True).clamp_min(1e-10)
+        return normalized(self.adjacency if adjacency is None else adjacency)
 
     def influence(self, norm: Tensor | None = None) -> Tensor:
         """Each node's total (indirect) influence on the logits, weighted by their probabilities:
@@ -231,6 +230,12 @@ class Pruned:
     nodes: Tensor  # (N,) bool, node order
     edges: Tensor  # (R + K, F + L T + T) bool, as the adjacency
     cumulative: Tensor  # (N,) share of the influence held by the nodes at least as influential
+
+
+def normalized(adjacency: Tensor) -> Tensor:
+    """|A| with each row's (target's) incoming weights summing to one."""
+    a = adjacency.abs()
+    return a / a.sum(1, keepdim=True).clamp_min(1e-10)
 
 
 def influence(norm: Tensor, row_nodes: Tensor, logit_probs: Tensor, n_nodes: int,

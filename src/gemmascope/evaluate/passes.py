@@ -39,25 +39,17 @@ class _CLTLayer:
         extra = {**c.extra, "clt": {"layers": list(self.clt.layers), "layer_index": self.i}}
         return dataclasses.replace(c, n_layers=None, layer=c.layer + self.i, extra=extra)
 
-    @property
-    def W_skip(self) -> Tensor | None:
-        return self.clt.W_skip
-
     def predict(self, clean: dict[SiteKey, Tensor], mask: Tensor,
-                cache: dict[int, list[Tensor]]) -> tuple[Tensor, Tensor]:  # fmt: skip
-        """This layer's latents `[n, F]` and the CLT's output at its target `[n, d]`, each layer's
-        encodings computed once per batch (`cache`)."""
-        clt, i = self.clt, self.i
+                cache: dict[int, tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:  # fmt: skip
+        """This layer's latents `[n, F]` and the CLT's output at its target `[n, d]`; the CLT runs
+        once per batch on every layer (`cache`)."""
+        clt = self.clt
         if id(clt) not in cache:
-            xs = [clean[(layer, clt.cfg.site)][mask] for layer in clt.layers]
-            cache[id(clt)] = [clt.encode_layer(x, j) for j, x in enumerate(xs)]
-        zs = cache[id(clt)]
-        y_hat = clt.b_dec[i] + sum(zs[j] @ clt.W_dec[j][:, i - j] for j in range(i + 1))
-        if clt.W_skip is not None:
-            y_hat = (
-                y_hat + clean[(clt.cfg.layer + i, clt.cfg.site)][mask].to(clt.dtype) @ clt.W_skip[i]
-            )
-        return zs[i], y_hat
+            x = torch.stack([clean[(layer, clt.cfg.site)][mask] for layer in clt.layers], -2)
+            z = clt.encode(x)  # (n, L, F)
+            cache[id(clt)] = z, clt.decode(z) + clt.skip(x)  # (n, L, d)
+        z, y_hat = cache[id(clt)]
+        return z[:, self.i], y_hat[:, self.i]
 
 
 def per_layer(saes: Sequence[SAE | CLT]) -> list[SAE | _CLTLayer]:
@@ -207,7 +199,7 @@ def _eval_batch(
     run.ce_clean += loss(final)
     run.loss_tokens += len(labels)
     bar.update()
-    encoded: dict[int, list[Tensor]] = {}  # each CLT's latents of every layer, once
+    encoded: dict[int, tuple[Tensor, Tensor]] = {}  # each CLT's latents and outputs, once
     for sae, (source, target), st in zip(saes, keys, run.stats, strict=True):
         x = clean[source][mask]  # (n, W)
         if isinstance(sae, _CLTLayer):
