@@ -7,8 +7,12 @@ All on the same model and the same packed eval sequences of the default corpus, 
 - spliced: for each of the K SAE layers, the forward resumed after that layer (`hooks.run_from`)
   plus the chunked cross-entropy, i.e. the least a spliced loss can cost;
 - evaluate: `evaluate_sequences` of K random JumpReLU SAEs, one per layer, without and then with
-  the zero/mean ablations (those add 2 resumed forwards per distinct site and a first pass for the
-  means, so with every SAE at its own site they roughly triple the spliced work).
+  the ablations (zero and mean, ours, and SAEBench's zero at every position: 3 resumed forwards per
+  distinct site and a first pass for the means, so with every SAE at its own site they roughly
+  quadruple the spliced work); both include SAEBench's core metrics, KL against the clean run
+  included, computed on the same logits;
+- sparse probing: SAEBench's probes for the same K SAEs on the two default tasks, against its floor,
+  one forward over the same windows stopped after the deepest layer.
 
 The goal is evaluate (no ablations) / (clean + K spliced) <= 1.3.
 
@@ -28,8 +32,9 @@ import torch
 from torch import Tensor
 
 from gemmascope.corpus import iter_documents, pack_sequences, special_ids
-from gemmascope.evaluate import evaluate_sequences, token_losses
+from gemmascope.evaluate import EvalConfig, evaluate_sequences, token_losses
 from gemmascope.evaluate.passes import _clean_forward, _resume
+from gemmascope.evaluate.probing import build_tasks, sparse_probing
 from gemmascope.hooks import collect
 from gemmascope.models import load_model, model_info, parse_layers
 from gemmascope.sae import SAE, SAEConfig
@@ -78,6 +83,8 @@ def main() -> None:
     p.add_argument("--site", default="resid_post")
     p.add_argument("--width", type=int, default=4096)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--probe-train", type=int, default=1000)
+    p.add_argument("--probe-test", type=int, default=250)
     args = p.parse_args()
 
     model, tok = load_model(args.model, device=args.device)
@@ -109,9 +116,18 @@ def main() -> None:
     run = dict(skip_ids=skip, pad_id=tok.pad_token_id, batch_size=args.batch_size)
     t_eval = timed(evaluate_sequences, model, saes, seqs, ablations=False, **run)
     t_full = timed(evaluate_sequences, model, saes, seqs, ablations=True, **run)
+    cfg = EvalConfig(probe_train=args.probe_train, probe_test=args.probe_test,
+                     batch_size=args.batch_size * 4)  # fmt: skip
+    tasks = build_tasks(cfg, tok)
+    windows = [w for t in tasks for w in (t.train_ids, t.test_ids)]
+    deepest = [(max(layers), args.site)]
+    with torch.no_grad():
+        t_windows = timed(lambda: [collect(model, w[i : i + cfg.batch_size].to(args.device), deepest)
+                                   for w in windows for i in range(0, len(w), cfg.batch_size)])  # fmt: skip
+        t_probe = timed(sparse_probing, model, tok, saes, tasks, cfg, progress=False)
 
     floor = t_clean + sum(t_spliced)
-    floor_abl = floor + 2 * sum(t_spliced) + t_means
+    floor_abl = floor + 3 * sum(t_spliced) + t_means
     print(f"clean forward + CE:            {t_clean:8.2f} s")
     for layer, t in zip(layers, t_spliced, strict=True):
         print(f"spliced after layer {layer:2d} + CE:   {t:8.2f} s")
@@ -120,8 +136,13 @@ def main() -> None:
         f"evaluate, no ablations:        {t_eval:8.2f} s   ratio {t_eval / floor:.2f} (goal <= 1.3)"
     )
     print(f"evaluate, with ablations:      {t_full:8.2f} s   ratio {t_full / floor:.2f}; "
-          f"against its own floor (+2 ablated per site, mean pass {t_means:.2f} s): "
+          f"against its own floor (+3 ablated per site, mean pass {t_means:.2f} s): "
           f"{t_full / floor_abl:.2f}")  # fmt: skip
+    n_windows = sum(len(w) for w in windows)
+    print(
+        f"sparse probing, {len(tasks)} tasks:     {t_probe:8.2f} s   for {len(saes)} SAEs over "
+        f"{n_windows:,} windows; forward floor {t_windows:.2f} s, ratio {t_probe / t_windows:.2f}"
+    )
 
 
 if __name__ == "__main__":

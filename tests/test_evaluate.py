@@ -206,8 +206,8 @@ def test_progress_bar_counts_every_forward(
             _random(model, 1, "resid_post", seed=3)]  # fmt: skip
     _eval(model, saes, _sequences(n=7), ablations=ablations)  # batches of 4: two batches
     (bar,) = bars
-    # per batch: the means pass and 2 ablations x 2 sites (with ablations), the clean one, 3 SAEs
-    assert bar.n == bar.total == 2 * (4 + (5 if ablations else 0))
+    # per batch: the means pass and 3 ablations x 2 sites (with ablations), the clean one, 3 SAEs
+    assert bar.n == bar.total == 2 * (4 + (7 if ablations else 0))
 
 
 def test_without_ablations_loss_fields_are_none() -> None:

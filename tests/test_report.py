@@ -43,7 +43,7 @@ def test_report_writes_linked_pngs_and_escapes_names(tmp_path: Path) -> None:
     index = build_report([_results(tmp_path)], tmp_path / "report")
     page = index.read_text()
     pngs = sorted(p.name for p in index.parent.glob("*.png"))
-    assert len(pngs) == 5  # two Pareto, one by-layer, two density figures
+    assert len(pngs) == 7  # metrics against L0 per site and width (4), by layer, density per site
     for name in pngs:
         assert (index.parent / name).read_bytes()[:8] == PNG
         assert f'src="{name}"' in page
@@ -76,7 +76,7 @@ def test_report_of_several_models_and_one_sae(tmp_path: Path) -> None:
     assert "Metrics by layer" not in page  # one layer: nothing to draw by layer
     assert sorted(p.name for p in (tmp_path / "r").glob("*.png")) == [
         "density_0_gemma-3-270m_resid_post.png", "density_1_other_resid_post.png",
-        "pareto_0_gemma-3-270m_resid_post.png", "pareto_1_other_resid_post.png",
+        "l0_0_gemma-3-270m_resid_post_4k.png", "l0_1_other_resid_post_4k.png",
     ]  # fmt: skip
 
 
@@ -95,3 +95,36 @@ def test_width_labels() -> None:
     assert [width_label(w) for w in (4096, 16384, 1 << 20, 24576, 1000)] == [
         "4k", "16k", "1m", "24k", "1000",
     ]  # fmt: skip
+
+
+def test_l0_figures_read_saebench_metrics_and_draw_a_line_per_layer(tmp_path: Path) -> None:
+    from gemmascope.report.figures import METRICS, l0_figures, metric
+
+    core = {"model_performance_preservation": {"ce_loss_score": 0.9},
+            "misc_metrics": {"frac_alive": 0.5}}  # fmt: skip
+    records = [_record(layer, "resid_post", 4096, l0, saebench={"core": core})
+               for layer in range(6) for l0 in (10, 40, 90)]  # fmt: skip
+    assert metric(records[0], "ce_loss_score") == 0.9 and metric(records[0], "fvu") == 10**-0.5
+    assert metric(records[0], "kl_div_score") is None
+    import matplotlib.figure
+
+    drawn: list[Any] = []
+    real = matplotlib.figure.Figure.savefig
+
+    def keep(fig: Any, *args: Any, **kw: Any) -> None:
+        drawn.append(fig)
+        real(fig, *args, **kw)
+
+    matplotlib.figure.Figure.savefig = keep  # type: ignore[method-assign]
+    try:
+        ((name, caption),) = l0_figures(matplotlib.figure, records, tmp_path, False)
+    finally:
+        matplotlib.figure.Figure.savefig = real  # type: ignore[method-assign]
+    (fig,) = drawn
+    panels = [ax for ax in fig.axes if ax.get_visible() and ax.get_title()]
+    titles = [ax.get_title() for ax in panels]
+    shown = ("delta_lm_loss", "fvu", "ce_loss_score", "frac_alive")  # those the records have
+    assert titles == [t for m, t in METRICS if m in shown]
+    assert all(len(ax.get_lines()) == 6 for ax in panels)  # one line per layer
+    assert [list(line.get_xdata()) for line in panels[0].get_lines()][0] == [10, 40, 90]
+    assert (tmp_path / name).read_bytes()[:8] == PNG and "one line per layer" in caption

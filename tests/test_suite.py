@@ -79,6 +79,12 @@ def test_end_to_end_layout_card_report_and_every_sae_loads(full: Path) -> None:
     assert (full / "report" / "index.html").exists()
     published = read_results(full / "publish" / "eval_results.json")
     assert len(published) == 8 and {r["source"] for r in published} == {"resid_post", "attn_z"}
+    assert (
+        len(list((full / "eval_results" / "core").glob("*_eval_results.json"))) == 8
+    )  # SAEBench's
+    assert all(
+        "kl_div_score" in r["saebench"]["core"]["model_behavior_preservation"] for r in published
+    )
     x = torch.randn(32, 32)
     weights = _weights(full)
     assert len(weights) == 8

@@ -71,3 +71,18 @@ def for_transformers_4(folder: Path) -> None:
     tok = json.loads((folder / "tokenizer_config.json").read_text())
     tok["tokenizer_class"] = "PreTrainedTokenizerFast"
     (folder / "tokenizer_config.json").write_text(json.dumps(tok))
+
+
+def saebench_path() -> Path:
+    """A folder to put on `sys.path` holding sae-bench 0.6.0 without its dependencies: its core eval
+    and result classes need only sae-lens, transformer-lens and pydantic, which our test extras
+    bring (its own pins would replace our torch)."""
+    target = ROOT / "sae-bench-0.6.0-nodeps"
+    ROOT.mkdir(parents=True, exist_ok=True)
+    with open(ROOT / f"{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "sae_bench" / "evals" / "core" / "main.py").exists():
+            shutil.rmtree(target, ignore_errors=True)
+            pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target"]
+            subprocess.run([*pip, target, "sae-bench==0.6.0", "tabulate==0.9.0"], check=True)
+    return target

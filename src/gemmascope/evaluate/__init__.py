@@ -9,11 +9,14 @@ Conventions (Gemma Scope's where it had one):
   special) and whose label (the next token) exists and is not padding. The same positions are
   scored clean, spliced, zero- and mean-ablated, so the losses compare like with like.
 - Logits are never materialised for a whole batch: the forward stops at the output embedding and
-  cross-entropy runs through it `ce_chunk` positions at a time (memory about 2 x ce_chunk x vocab x 4
-  bytes), with the model's final logit soft-capping where it has one.
+  cross-entropy and KL run through it `ce_chunk` positions at a time (memory about 3 x ce_chunk x
+  vocab x 4 bytes), with the model's final logit soft-capping where it has one.
 - One clean forward per batch serves every SAE (sites sharing a layer are read once); spliced and
   ablated forwards resume from the spliced layer (`hooks.run_from`). Zero and mean ablation depend
-  only on the site, so they run once per distinct (layer, site), whatever the number of SAEs there.
+  only on the site, so they run once per distinct (layer, site), whatever the number of SAEs there;
+  a third ablation zeroes the site at every position, special ones too, as SAEBench's does. The
+  final hidden states of a batch's spliced and ablated forwards are kept until its logits are
+  scored (`[n, d_model]` each), so the clean distribution is computed once per chunk for all.
   The mean for mean ablation comes from a first pass that stops after the deepest site.
 
 Metrics, over the n evaluated tokens x (d wide), reconstructions x_hat and residuals r = x - x_hat:
@@ -30,14 +33,20 @@ is the target's activation, x_hat the transcoder's output (skip included), the s
 target (the MLP's whole output: the model runs with that MLP replaced) and the ablations zero or
 mean-ablate the target, i.e. the MLP.
 
+Each record also carries SAEBench's core metrics under its names and definitions
+(`record["saebench"]["core"]`, see `saebench`), and `write_saebench` writes them as SAEBench's result
+files.
+
 The modules: `config` (what an evaluation reads), `passes` (the forwards), `metrics` (running sums
-and the record of each SAE), `results` (the results file and the sources it names).
+and the record of each SAE), `saebench` (SAEBench's metrics and files), `results` (the results file
+and the sources it names).
 """
 
 from gemmascope.evaluate.config import EvalConfig
 from gemmascope.evaluate.metrics import DENSE_ABOVE, DENSITY_EDGES, token_losses
 from gemmascope.evaluate.passes import evaluate, evaluate_sequences
 from gemmascope.evaluate.results import expand_sources, read_results, write_results
+from gemmascope.evaluate.saebench import write_saebench
 
 __all__ = [
     "DENSE_ABOVE",
@@ -49,4 +58,5 @@ __all__ = [
     "read_results",
     "token_losses",
     "write_results",
+    "write_saebench",
 ]

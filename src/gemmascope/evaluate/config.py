@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from gemmascope.common.config import check, option
 from gemmascope.common.units import Count
@@ -32,12 +33,30 @@ class EvalConfig:
     ablations: bool = True
     """Also run zero- and mean-ablation (for the fraction of loss recovered)."""
     ce_chunk: int = option(512, ge=1)
-    """Positions per cross-entropy chunk (memory ~ 2 x chunk x vocab x 4 B)."""
+    """Positions per cross-entropy and KL chunk (memory ~ 3 x chunk x vocab x 4 B)."""
+    evals: list[Literal["core", "sparse_probing"]] = option(default_factory=lambda: ["core"])
+    """Which evaluations: `core` (always: L0, FVU, delta LM loss and SAEBench's core metrics) and
+    `sparse_probing` (SAEBench's k-sparse probes on labelled text)."""
+    probe_tasks: list[str] = option(default_factory=lambda: ["brown_genre", "source"])
+    """Sparse probing tasks: `brown_genre`, `source`, or .jsonl/.parquet files or Hugging Face
+    datasets with a text and a `label` column."""
+    probe_train: Count = option(1000, ge=4)
+    """Training windows per probing task (spread over its classes)."""
+    probe_test: Count = option(250, ge=4)
+    """Test windows per probing task, from held-out documents."""
+    probe_context: int = option(128, ge=2)
+    """Tokens per probing window, BOS included (SAEBench: 128)."""
+    probe_k: list[int] = option(default_factory=lambda: [1, 2, 5], ge=1)
+    """Latents (dimensions) kept by the k-sparse probes (SAEBench: 1, 2, 5)."""
 
     def __post_init__(self) -> None:
         check(self)
         if self.split not in ("train", "eval", "all"):
             raise ValueError(f"`split` {self.split!r}: choose eval, train or all")
+        if "core" not in self.evals:
+            raise ValueError(
+                f"`evals` {self.evals}: `core` builds every record; keep it, e.g. core,sparse_probing"
+            )
         for name in ("tokens", "context_size", "batch_size", "ce_chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be at least 1, got {getattr(self, name)}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ from gemmascope.common.devices import check_device, resolve_device
 from gemmascope.evaluate.config import EvalConfig
 from gemmascope.evaluate.passes import evaluate
 from gemmascope.evaluate.results import expand_sources, write_results
+from gemmascope.evaluate.saebench import saebench_paths, write_saebench
 
 
 @dataclass
@@ -28,6 +30,8 @@ class EvalJob:
     """`gemma-3-270m` (embedded), a hub name or a local folder."""
     device: str = "auto"
     """Torch device: cpu, cuda, cuda:N, mps, or auto (a GPU if there is one)."""
+    saebench_out: Path | None = None
+    """Also write SAEBench's result files here (`core/{release}_{sae_id}_eval_results.json`)."""
     eval: EvalConfig = nested(EvalConfig)
     """The text and the passes."""
 
@@ -48,13 +52,28 @@ def run_eval(job: EvalJob) -> list[dict[str, Any]]:
     pairs = expand_sources(job.sources, job.sae_id)
     device = resolve_device(job.device)
     saes = [io.load(src, sid, device=device) for src, sid in pairs]
+    per_layer = [(pair, sae, i) for pair, sae in zip(pairs, saes, strict=True)
+                 for i in range(sae.n_layers if isinstance(sae, CLT) else 1)]  # fmt: skip
+    if job.saebench_out is not None:  # refuse a clash before any work
+        saebench_paths(job.saebench_out, [
+            {"source": src, "sae_id": sid, "layer": sae.cfg.layer + i, "cross_layer": isinstance(sae, CLT)}
+            for (src, sid), sae, i in per_layer
+        ], job.eval.evals)  # fmt: skip
     lm, tokenizer = load_model(job.model, device=device)
-    settings = {k: v for k, v in flat(job).items() if k not in ("sources", "out", "sae_id")}
+    skipped = ("sources", "out", "sae_id", "saebench_out")
+    settings = {k: v for k, v in flat(job).items() if k not in skipped}
     print(f"evaluating {len(saes)} SAE(s): {settings}", file=sys.stderr)
-    records = evaluate(lm, tokenizer, saes, job.eval)
-    per_layer = [pair for pair, sae in zip(pairs, saes, strict=True)
-                 for _ in range(sae.n_layers if isinstance(sae, CLT) else 1)]  # fmt: skip
-    for record, (src, sid) in zip(records, per_layer, strict=True):
+    details = job.saebench_out is not None
+    records = evaluate(lm, tokenizer, saes, job.eval, details=details)
+    for record, ((src, sid), _, _) in zip(records, per_layer, strict=True):
         record.update(source=src, sae_id=sid)
+    if details:
+        batches = math.ceil(
+            math.ceil(job.eval.tokens / job.eval.context_size) / job.eval.batch_size
+        )
+        cfgs = [sae.cfg.to_dict() for _, sae, _ in per_layer]
+        write_saebench(job.saebench_out, records, {**settings, "batches": batches}, cfgs)
+        for record in records:
+            del record["saebench_details"]
     write_results(job.out, records, settings)
     return records

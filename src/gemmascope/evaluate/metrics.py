@@ -3,6 +3,7 @@ docstring for the definitions)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gemmascope.evaluate.saebench import CoreSums, Scores, core_metrics, latent_details
 from gemmascope.models import SiteKey
 from gemmascope.sae import SAE
 
@@ -38,15 +40,66 @@ def token_losses(model: nn.Module, hidden: Tensor, labels: Tensor, *, chunk: int
     """
     if chunk < 1:
         raise ValueError(f"`chunk` must be at least 1, got {chunk}")
-    head = model.get_output_embeddings()
-    cap = getattr(model.config.get_text_config(decoder=True), "final_logit_softcapping", None)
     out = torch.empty(len(labels), dtype=torch.float32, device=hidden.device)
     for i in range(0, len(labels), chunk):
-        logits = F.linear(hidden[i : i + chunk], head.weight, head.bias).float()  # (c, vocab)
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
+        logits = _logits(model, hidden[i : i + chunk])  # (c, vocab)
         out[i : i + chunk] = F.cross_entropy(logits, labels[i : i + chunk], reduction="none")
     return out
+
+
+def logit_scores(
+    model: nn.Module,
+    clean: Tensor,
+    others: Sequence[Tensor],
+    labels: Tensor,
+    ours: Tensor,
+    *,
+    chunk: int = 512,
+) -> list[Scores]:
+    """Cross-entropies and KL from the clean run of several forwards of the same positions.
+
+    Args:
+        model: the causal LM (its output embedding and soft-capping).
+        clean: `[n, d_model]` final hidden states of the clean forward.
+        others: `[n, d_model]` final hidden states of each spliced or ablated forward.
+        labels: `[n]` next token ids, -1 where there is none (a sequence's last position).
+        ours: `[n]` bool, the positions our cross-entropy scores (a subset of `labels >= 0`).
+        chunk: positions per chunk; memory is about 3 x chunk x vocab x 4 bytes.
+    Returns:
+        Summed `Scores` of the clean forward (KL 0), then of each of `others`.
+    """
+    out = [Scores() for _ in range(1 + len(others))]
+    has = labels >= 0
+    for i in range(0, len(labels), chunk):
+        part = slice(i, i + chunk)
+        lab = labels[part].clamp_min(0)[:, None]  # (c, 1)
+        keep, keep_sb = ours[part], has[part]
+        logits_clean = _logits(model, clean[part])  # (c, vocab)
+        lse_clean = torch.logsumexp(logits_clean, -1)  # (c,)
+        p_clean = (logits_clean - lse_clean[:, None]).exp_()  # (c, vocab)
+        plogp = _rowdot(p_clean, logits_clean) - lse_clean  # (c,) sum p log p
+        for score, hidden in zip(out, [None, *others], strict=True):
+            logits = logits_clean if hidden is None else _logits(model, hidden[part])
+            lse = lse_clean if hidden is None else torch.logsumexp(logits, -1)  # (c,)
+            nll = (lse - logits.gather(1, lab)[:, 0]).double()  # (c,)
+            score.ce += float(nll[keep].sum())
+            score.ce_sb += float(nll[keep_sb].sum())
+            if hidden is not None:  # KL(clean || this) = sum p log p - sum p (logits - lse)
+                score.kl += float((plogp - _rowdot(p_clean, logits) + lse).double().sum())
+    return out
+
+
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """`[c]` row-wise dot products of two `[c, v]` matrices, without a `[c, v]` temporary."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+def _logits(model: nn.Module, hidden: Tensor) -> Tensor:
+    """`[c, vocab]` float32 logits from final hidden states, soft-capped where the model does."""
+    head = model.get_output_embeddings()
+    cap = getattr(model.config.get_text_config(decoder=True), "final_logit_softcapping", None)
+    logits = F.linear(hidden, head.weight, head.bias).float()
+    return torch.tanh(logits / cap) * cap if cap else logits
 
 
 # ---------------------------------------------------------------- running sums
@@ -63,12 +116,14 @@ class Sums:
     sq_r: float = 0.0
     cosine: float = 0.0
     rel_norm: float = 0.0
-    ce: float = 0.0
+    scores: Scores = field(default_factory=Scores)
+    core: CoreSums = field(default_factory=lambda: CoreSums(0))  # SAEBench's sums
 
     @classmethod
     def new(cls, d: int, d_sae: int) -> Sums:
         z = torch.zeros(d, dtype=torch.float64)
-        return cls(sum_x=z, sum_r=z.clone(), fired=torch.zeros(d_sae, dtype=torch.int64))
+        return cls(sum_x=z, sum_r=z.clone(), fired=torch.zeros(d_sae, dtype=torch.int64),
+                   core=CoreSums(d_sae))  # fmt: skip
 
 
 @dataclass
@@ -76,13 +131,19 @@ class Totals:
     """Everything accumulated over the batches, shared by every SAE."""
 
     stats: list[Sums]
-    ablated: dict[tuple[SiteKey, str], float]  # ((layer, site), "zero" | "mean") -> sum of losses
-    ce_clean: float = 0.0
-    loss_tokens: int = 0
+    # ((layer, site), kind) -> scores; kind "zero" | "mean" (special positions kept) | "zero_all"
+    ablated: dict[tuple[SiteKey, str], Scores]
+    clean: Scores = field(default_factory=Scores)
+    loss_tokens: int = 0  # positions our cross-entropy scores
+    sb_ce_tokens: int = 0  # SAEBench's cross-entropy positions
+    sb_kl_tokens: int = 0  # SAEBench's KL positions
+    tokens: int = 0  # every token forwarded
 
 
-def accumulate(st: Sums, x: Tensor, z: Tensor, x_hat: Tensor) -> None:
-    """Add one batch of `[n, d]` activations, `[n, d_sae]` latents and reconstructions."""
+def accumulate(st: Sums, x: Tensor, z: Tensor, x_hat: Tensor, seq: Tensor, n_seqs: int) -> None:
+    """Add one batch of `[n, d]` activations, `[n, d_sae]` latents and reconstructions; `seq` `[n]`
+    is the sequence of each row, of `n_seqs` in the batch."""
+    st.core.add(x, z, x_hat, seq, n_seqs)
     # float64: the centred sums below subtract large numbers, and means of the residual stream are large
     x, x_hat = x.double(), x_hat.double()
     r = x - x_hat
@@ -99,7 +160,9 @@ def accumulate(st: Sums, x: Tensor, z: Tensor, x_hat: Tensor) -> None:
     st.l0.append(active.sum(-1).to(torch.int32).cpu())
 
 
-def record(sae: SAE, key: SiteKey, st: Sums, run: Totals, model_name: str | None) -> dict[str, Any]:
+def record(
+    sae: SAE, key: SiteKey, st: Sums, run: Totals, model_name: str | None, *, details: bool = False
+) -> dict[str, Any]:
     c = sae.cfg
     n, d = st.n, c.d_in
     if n == 0:
@@ -114,12 +177,19 @@ def record(sae: SAE, key: SiteKey, st: Sums, run: Totals, model_name: str | None
     alive = density[density > 0]
     hist, _ = np.histogram(np.log10(alive), bins=DENSITY_EDGES)
     ce = {
-        "clean": run.ce_clean,
-        "spliced": st.ce,
-        **{k: run.ablated.get((key, k)) for k in ("zero", "mean")},
+        "clean": run.clean.ce,
+        "spliced": st.scores.ce,
+        **{
+            k: run.ablated[key, k].ce if (key, k) in run.ablated else None for k in ("zero", "mean")
+        },
     }
     ce = {k: None if v is None else v / run.loss_tokens for k, v in ce.items()}
-    return {
+    weights = _weights(sae)
+    counts = {"ce": run.sb_ce_tokens, "kl": run.sb_kl_tokens, "tokens": run.tokens}
+    core = core_metrics(st.core, float(l0.mean()), st.scores, run.clean,
+                        run.ablated.get((key, "zero_all")), counts,
+                        None if weights is None else weights[:2])  # fmt: skip
+    out = {
         "source": None, "sae_id": None, "model": model_name or c.model, "layer": c.layer,
         "site": c.site, "target_site": c.target_site, "skip_connection": c.skip_connection,
         "width": c.d_sae, "d_in": d, "architecture": c.architecture, "k": c.k,
@@ -137,7 +207,20 @@ def record(sae: SAE, key: SiteKey, st: Sums, run: Totals, model_name: str | None
         "density_hist": {"log10_edges": DENSITY_EDGES, "counts": hist.tolist()},
         "tokens_trained": c.tokens_trained,
         "cross_layer": "clt" in c.extra,  # a layer of a CLT: its output holds earlier layers' too
+        "saebench": {"core": core},
     }  # fmt: skip
+    if details:
+        out["saebench_details"] = latent_details(st.core, weights)
+    return out
+
+
+def _weights(sae: Any) -> tuple[Tensor, Tensor, Tensor] | None:
+    """`W_enc [d, F]`, `W_dec [F, d]` (into its own layer, for a CLT layer) and `b_enc [F]`."""
+    if hasattr(sae, "clt"):
+        sae = sae.clt.layer_transcoder(sae.i)
+    if not isinstance(sae, SAE):
+        return None
+    return sae.W_enc, sae.W_dec, sae.b_enc
 
 
 def _recovered(ablated: float | None, spliced: float, clean: float) -> float | None:

@@ -17,7 +17,8 @@ from gemmascope.clt import CLT
 from gemmascope.common.progress import progress_bar
 from gemmascope.corpus import iter_documents, pack_sequences, special_ids
 from gemmascope.evaluate.config import EvalConfig
-from gemmascope.evaluate.metrics import Sums, Totals, accumulate, record, token_losses
+from gemmascope.evaluate.metrics import Sums, Totals, accumulate, logit_scores, record
+from gemmascope.evaluate.saebench import Scores
 from gemmascope.hooks import collect, run_from, run_until_head, splice
 from gemmascope.models import SITES, ModelInfo, SiteKey, check_forward, check_site, model_info
 from gemmascope.sae import SAE
@@ -67,6 +68,7 @@ def evaluate(
     cfg: EvalConfig | None = None,
     *,
     progress: bool = True,
+    details: bool = False,
     **options: Any,
 ) -> list[dict[str, Any]]:
     """Evaluate SAEs on the held-out split of a corpus (see the package docstring for conventions).
@@ -77,8 +79,9 @@ def evaluate(
             returns); put them on the model's device for speed. A cross-layer transcoder is scored
             layer by layer: its output at each layer replaces that layer's MLP.
         cfg: the text and the passes (see `EvalConfig`); default `EvalConfig()`.
-        progress: show a progress bar counting forward passes (one clean, one per SAE and two per
+        progress: show a progress bar counting forward passes (one clean, one per SAE and three per
             site for the ablations, per batch).
+        details: add SAEBench's per-latent details to each record (`saebench_details`).
         **options: `EvalConfig` fields that replace those of `cfg`, e.g. `tokens=10_000`.
     Returns:
         One record per SAE (per layer of a CLT), in order (see `evaluate_sequences`).
@@ -100,11 +103,22 @@ def evaluate(
             f"sequences of {cfg.context_size}, fewer than the {cfg.tokens:,} asked for; ask for at "
             f"most {have:,} tokens or use a bigger corpus"
         )
-    return evaluate_sequences(
+    tasks = []
+    if "sparse_probing" in cfg.evals:  # built first: a bad task is refused before any forward
+        from gemmascope.evaluate.probing import build_tasks, sparse_probing
+
+        tasks = build_tasks(cfg, tokenizer)
+    records = evaluate_sequences(
         model, saes, sequences, skip_ids=special_ids(tokenizer), pad_id=tokenizer.pad_token_id,
         batch_size=cfg.batch_size, ablations=cfg.ablations, ce_chunk=cfg.ce_chunk,
-        model_name=cfg.model, progress=progress,
+        model_name=cfg.model, progress=progress, details=details,
     )  # fmt: skip
+    if tasks:
+        with _eval_mode([s.clt if isinstance(s, _CLTLayer) else s for s in per_layer(saes)]):
+            found = sparse_probing(model, tokenizer, per_layer(saes), tasks, cfg, progress=progress)
+        for r, result in zip(records, found, strict=True):
+            r["saebench"]["sparse_probing"] = result
+    return records
 
 
 def evaluate_sequences(
@@ -119,6 +133,7 @@ def evaluate_sequences(
     ce_chunk: int = 512,
     model_name: str | None = None,
     progress: bool = True,
+    details: bool = False,
 ) -> list[dict[str, Any]]:
     """Evaluate SAEs on given token sequences of equal length; `evaluate` packs them from a corpus.
 
@@ -130,13 +145,14 @@ def evaluate_sequences(
         pad_id: padding id: padded positions are masked from attention and never scored as labels.
         batch_size, ablations, ce_chunk: as in `EvalConfig`.
         model_name: recorded in each result (default: the SAE config's `model`).
-        progress: as in `evaluate`.
+        progress, details: as in `evaluate`.
     Returns:
         One record per SAE: identity (`model`, `layer`, `site`, `width`, `architecture`, ...), token
         counts, `l0` (+ `l0_std`, `l0_quantiles`), `mse`, `fvu`, `explained_variance`, `cosine`,
         `relative_norm`, `ce_clean`, `ce_spliced`, `ce_zero`, `ce_mean`, `delta_lm_loss`,
-        `frac_recovered`, `frac_recovered_mean`, `dead`, `dense`, `density_hist`. `source` and
-        `sae_id` are None for the caller to fill.
+        `frac_recovered`, `frac_recovered_mean`, `dead`, `dense`, `density_hist`, and `saebench`:
+        `{"core": SAEBench's core metrics by category}` (see `gemmascope.evaluate.saebench`).
+        `source` and `sae_id` are None for the caller to fill.
     """
     info = model_info(model)
     saes = per_layer(saes)
@@ -146,9 +162,10 @@ def evaluate_sequences(
     skip = sorted(set(skip_ids))
     batches = _batches(sequences, batch_size)
     sites = sorted({target for _, target in keys})  # where SAEs write: spliced and ablated
+    kinds = ("zero", "mean", "zero_all") if ablations else ()
     run = Totals(
         stats=[Sums.new(sae.cfg.d_in, sae.cfg.d_sae) for sae in saes],
-        ablated={(k, kind): 0.0 for k in sites for kind in ("zero", "mean")} if ablations else {},
+        ablated={(k, kind): Scores() for k in sites for kind in kinds},
     )
     # forwards per batch: the site means (ablations only), the clean one, one per SAE and ablation
     per_batch = 1 + len(saes) + len(run.ablated) + (1 if ablations else 0)
@@ -160,7 +177,7 @@ def evaluate_sequences(
                 model, saes, keys, ids, means, run, bar, skip=skip, pad_id=pad_id, chunk=ce_chunk
             )
     return [
-        record(sae, target, st, run, model_name)
+        record(sae, target, st, run, model_name, details=details)
         for sae, (_, target), st in zip(saes, keys, run.stats, strict=True)
     ]
 
@@ -184,21 +201,19 @@ def _eval_batch(
     A transcoder's output replaces its target site (the MLP's output, for `mlp_in -> mlp_out`), and
     its FVU is measured against the target."""
     ids, attn, mask = _masks(model, ids, skip, pad_id)
-    scored = mask[:, :-1] & (ids[:, 1:] != (-1 if pad_id is None else pad_id))  # (B, T-1)
-    labels = ids[:, 1:][scored]  # (n_scored,)
-
-    def loss(final: Tensor) -> float:
-        return float(token_losses(model, final[:, :-1][scored], labels, chunk=chunk).double().sum())
-
+    labels = torch.full_like(ids, -1)
+    labels[:, :-1] = ids[:, 1:]  # (B, T): the next token, -1 at the end
+    ours = (labels >= 0) & (labels != (-1 if pad_id is None else pad_id))  # (B, T)
+    labels, ours = labels[mask], ours[mask]  # (n,)
+    seq = mask.nonzero()[:, 0]  # (n,) the sequence of each kept position
     ends = {key for pair in keys for key in pair}
     ends |= {
         (layer, s.clt.cfg.site) for s in saes if isinstance(s, _CLTLayer) for layer in s.clt.layers
     }
     resumed = {(layer, "resid_pre") for layer, site in ends if site not in _RESID}
     clean, final = _clean_forward(model, ids, sorted(ends | resumed), attn)
-    run.ce_clean += loss(final)
-    run.loss_tokens += len(labels)
     bar.update()
+    finals = []  # (n, d_model) final hidden states of each spliced, then each ablated forward
     encoded: dict[int, tuple[Tensor, Tensor]] = {}  # each CLT's latents and outputs, once
     for sae, (source, target), st in zip(saes, keys, run.stats, strict=True):
         x = clean[source][mask]  # (n, W)
@@ -208,14 +223,26 @@ def _eval_batch(
             z = sae.encode(x)  # (n, d_sae)
             y_hat = sae.decode(z) if sae.W_skip is None else sae.decode(z) + sae.skip(x)
         y_hat = y_hat.to(x.device)  # (n, W)
-        accumulate(st, clean[target][mask], z, y_hat)  # (n, W) each
-        st.ce += loss(_resume(model, target, _replaced(clean[target], mask, y_hat), clean, attn))
+        accumulate(st, clean[target][mask], z, y_hat, seq, len(ids))  # (n, W) each
+        value = _replaced(clean[target], mask, y_hat)
+        finals.append(_resume(model, target, value, clean, attn)[mask])
         bar.update()
     for key, kind in run.ablated:
-        fill = torch.zeros(()) if kind == "zero" else means[key]
-        value = _replaced(clean[key], mask, fill)
-        run.ablated[key, kind] += loss(_resume(model, key, value, clean, attn))
+        if kind == "zero_all":  # SAEBench's: special positions too
+            value = torch.zeros_like(clean[key])
+        else:
+            value = _replaced(clean[key], mask, torch.zeros(()) if kind == "zero" else means[key])
+        finals.append(_resume(model, key, value, clean, attn)[mask])
         bar.update()
+    scores = logit_scores(model, final[mask], finals, labels, ours, chunk=chunk)
+    run.clean.add(scores[0])
+    run.loss_tokens += int(ours.sum())
+    run.sb_ce_tokens += int((labels >= 0).sum())
+    run.sb_kl_tokens += len(labels)
+    run.tokens += ids.numel()
+    sums = [st.scores for st in run.stats] + list(run.ablated.values())
+    for score, total in zip(scores[1:], sums, strict=True):
+        total.add(score)
 
 
 def _masks(

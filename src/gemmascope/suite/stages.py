@@ -25,6 +25,7 @@ from typing import Any
 
 from gemmascope.activations import build_cache, site_dir
 from gemmascope.common import distributed
+from gemmascope.common.config import flat
 from gemmascope.common.devices import resolve_device
 from gemmascope.common.distributed import on_main
 from gemmascope.common.files import write_json
@@ -193,7 +194,7 @@ class _Stages:
 
     def _evaluate_layer(self, layer: int) -> None:
         from gemmascope import io
-        from gemmascope.evaluate import evaluate, write_results
+        from gemmascope.evaluate import evaluate, write_results, write_saebench
 
         c = self.cfg
         keys = [(layer, s) for s in self.plan.sites]
@@ -201,11 +202,17 @@ class _Stages:
         device = next(self.model.parameters()).device
         saes = [io.load(self.runs / sae_id, device=device) for sae_id in ids]
         self.show(f"evaluating the {len(saes)} SAEs of layer {layer}")
-        records = evaluate(self.model, self.tokenizer, saes, cfg=c.eval, progress=self.progress)
+        records = evaluate(self.model, self.tokenizer, saes, cfg=c.eval, progress=self.progress,
+                           details=True)  # fmt: skip
         for record, sae_id in zip(records, ids, strict=True):
             record.update(source=str(self.runs.resolve()), sae_id=sae_id)
         settings = {"model": c.model, "corpus": c.corpus, "eval_tokens": c.eval.tokens,
                     "context_size": c.context_size}  # fmt: skip
+        # SAEBench's files first: the results file, written last, marks the layer done
+        cfgs = [sae.cfg.to_dict() for sae in saes for _ in range(sae.cfg.n_layers or 1)]
+        write_saebench(c.out / "eval_results", records, {**flat(c.eval), **settings}, cfgs)
+        for record in records:
+            del record["saebench_details"]
         write_results(self._results(layer), records, settings)
 
     def _publish(self) -> None:

@@ -1,8 +1,9 @@
 """A suite report from evaluation results: one HTML page beside its PNG figures, viewable offline.
 
-Figures (matplotlib, drawn on bare `Figure`s with the Agg canvas, so no global backend is changed):
-- per site, L0 against delta LM loss and against FVU, one panel per layer, one curve per width
-  through that width's Pareto front (points no SAE with lower L0 beats), every SAE as a dot;
+Figures (`figures`: matplotlib, drawn on bare `Figure`s with the Agg canvas, so no global backend is
+changed):
+- per site and width, every metric against L0 (ours and SAEBench's core ones), one line per layer
+  coloured by layer: all layers of a site in one figure, as the Gemma Scope paper draws them;
 - L0, FVU, delta LM loss and loss recovered by layer, coloured by site (with two layers or more);
 - per site, the log10 feature-density histogram of every SAE, coloured by its L0.
 Every string from the results is HTML-escaped; the page uses inline CSS and a few lines of inline
@@ -12,7 +13,6 @@ script (sorting the table by a column), and refers to the PNGs by relative name.
 from __future__ import annotations
 
 import html
-import math
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,6 +21,13 @@ from typing import Any
 from gemmascope.common.files import atomic_dir
 from gemmascope.evaluate import read_results
 from gemmascope.evaluate.results import site_label
+from gemmascope.report.figures import (
+    density_figures,
+    l0_figures,
+    layer_figure,
+    metric,
+    width_label,
+)
 
 Record = dict[str, Any]
 _OURS = re.compile(r"(index\.html|[\w.-]+\.png)")
@@ -37,6 +44,8 @@ _COLUMNS: list[tuple[str, str, Callable[[Record], Any]]] = [
     ("cosine", "num", lambda r: r.get("cosine")),
     ("ΔLM loss", "num", lambda r: r.get("delta_lm_loss")),
     ("recovered", "num", lambda r: r.get("frac_recovered")),
+    ("ce_loss_score", "num", lambda r: metric(r, "ce_loss_score")),
+    ("kl_div_score", "num", lambda r: metric(r, "kl_div_score")),
     ("dead", "num", lambda r: r.get("dead")),
     ("dense", "num", lambda r: r.get("dense")),
     ("tokens", "num", lambda r: r.get("tokens")),
@@ -72,9 +81,9 @@ def build_report(results: Sequence[str | Path], out: str | Path, *, title: str =
     with atomic_dir(out) as tmp:
         layers = {r.get("layer") for r in records if r.get("layer") is not None}
         sections = [
-            ("Sparsity against fidelity", _pareto_figures(plt, records, tmp, len(models) > 1)),
-            ("Metrics by layer", [_layer_figure(plt, records, tmp)] if len(layers) > 1 else []),
-            ("Feature density", _density_figures(plt, records, tmp, len(models) > 1)),
+            ("Metrics against L0", l0_figures(plt, records, tmp, len(models) > 1)),
+            ("Metrics by layer", [layer_figure(plt, records, tmp)] if len(layers) > 1 else []),
+            ("Feature density", density_figures(plt, records, tmp, len(models) > 1)),
         ]
         (tmp / "index.html").write_text(_page(title, records, sections, results), encoding="utf-8")
     return out / "index.html"
@@ -95,185 +104,6 @@ def _name(r: Record, i: int) -> str:
     if sae_id:
         return str(sae_id)
     return Path(str(source)).name if source else f"SAE {i}"
-
-
-def width_label(width: int) -> str:
-    """Gemma Scope's width names: 16384 -> `16k`, 2**20 -> `1m`, other sizes as they are."""
-    if width % (1 << 20) == 0:
-        return f"{width >> 20}m"
-    return f"{width >> 10}k" if width % 1024 == 0 else str(width)
-
-
-# ---------------------------------------------------------------- figures
-_STYLE = {"axes.spines.top": False, "axes.spines.right": False, "axes.grid": True,
-          "grid.alpha": 0.3, "font.size": 9, "axes.titlesize": 10, "legend.fontsize": 8}  # fmt: skip
-
-
-def _groups(records: list[Record], with_model: bool) -> dict[str, list[Record]]:
-    groups: dict[str, list[Record]] = {}
-    for r in records:
-        label = f"{r.get('model')} · {site_label(r)}" if with_model else site_label(r)
-        groups.setdefault(label, []).append(r)
-    return dict(sorted(groups.items()))
-
-
-def _save(fig: Any, folder: Path, stem: str) -> str:
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", stem) + ".png"
-    fig.savefig(folder / name, dpi=110, bbox_inches="tight", facecolor="white")
-    return name
-
-
-def _front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """Points that no point with lower or equal L0 beats (lower metric is better)."""
-    front: list[tuple[float, float]] = []
-    for x, y in sorted(points):
-        if not front or y < front[-1][1]:
-            front.append((x, y))
-    return front
-
-
-def _pareto_figures(
-    plt: Any, records: list[Record], folder: Path, with_model: bool
-) -> list[tuple[str, str]]:
-    import matplotlib
-
-    figures = []
-    for i, (label, group) in enumerate(_groups(records, with_model).items()):
-        layers = sorted({r.get("layer") for r in group}, key=lambda v: (v is None, v))
-        widths = sorted({r["width"] for r in group})
-        colors = {w: matplotlib.colormaps["tab10"](j % 10) for j, w in enumerate(widths)}
-        pairs = min(len(layers), 2)  # each layer gets a (delta LM loss, FVU) pair of panels
-        nrows = math.ceil(len(layers) / pairs)
-        l0s = [r["l0"] for r in group if r.get("l0")]
-        log_x = bool(l0s) and min(l0s) > 0 and max(l0s) / min(l0s) > 20
-        with matplotlib.rc_context(_STYLE):
-            fig = plt.Figure(figsize=(5.6 * pairs + 0.9, 2.7 * nrows + 0.4), layout="constrained")
-            axes = fig.subplots(nrows, 2 * pairs, squeeze=False, sharex=True).ravel()
-            for j, layer in enumerate(layers):
-                for m, (metric, name) in enumerate((("delta_lm_loss", "ΔLM loss"), ("fvu", "FVU"))):
-                    ax = axes[2 * j + m]
-                    _pareto_panel(ax, [r for r in group if r.get("layer") == layer], metric, colors)
-                    ax.set_title(f"layer {layer}: {name}")
-                    if log_x:
-                        ax.set_xscale("log")
-                        _plain_log_ticks(ax.xaxis)
-                    ax.tick_params(labelbottom=True)
-            for ax in axes[2 * len(layers) :]:
-                ax.set_visible(False)
-            for ax in axes[-2 * pairs :]:
-                ax.set_xlabel("L0")
-            fig.suptitle(label, fontsize=11, fontweight="bold", x=0.01, ha="left")
-            handles = [matplotlib.lines.Line2D([], [], color=c, marker="o", label=width_label(w))
-                       for w, c in colors.items()]  # fmt: skip
-            fig.legend(handles=handles, title="width", loc="outside upper right", frameon=False)
-            fig.set_layout_engine("constrained")
-            caption = f"{label}: L0 against ΔLM loss and FVU; lines join each width's Pareto front"
-            figures.append((_save(fig, folder, f"pareto_{i}_{label}"), caption))
-    return figures
-
-
-def _pareto_panel(ax: Any, group: list[Record], metric: str, colors: dict[int, Any]) -> None:
-    for width, color in colors.items():
-        pts = [
-            (r["l0"], r[metric]) for r in group if r["width"] == width and r.get(metric) is not None
-        ]
-        if not pts:
-            continue
-        ax.scatter(*zip(*pts, strict=True), s=16, color=color, alpha=0.45, linewidths=0)
-        front = _front(pts)
-        ax.plot(*zip(*front, strict=True), color=color, marker="o", markersize=4, linewidth=1.6)
-
-
-def _plain_log_ticks(axis: Any) -> None:
-    """Ticks at 1, 2, 5 x 10^k labelled plainly (an L0 reads better as 20 than as 2x10^1)."""
-    import matplotlib.ticker as ticker
-
-    axis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
-    axis.set_major_formatter(ticker.FormatStrFormatter("%g"))
-    axis.set_minor_formatter(ticker.NullFormatter())
-
-
-def _layer_figure(plt: Any, records: list[Record], folder: Path) -> tuple[str, str]:
-    import matplotlib
-
-    sites = sorted({site_label(r) for r in records})
-    colors = {s: matplotlib.colormaps["tab10"](j % 10) for j, s in enumerate(sites)}
-    metrics = (("l0", "L0"), ("fvu", "FVU"), ("delta_lm_loss", "ΔLM loss"),
-               ("frac_recovered", "loss recovered"))  # fmt: skip
-    with matplotlib.rc_context(_STYLE):
-        fig = plt.Figure(figsize=(11, 6.4), layout="constrained")
-        axes = fig.subplots(2, 2).ravel()
-        for ax, (metric, name) in zip(axes, metrics, strict=True):
-            for site, color in colors.items():
-                pts = sorted((r["layer"], r[metric]) for r in records if site_label(r) == site
-                             and r.get(metric) is not None and r.get("layer") is not None)  # fmt: skip
-                if not pts:
-                    continue
-                ax.scatter(*zip(*pts, strict=True), s=18, color=color, alpha=0.6, linewidths=0)
-                by_layer: dict[int, list[float]] = {}
-                for layer, v in pts:
-                    by_layer.setdefault(layer, []).append(v)
-                med = sorted((k, sorted(v)[len(v) // 2]) for k, v in by_layer.items())
-                ax.plot(*zip(*med, strict=True), color=color, linewidth=1.4, label=site)
-            ax.set_title(name)
-            ax.set_xlabel("layer")
-            layers = sorted({r["layer"] for r in records if r.get("layer") is not None})
-            if 0 < len(layers) <= 20:
-                ax.set_xticks(layers)
-        handles, labels = axes[0].get_legend_handles_labels()
-        fig.legend(handles, labels, title="site", loc="outside right upper", frameon=False)
-    caption = "Each dot is an SAE; lines join the median per layer of each site"
-    return _save(fig, folder, "by_layer"), caption
-
-
-def _density_figures(
-    plt: Any, records: list[Record], folder: Path, with_model: bool
-) -> list[tuple[str, str]]:
-    import matplotlib
-
-    figures = []
-    for i, (label, group) in enumerate(_groups(records, with_model).items()):
-        hists = [r for r in group if r.get("density_hist") and sum(r["density_hist"]["counts"])]
-        if not hists:
-            continue
-        layers = sorted({r.get("layer") for r in hists}, key=lambda v: (v is None, v))
-        l0s = [max(r["l0"], 1e-3) for r in hists]
-        norm = matplotlib.colors.LogNorm(min(l0s), max(l0s) * 1.0001)
-        cmap = matplotlib.colormaps["viridis"]
-        lo = min(_first_bin(r) for r in hists)
-        ncols = min(len(layers), 4)
-        nrows = math.ceil(len(layers) / ncols)
-        with matplotlib.rc_context(_STYLE):
-            fig = plt.Figure(figsize=(2.8 * ncols + 1.2, 2.3 * nrows + 0.5), layout="constrained")
-            axes = fig.subplots(nrows, ncols, squeeze=False, sharex=True).ravel()
-            for ax, layer in zip(axes, layers, strict=False):
-                for r in (r for r in hists if r.get("layer") == layer):
-                    edges, counts = r["density_hist"]["log10_edges"], r["density_hist"]["counts"]
-                    share = [c / r["width"] for c in counts[lo:]]
-                    ax.stairs(
-                        share, edges[lo:], color=cmap(norm(max(r["l0"], 1e-3))), linewidth=1.1
-                    )
-                ax.set_title(f"layer {layer}")
-            for ax in axes[len(layers) :]:
-                ax.set_visible(False)
-            for ax in axes[::ncols]:
-                ax.set_ylabel("share of latents")
-            fig.supxlabel(
-                "log10 feature density (share of tokens a latent is active on)", fontsize=9
-            )
-            fig.suptitle(label, fontsize=11, fontweight="bold", x=0.01, ha="left")
-            bar = fig.colorbar(
-                matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes.tolist(), label="L0"
-            )
-            _plain_log_ticks(bar.ax.yaxis)
-        caption = f"{label}: how often latents fire, one line per SAE (dead latents left out); mass near 0 means dense latents"
-        figures.append((_save(fig, folder, f"density_{i}_{label}"), caption))
-    return figures
-
-
-def _first_bin(r: Record) -> int:
-    counts = r["density_hist"]["counts"]
-    return next((j for j, c in enumerate(counts) if c), 0)
 
 
 # ---------------------------------------------------------------- page
