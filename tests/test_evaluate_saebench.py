@@ -209,3 +209,12 @@ def test_cli_writes_saebench_files_and_refuses_foreign_ones(
     refused = CliRunner().invoke(app, args)
     assert refused.exit_code != 0 and "was not written by gemmascope" in str(refused.output)
     assert json.loads(path.read_text()) == {"sae_bench_commit_hash": "abc123"}
+
+
+def test_result_files_state_the_batches_the_run_read() -> None:
+    record = {"model": "m", "source": "runs/a", "sae_id": "x", "layer": 1,
+              "saebench": {"core": {"sparsity": {"l0": 1.0}}}}  # fmt: skip
+    settings = {"tokens": 10_000, "context_size": 1024, "batch_size": 8}
+    config = core_output(record, settings, {})["eval_config"]
+    assert config["n_eval_reconstruction_batches"] == 2 and config["batch_size_prompts"] == 8
+    assert config["context_size"] == 1024 and config["exclude_special_tokens_from_reconstruction"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,11 +67,8 @@ def run_eval(job: EvalJob) -> list[dict[str, Any]]:
     for record, ((src, sid), _, _) in zip(records, per_layer, strict=True):
         record.update(source=src, sae_id=sid)
     if details:
-        batches = math.ceil(
-            math.ceil(job.eval.tokens / job.eval.context_size) / job.eval.batch_size
-        )
         cfgs = [sae.cfg.to_dict() for _, sae, _ in per_layer]
-        write_saebench(job.saebench_out, records, {**settings, "batches": batches}, cfgs)
+        write_saebench(job.saebench_out, records, settings, cfgs)
         for record in records:
             del record["saebench_details"]
     write_results(job.out, records, settings)

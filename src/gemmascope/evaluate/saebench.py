@@ -33,6 +33,7 @@ metrics (SAEBench reads 1 batch by default), and KL uses `log_softmax` rather th
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -235,13 +236,14 @@ def core_output(
     details = record.get("saebench_details") or {}
     n = len(next(iter(details.values()), []))
     rows = [{"index": i, **{k: _finite(v[i]) for k, v in details.items()}} for i in range(n)]
+    context, batch = settings.get("context_size", 1024), settings.get("batch_size", 8)
+    batches = math.ceil(math.ceil(settings.get("tokens", context) / context) / batch)
     config = {
         "model_name": record["model"] or "", "llm_dtype": settings.get("model_dtype", "float32"),
-        "batch_size_prompts": settings.get("batch_size", 8),
-        "n_eval_reconstruction_batches": settings.get("batches", 1),
-        "n_eval_sparsity_variance_batches": settings.get("batches", 1),
+        "batch_size_prompts": batch, "n_eval_reconstruction_batches": batches,
+        "n_eval_sparsity_variance_batches": batches,
         "dataset": str(settings.get("corpus", "default")),
-        "context_size": settings.get("context_size", 1024),
+        "context_size": context,
         "compute_kl": True, "compute_ce_loss": True, "compute_l2_norms": True,
         "compute_sparsity_metrics": True, "compute_variance_metrics": True,
         "compute_featurewise_density_statistics": True,
