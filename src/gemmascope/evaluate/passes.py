@@ -114,7 +114,7 @@ def evaluate(
         model_name=cfg.model, progress=progress, details=details,
     )  # fmt: skip
     if tasks:
-        with _eval_mode([s.clt if isinstance(s, _CLTLayer) else s for s in per_layer(saes)]):
+        with _eval_mode(saes):
             found = sparse_probing(model, tokenizer, per_layer(saes), tasks, cfg, progress=progress)
         for r, result in zip(records, found, strict=True):
             r["saebench"]["sparse_probing"] = result

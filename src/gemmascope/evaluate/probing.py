@@ -86,13 +86,11 @@ def _read_labelled(task: str, text_column: str) -> list[tuple[str, str]]:
         raise ValueError(
             "the default corpus has no labels; use the tasks `brown_genre` or `source`"
         )
-    if kind == "hf":
-        import datasets
+    import datasets
 
+    if kind == "hf":
         table = datasets.load_dataset(target, split="train")
     else:
-        import datasets
-
         fmt = "parquet" if target.endswith(".parquet") else "json"
         table = datasets.load_dataset(fmt, data_files=target, split="train")
     for column in (text_column, "label"):

@@ -50,6 +50,9 @@ EXACT_MAX_COSINE = 1 << 15
 SAEBENCH_VERSION = "0.6.0"
 """The sae_bench release whose formulas and result schema these are."""
 
+WRITER = f"gemmascope (sae_bench {SAEBENCH_VERSION} formulas)"
+"""What our files give as `sae_bench_commit_hash`: how a rerun knows a file of that name is ours."""
+
 
 @dataclass
 class Scores:
@@ -85,8 +88,8 @@ class CoreSums:
     ev_rss: float = 0.0  # sum over batches of mean ||r||^2
     d: int = 0
     cossim: float = 0.0
-    fired: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))  # (F,)
-    prompts: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))  # (F,)
+    fired: Tensor = field(init=False)  # (F,) tokens on which each latent is > 0
+    prompts: Tensor = field(init=False)  # (F,) sequences on which it is
 
     def __post_init__(self) -> None:
         self.fired = torch.zeros(self.d_sae, dtype=torch.int64)
@@ -250,28 +253,13 @@ def core_output(
         "compute_featurewise_weight_based_metrics": "encoder_norm" in details,
         "exclude_special_tokens_from_reconstruction": True, "verbose": False,
     }  # fmt: skip
-    return {
-        "eval_type_id": "core",
-        "eval_config": config,
-        "eval_id": str(uuid.uuid4()),
-        "datetime_epoch_millis": int(time.time() * 1000),
-        "eval_result_metrics": {
-            cat: {k: _finite(v) for k, v in metrics.items()} for cat, metrics in core.items()
-        },
-        "eval_result_details": rows,
-        "sae_bench_commit_hash": f"gemmascope (sae_bench {SAEBENCH_VERSION} formulas)",
-        "sae_lens_id": _ids(record)[1],
-        "sae_lens_release_id": _ids(record)[0],
-        "sae_lens_version": None,
-        "sae_cfg_dict": sae_cfg,
-        "eval_result_unstructured": None,
-    }
+    metrics = {cat: {k: _finite(v) for k, v in values.items()} for cat, values in core.items()}
+    return _output(record, "core", config, metrics, rows, sae_cfg)
 
 
 def sparse_probing_output(record: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
     """A record's sparse probing results as SAEBench's `SparseProbingEvalOutput`."""
     found = record["saebench"]["sparse_probing"]
-    release, sae_id = _ids(record)
     config = {
         "random_seed": 0, "dataset_names": [r["dataset_name"] for r in found["details"]],
         "probe_train_set_size": settings.get("probe_train", 1000),
@@ -282,14 +270,22 @@ def sparse_probing_output(record: dict[str, Any], settings: dict[str, Any]) -> d
         "llm_dtype": settings.get("model_dtype", "float32"), "model_name": record["model"] or "",
         "k_values": settings.get("probe_k", [1, 2, 5]), "lower_vram_usage": False,
     }  # fmt: skip
+    metrics = {"llm": found["llm"], "sae": found["sae"]}
+    return _output(record, "sparse_probing", config, metrics, found["details"], None)
+
+
+def _output(
+    record: dict[str, Any], eval_type: str, config: dict[str, Any], metrics: dict[str, Any],
+    details: list[dict[str, Any]], sae_cfg: dict[str, Any] | None,
+) -> dict[str, Any]:  # fmt: skip
+    """The fields every SAEBench result file has (its `BaseEvalOutput`) around one eval's own."""
+    release, sae_id = _ids(record)
     return {
-        "eval_type_id": "sparse_probing", "eval_config": config, "eval_id": str(uuid.uuid4()),
-        "datetime_epoch_millis": int(time.time() * 1000),
-        "eval_result_metrics": {"llm": found["llm"], "sae": found["sae"]},
-        "eval_result_details": found["details"],
-        "sae_bench_commit_hash": f"gemmascope (sae_bench {SAEBENCH_VERSION} formulas)",
-        "sae_lens_id": sae_id, "sae_lens_release_id": release, "sae_lens_version": None,
-        "sae_cfg_dict": None, "eval_result_unstructured": None,
+        "eval_type_id": eval_type, "eval_config": config, "eval_id": str(uuid.uuid4()),
+        "datetime_epoch_millis": int(time.time() * 1000), "eval_result_metrics": metrics,
+        "eval_result_details": details, "sae_bench_commit_hash": WRITER, "sae_lens_id": sae_id,
+        "sae_lens_release_id": release, "sae_lens_version": None, "sae_cfg_dict": sae_cfg,
+        "eval_result_unstructured": None,
     }  # fmt: skip
 
 
@@ -312,11 +308,7 @@ def _ids(record: dict[str, Any]) -> tuple[str, str]:
 
 
 def _finite(v: Any) -> Any:
-    if v is None:
-        return -1
-    if isinstance(v, float) and not torch.isfinite(torch.tensor(v)):
-        return -1
-    return v
+    return -1 if v is None or (isinstance(v, float) and not math.isfinite(v)) else v
 
 
 def saebench_paths(
