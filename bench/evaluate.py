@@ -12,7 +12,9 @@ All on the same model and the same packed eval sequences of the default corpus, 
   quadruple the spliced work); both include SAEBench's core metrics, KL against the clean run
   included, computed on the same logits;
 - sparse probing: SAEBench's probes for the same K SAEs on the two default tasks, against its floor,
-  one forward over the same windows stopped after the deepest layer.
+  one forward over the same windows stopped after the deepest layer;
+- absorption: SAEBench's first-letter absorption for the same K SAEs, against one forward over the
+  same prompts stopped after the deepest layer (the rest is the probes, trained on the CPU).
 
 The goal is evaluate (no ablations) / (clean + K spliced) <= 1.3.
 
@@ -33,6 +35,7 @@ from torch import Tensor
 
 from gemmascope.corpus import iter_documents, pack_sequences, special_ids
 from gemmascope.evaluate import EvalConfig, evaluate_sequences, token_losses
+from gemmascope.evaluate.absorption import absorption, spelling_prompts
 from gemmascope.evaluate.passes import _clean_forward, _resume
 from gemmascope.evaluate.probing import build_tasks, sparse_probing
 from gemmascope.hooks import collect
@@ -85,6 +88,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--probe-train", type=int, default=1000)
     p.add_argument("--probe-test", type=int, default=250)
+    p.add_argument("--absorption-words", type=int, default=20_000)
     args = p.parse_args()
 
     model, tok = load_model(args.model, device=args.device)
@@ -125,6 +129,12 @@ def main() -> None:
         t_windows = timed(lambda: [collect(model, w[i : i + cfg.batch_size].to(args.device), deepest)
                                    for w in windows for i in range(0, len(w), cfg.batch_size)])  # fmt: skip
         t_probe = timed(sparse_probing, model, tok, saes, tasks, cfg, progress=False)
+    cfg = EvalConfig(absorption_words=args.absorption_words, batch_size=32)
+    prompts = spelling_prompts(tok, args.absorption_words)[0]
+    with torch.no_grad():
+        t_prompts = timed(lambda: [collect(model, _padded(prompts[i : i + 32], args.device), deepest)
+                                   for i in range(0, len(prompts), 32)])  # fmt: skip
+    t_absorb = timed(absorption, model, tok, saes, cfg, progress=False)
 
     floor = t_clean + sum(t_spliced)
     floor_abl = floor + 3 * sum(t_spliced) + t_means
@@ -143,6 +153,17 @@ def main() -> None:
         f"sparse probing, {len(tasks)} tasks:     {t_probe:8.2f} s   for {len(saes)} SAEs over "
         f"{n_windows:,} windows; forward floor {t_windows:.2f} s, ratio {t_probe / t_windows:.2f}"
     )
+    print(
+        f"absorption, {args.absorption_words:,} words: {t_absorb:8.2f} s   for {len(saes)} SAEs over "
+        f"{len(prompts):,} prompts; forward floor {t_prompts:.2f} s, ratio {t_absorb / t_prompts:.2f}"
+    )
+
+
+def _padded(prompts: list[list[int]], device: str) -> Tensor:
+    ids = torch.zeros(len(prompts), max(map(len, prompts)), dtype=torch.long)
+    for r, p in enumerate(prompts):
+        ids[r, : len(p)] = torch.tensor(p)
+    return ids.to(device)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,19 @@ def _sae(model: Any) -> SAE:
     return sae
 
 
+def _folded(sae: SAE) -> SAE:
+    """The SAE as SAEBench evaluates it: `fold_W_dec_norm` (unit decoder rows, latents scaled)."""
+    out = SAE(sae.cfg)
+    out.load_state_dict(sae.state_dict())
+    with torch.no_grad():
+        n = out.W_dec.norm(dim=1)  # (F,)
+        out.W_enc.mul_(n)
+        out.b_enc.mul_(n)
+        out.threshold.mul_(n)
+        out.W_dec.div_(n[:, None])
+    return out
+
+
 class _Hooked:
     """What SAEBench's core eval asks of a TransformerLens model, over a transformers one."""
 
@@ -97,6 +110,7 @@ def test_core_metrics_equal_saebench_on_the_same_tokens(saebench: Any) -> None:
     sae = _sae(model)
     (ours,) = evaluate_sequences(model, [sae], ids, skip_ids=SPECIAL, pad_id=0, batch_size=3,
                                  progress=False, details=True)  # fmt: skip
+    sae = _folded(sae)  # decoder rows of norm ~5: the fold changes l1 and the encoder's norms
     shim = SimpleNamespace(
         cfg=SimpleNamespace(hook_name="blocks.1.hook_resid_post", hook_head_index=None,
                             hook_layer=KEY[0], d_sae=40, architecture_str="jumprelu"),

@@ -35,11 +35,13 @@ mean-ablate the target, i.e. the MLP.
 
 Each record also carries SAEBench's core metrics under its names and definitions
 (`record["saebench"]["core"]`, see `saebench`), and `write_saebench` writes them as SAEBench's result
-files.
+files. `EvalConfig.evals` adds SAEBench's feature absorption (`record["saebench"]["absorption"]`) and
+sparse probing (`record["saebench"]["sparse_probing"]`).
 
 The modules: `config` (what an evaluation reads), `passes` (the forwards), `metrics` (running sums
-and the record of each SAE), `saebench` (SAEBench's metrics and files), `results` (the results file
-and the sources it names).
+and the record of each SAE), `saebench` (SAEBench's metrics and files), `absorption` and `probing`
+(SAEBench's absorption and sparse probing evals), `results` (the results file and the sources it
+names).
 """
 
 from gemmascope.evaluate.config import EvalConfig

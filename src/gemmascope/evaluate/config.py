@@ -34,9 +34,14 @@ class EvalConfig:
     """Also run zero- and mean-ablation (for the fraction of loss recovered)."""
     ce_chunk: int = option(512, ge=1)
     """Positions per cross-entropy and KL chunk (memory ~ 3 x chunk x vocab x 4 B)."""
-    evals: list[Literal["core", "sparse_probing"]] = option(default_factory=lambda: ["core"])
-    """Which evaluations: `core` (always: L0, FVU, delta LM loss and SAEBench's core metrics) and
-    `sparse_probing` (SAEBench's k-sparse probes on labelled text)."""
+    evals: list[Literal["core", "absorption", "sparse_probing"]] = option(
+        default_factory=lambda: ["core"]
+    )
+    """Which evaluations: `core` (always: L0, FVU, delta LM loss and SAEBench's core metrics),
+    `absorption` (SAEBench's first-letter feature absorption) and `sparse_probing` (SAEBench's
+    k-sparse probes on labelled text)."""
+    absorption_words: Count = option(20_000, ge=100)
+    """Single-token words drawn from the vocabulary for absorption (80% train its probes)."""
     probe_tasks: list[str] = option(default_factory=lambda: ["brown_genre", "source"])
     """Sparse probing tasks: `brown_genre`, `source`, or .jsonl/.parquet files or Hugging Face
     datasets with a text and a `label` column."""

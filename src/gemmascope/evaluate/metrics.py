@@ -120,10 +120,12 @@ class Sums:
     core: CoreSums = field(default_factory=lambda: CoreSums(0))  # SAEBench's sums
 
     @classmethod
-    def new(cls, d: int, d_sae: int) -> Sums:
-        z = torch.zeros(d, dtype=torch.float64)
-        return cls(sum_x=z, sum_r=z.clone(), fired=torch.zeros(d_sae, dtype=torch.int64),
-                   core=CoreSums(d_sae))  # fmt: skip
+    def new(cls, sae: Any) -> Sums:
+        z = torch.zeros(sae.cfg.d_in, dtype=torch.float64)
+        weights = _weights(sae)
+        dec_norm = None if weights is None else weights[1].detach().double().norm(dim=1)  # (F,)
+        return cls(sum_x=z, sum_r=z.clone(), fired=torch.zeros(sae.cfg.d_sae, dtype=torch.int64),
+                   core=CoreSums(sae.cfg.d_sae, dec_norm))  # fmt: skip
 
 
 @dataclass

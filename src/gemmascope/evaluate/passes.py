@@ -103,6 +103,10 @@ def evaluate(
             f"sequences of {cfg.context_size}, fewer than the {cfg.tokens:,} asked for; ask for at "
             f"most {have:,} tokens or use a bigger corpus"
         )
+    if "absorption" in cfg.evals:  # refused before any forward when the vocabulary cannot spell
+        from gemmascope.evaluate.absorption import check_spelling
+
+        check_spelling(tokenizer)
     tasks = []
     if "sparse_probing" in cfg.evals:  # built first: a bad task is refused before any forward
         from gemmascope.evaluate.probing import build_tasks, sparse_probing
@@ -113,6 +117,14 @@ def evaluate(
         batch_size=cfg.batch_size, ablations=cfg.ablations, ce_chunk=cfg.ce_chunk,
         model_name=cfg.model, progress=progress, details=details,
     )  # fmt: skip
+    if "absorption" in cfg.evals:
+        from gemmascope.evaluate.absorption import absorption
+
+        with _eval_mode(saes):
+            found = absorption(model, tokenizer, per_layer(saes), cfg, progress=progress)
+        for r, result in zip(records, found, strict=True):
+            if result is not None:
+                r["saebench"]["absorption"] = result
     if tasks:
         with _eval_mode(saes):
             found = sparse_probing(model, tokenizer, per_layer(saes), tasks, cfg, progress=progress)
@@ -164,7 +176,7 @@ def evaluate_sequences(
     sites = sorted({target for _, target in keys})  # where SAEs write: spliced and ablated
     kinds = ("zero", "mean", "zero_all") if ablations else ()
     run = Totals(
-        stats=[Sums.new(sae.cfg.d_in, sae.cfg.d_sae) for sae in saes],
+        stats=[Sums.new(sae) for sae in saes],
         ablated={(k, kind): Scores() for k in sites for kind in kinds},
     )
     # forwards per batch: the site means (ablations only), the clean one, one per SAE and ablation

@@ -10,6 +10,10 @@ BOS/EOS/pad), with x the activation (a transcoder's target), x_hat the SAE's out
 - `ce_loss_*`: mean next-token cross-entropy over kept positions that have a next token;
   `ce_loss_score` = (ce_ablation - ce_sae) / (ce_ablation - ce_clean).
 - `l0`, `l1`: token means of the count and of the plain sum (not |.|) of the latents.
+
+SAEBench folds each decoder row's norm into its latent before it evaluates (`fold_W_dec_norm`: latent
+i times ||W_dec[i]||, decoder rows of unit norm), so `l1`, `encoder_norm` and `encoder_bias` are
+those of the folded SAE; nothing else depends on the scale of a latent.
 - `l2_norm_in`, `l2_norm_out`: token means of ||x||, ||x_hat||; `l2_ratio` the token mean of
   ||x_hat|| / ||x|| (||x|| < 1e-4 counts as 1); `relative_reconstruction_bias` the mean over batches
   of mean_b ||x_hat||^2 / mean_b <x, x_hat>.
@@ -74,6 +78,9 @@ class CoreSums:
     """SAEBench's running sums for one SAE (float64 where they grow)."""
 
     d_sae: int
+    dec_norm: Tensor | None = (
+        None  # (F,) ||W_dec[i]||: SAEBench's latents are those of the folded SAE
+    )
     n: int = 0
     batches: int = 0
     l1: float = 0.0
@@ -107,7 +114,8 @@ class CoreSums:
         self.n += n
         self.batches += 1
         self.d = x.shape[-1]
-        self.l1 += float(z.double().sum())
+        scale = None if self.dec_norm is None else self.dec_norm.to(z.device)
+        self.l1 += float(z.double().sum() if scale is None else (z.double() @ scale).sum())
         self.l2_in += float(norm_in.sum())
         self.l2_out += float(norm_out.sum())
         self.l2_ratio += float((norm_out / torch.where(norm_in.abs() < 1e-4, 1.0, norm_in)).sum())
@@ -190,7 +198,8 @@ def core_metrics(
 
 def latent_details(st: CoreSums, weights: tuple[Tensor, Tensor, Tensor] | None) -> dict[str, list]:
     """SAEBench's per-latent `eval_result_details` as parallel lists: density and consistency from
-    the run, encoder bias and norm, encoder-decoder cosine and max cosines from the weights."""
+    the run, encoder bias and norm (of the folded SAE), encoder-decoder cosine and max cosines from
+    the weights."""
     density = st.fired.double() / max(st.n, 1)
     out: dict[str, list] = {
         "feature_density": density.tolist(),
@@ -198,8 +207,9 @@ def latent_details(st: CoreSums, weights: tuple[Tensor, Tensor, Tensor] | None) 
     }
     if weights is not None:
         enc, dec, b_enc = (w.detach().float().cpu() for w in weights)
+        fold = dec.norm(dim=1)  # (F,)
         out.update(
-            encoder_bias=b_enc.tolist(), encoder_norm=enc.norm(dim=0).tolist(),
+            encoder_bias=(b_enc * fold).tolist(), encoder_norm=(enc.norm(dim=0) * fold).tolist(),
             encoder_decoder_cosine_sim=F.cosine_similarity(enc.T, dec, dim=-1).tolist(),
             max_encoder_cosine_sim=max_cosine(enc, every=True).tolist(),
             max_decoder_cosine_sim=max_cosine(dec.T, every=True).tolist(),
@@ -272,6 +282,31 @@ def sparse_probing_output(record: dict[str, Any], settings: dict[str, Any]) -> d
     }  # fmt: skip
     metrics = {"llm": found["llm"], "sae": found["sae"]}
     return _output(record, "sparse_probing", config, metrics, found["details"], None)
+
+
+def absorption_output(record: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+    """A record's absorption results as SAEBench's `AbsorptionEvalOutput` (per-letter details in its
+    fields; the probes' F1 per letter in `eval_result_unstructured`)."""
+    from gemmascope.evaluate import absorption as a
+
+    found = record["saebench"]["absorption"]
+    config = {
+        "model_name": record["model"] or "", "random_seed": a.SEED, "f1_jump_threshold": a.F1_JUMP,
+        "max_k_value": a.MAX_K, "prompt_template": "{word}" + a.TEMPLATE, "prompt_token_pos": -6,
+        "llm_batch_size": settings.get("batch_size", 8),
+        "llm_dtype": settings.get("model_dtype", "float32"), "k_sparse_probe_l1_decay": 0.01,
+        "k_sparse_probe_batch_size": a.PROBE_BATCH, "k_sparse_probe_num_epochs": 50,
+        "min_GT_probe_f1": a.MIN_PROBE_F1, "min_feats_for_eval": a.MIN_LETTERS,
+        "eval_k_sparse_probe_batch_size": a.PROBE_BATCH, "precalc_k_sparse_probe_sae_acts": True,
+    }  # fmt: skip
+    fields = ("first_letter", "mean_absorption_fraction", "full_absorption_rate",
+              "num_full_absorption", "num_probe_true_positives", "num_split_features")  # fmt: skip
+    details = [{k: _finite(row[k]) for k in fields} for row in found["details"]]
+    out = _output(record, "absorption_first_letter", config, {"mean": found["mean"]}, details, None)
+    out["eval_result_unstructured"] = {
+        "words": settings.get("absorption_words"), "probe_f1": dict(zip(a.LETTERS, found["probe_f1"], strict=True))
+    }  # fmt: skip
+    return out
 
 
 def _output(
@@ -350,14 +385,16 @@ def write_saebench(
     atomically; a file of the same name that gemmascope did not write is refused, not replaced."""
     from gemmascope.common.files import write_json
 
-    evals = (
-        [e for e in ("core", "sparse_probing") if e in records[0]["saebench"]] if records else []
-    )
-    paths = saebench_paths(folder, records, evals)
-    outputs = [
-        core_output(r, settings, cfg) if kind == "core" else sparse_probing_output(r, settings)
-        for kind in evals for r, cfg in zip(records, sae_cfgs, strict=True)
-    ]  # fmt: skip
-    for path, out in zip(paths, outputs, strict=True):
-        write_json(path, out)
-    return paths
+    written = []
+    for kind in ("core", "absorption", "sparse_probing"):
+        # absorption: not for transcoders, nor where too few letters have a probe (no metrics)
+        pairs = [(r, cfg) for r, cfg in zip(records, sae_cfgs, strict=True)
+                 if r["saebench"].get(kind) is not None and r["saebench"][kind].get("mean") != {}]  # fmt: skip
+        paths = saebench_paths(folder, [r for r, _ in pairs], [kind])
+        for path, (r, cfg) in zip(paths, pairs, strict=True):
+            out = (core_output(r, settings, cfg) if kind == "core" else
+                   absorption_output(r, settings) if kind == "absorption" else
+                   sparse_probing_output(r, settings))  # fmt: skip
+            write_json(path, out)
+            written.append(path)
+    return written

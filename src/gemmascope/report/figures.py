@@ -18,17 +18,25 @@ METRICS: list[tuple[str, str]] = [
     ("cossim", "cossim"), ("l2_ratio", "l2_ratio"),
     ("relative_reconstruction_bias", "relative reconstruction bias"), ("frac_alive", "frac_alive"),
     ("freq_over_1_percent", "freq_over_1_percent"),
+    ("mean_absorption_fraction_score", "absorption fraction"),
+    ("mean_full_absorption_score", "full absorption"),
+    ("sae_top_1_test_accuracy", "sparse probing top-1 accuracy"),
 ]  # fmt: skip
-"""What the L0 figures plot: our metrics and SAEBench's core ones (looked up under `saebench`)."""
+"""What the L0 figures plot: our metrics and SAEBench's (looked up under `saebench`); a metric no
+record has is left out."""
 
 
 def metric(r: Record, name: str) -> float | None:
-    """A record's metric: ours at the top level, else SAEBench's core metric of that name."""
+    """A record's metric: ours at the top level, else SAEBench's of that name (core categories,
+    absorption's means, sparse probing's SAE accuracies)."""
     if r.get(name) is not None:
         return r[name]
-    for category in ((r.get("saebench") or {}).get("core") or {}).values():
-        if category.get(name) is not None:
-            return category[name]
+    found = r.get("saebench") or {}
+    groups = [*(found.get("core") or {}).values(), (found.get("absorption") or {}).get("mean") or {},
+              (found.get("sparse_probing") or {}).get("sae") or {}]  # fmt: skip
+    for group in groups:
+        if group.get(name) is not None:
+            return group[name]
     return None
 
 

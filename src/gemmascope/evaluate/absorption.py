@@ -1,0 +1,376 @@
+"""Feature absorption, SAEBench's `absorption_first_letter` eval, in the model's own forwards.
+
+A word that starts with "s" should light the SAE's "starts with s" latent. Absorption is when it
+does not, and a more specific latent (say "short") carries the first-letter direction instead. The
+steps are SAEBench's (David Chanin's metric, Demian Till's absorption fraction):
+
+1. Prompts `{word} has the first letter: {LETTER}` (words: single tokens of letters only, one leading
+   space allowed, SAEBench's `get_alpha_tokens`) with the words of the same split as in-context
+   examples; the activation at each word's token, at the site the SAE reads.
+2. A linear probe per letter on the activations (one-vs-rest logistic regression, SAEBench's
+   `train_multi_probe`: Adam, lr 1e-2 decaying to 1e-5, weight decay 1e-4, class-balanced BCE); a
+   letter counts when its probe's test F1 exceeds 0.6, and at least 20 letters must count.
+3. Per SAE: an L1-penalised probe on the latents; per letter the latents with the k largest weights
+   (k = 1..10) refit with scikit-learn; the letter's main latents are the largest k whose test F1
+   still rose by more than 0.03 at each step (feature splitting).
+4. For each test word of a letter that the probe detects: the probe direction's projection of the
+   activation, a, and of each latent, act_i * cos(probe, W_dec[i]). The absorption fraction is the
+   share of a carried by up to 3 other latents (cos >= 0.1) once the main latents fall short, if
+   they carry at least 40% of a; full absorption is when no main latent fires and the single top
+   projecting latent (cos >= 0.025) carries at least 40% of a. Means per letter, then over letters.
+
+Where ours differs from sae_bench 0.6.0, for cost on a CPU: it prompts with 10 examples and reads
+the last word only, over the whole vocabulary (~140k words for Gemma 3); we read every word of a
+prompt of 11 (its context the examples before it), over `absorption_words` words, and train the probe
+with batches of 1,024 instead of 4,096, so that it takes as many steps on fewer words. Prompts are
+built from token ids, so each word is exactly one token; SAEBench re-prompts the test words for
+step 4, we reuse their activations from step 1 (the same distribution). Absorption is defined for SAEs
+that reconstruct what they read; transcoders and CLT layers get no absorption result.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from gemmascope.common.progress import progress_bar
+from gemmascope.hooks import collect
+from gemmascope.models import SiteKey
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+TEMPLATE = " has the first letter:"
+"""What follows each word (SAEBench's `{word} has the first letter:`), then ` {LETTER}` and a newline."""
+WORDS_PER_PROMPT = 11
+TRAIN_SHARE = 0.8
+SEED = 42
+MAX_K = 10
+F1_JUMP = 0.03
+MIN_PROBE_F1 = 0.6
+MIN_LETTERS = 20
+FULL_COS = 0.025
+FRACTION_COS = 0.1
+PROJECTION_SHARE = 0.4
+MAX_ABSORBERS = 3
+PROBE_BATCH = 1024
+EPS = 1e-8
+
+
+# ---------------------------------------------------------------- words and their activations
+def spelling_vocab(tokenizer: Any) -> list[tuple[str, int]]:
+    """(word, token id) of every token that decodes to letters only, one leading space allowed."""
+    out = []
+    for token, i in sorted(tokenizer.get_vocab().items(), key=lambda t: t[1]):
+        word = tokenizer.convert_tokens_to_string([token])
+        if token.startswith("\u2581") and not word.startswith(" "):
+            word = " " + word  # SentencePiece's word-start marker, as SAEBench restores it
+        body = word[1:] if word.startswith(" ") else word
+        if body and body.isascii() and body.isalpha():
+            out.append((word, i))
+    return out
+
+
+def check_spelling(tokenizer: Any) -> list[tuple[str, int]]:
+    """The spelling vocabulary, refused (before any forward) when it is too small to probe."""
+    vocab = spelling_vocab(tokenizer)
+    if len(vocab) < 10 * WORDS_PER_PROMPT:
+        raise ValueError(
+            f"the tokenizer has {len(vocab)} single-token words of letters only; absorption needs "
+            f"at least {10 * WORDS_PER_PROMPT} (it probes which letter a word starts with); leave "
+            "`absorption` out of --evals for this model"
+        )
+    return vocab
+
+
+def first_letter(word: str) -> int:
+    return LETTERS.index(word.strip()[0].lower())
+
+
+@dataclass
+class Spelling:
+    """Words in first-letter prompts and the activation at each word's token."""
+
+    words: list[str]  # [n]
+    letters: Tensor  # [n] 0..25
+    train: Tensor  # [n] bool
+    acts: dict[SiteKey, Tensor]  # [n, d] float32
+
+
+def spelling_prompts(
+    tokenizer: Any, n_words: int, seed: int = SEED
+) -> tuple[list[list[int]], list[list[int]], list[list[str]], list[bool]]:
+    """Prompts of `WORDS_PER_PROMPT` words each as token ids, cut after their last word; the position
+    of each word; the words; whether each prompt is a training one. The first `TRAIN_SHARE` of a random draw of `n_words`
+    words trains, the rest tests, and a prompt holds words of one split only."""
+    vocab = check_spelling(tokenizer)
+    rng = random.Random(seed)
+    drawn = rng.sample(vocab, min(n_words, len(vocab)))
+    cut = int(len(drawn) * TRAIN_SHARE)
+    sep = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    tail = tokenizer(TEMPLATE, add_special_tokens=False)["input_ids"]
+    answer = {c: tokenizer(" " + c.upper(), add_special_tokens=False)["input_ids"] for c in LETTERS}
+    prompts, positions, words, train = [], [], [], []
+    for split, pool in ((True, drawn[:cut]), (False, drawn[cut:])):
+        for i in range(0, len(pool), WORDS_PER_PROMPT):
+            group = pool[i : i + WORDS_PER_PROMPT]
+            ids, at = [tokenizer.bos_token_id, *sep], []
+            for j, (word, token) in enumerate(group):
+                at.append(len(ids))
+                ids.append(token)
+                if j < len(group) - 1:
+                    ids += tail + answer[LETTERS[first_letter(word)]] + sep
+            prompts.append(ids)
+            positions.append(at)
+            words.append([w for w, _ in group])
+            train.append(split)
+    return prompts, positions, words, train
+
+
+def spelling_activations(
+    model: nn.Module, tokenizer: Any, keys: Sequence[SiteKey], *, n_words: int,
+    batch_size: int = 32, progress: bool = True,
+) -> Spelling:  # fmt: skip
+    """One forward per batch of prompts reads every `(layer, site)` of `keys` at every word."""
+    prompts, positions, words, train = spelling_prompts(tokenizer, n_words)
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    acts: dict[SiteKey, list[Tensor]] = {k: [] for k in keys}
+    bar = progress_bar(len(prompts), unit="prompt", desc="absorption prompts", enabled=progress)
+    with torch.no_grad(), bar:
+        for b in range(0, len(prompts), batch_size):
+            chunk = prompts[b : b + batch_size]
+            width = max(map(len, chunk))
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            rows, cols = [], []
+            for r, (p, at) in enumerate(zip(chunk, positions[b : b + batch_size], strict=True)):
+                ids[r, : len(p)] = torch.tensor(p)
+                mask[r, : len(p)] = 1
+                rows += [r] * len(at)
+                cols += at
+            found = collect(model, ids.to(device), list(keys), attention_mask=mask.to(device))
+            for k in keys:
+                acts[k].append(found[k][rows, cols].float().cpu())  # (words, d)
+            bar.update(len(chunk))
+    flat_words = [w for ws in words for w in ws]
+    split = [t for ws, t in zip(words, train, strict=True) for _ in ws]
+    return Spelling(
+        flat_words, torch.tensor([first_letter(w) for w in flat_words]), torch.tensor(split),
+        {k: torch.cat(v) for k, v in acts.items()},
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------- probes
+def fit_probe(
+    x: Tensor, y: Tensor, *, l1: float = 0.0, weight_decay: float = 1e-4, epochs: int = 50,
+    batch_size: int = PROBE_BATCH, lr: float = 1e-2, end_lr: float = 1e-5, seed: int = SEED,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """One-vs-rest logistic probes for 26 letters (SAEBench's `train_multi_probe`; with `l1`, its
+    `train_sparse_multi_probe`): weights `[26, D]` and biases `[26]`. `x` `[n, D]` may be sparse."""
+    g = torch.Generator().manual_seed(seed)
+    n, d = x.shape
+    target = nn.functional.one_hot(y, len(LETTERS)).float()  # (n, 26)
+    pos = target.sum(0)
+    loss_fn = nn.BCEWithLogitsLoss(pos_weight=(n - pos) / pos.clamp_min(1))
+    bound = 1 / math.sqrt(d)  # nn.Linear's initialisation
+    w = nn.Parameter((torch.rand(len(LETTERS), d, generator=g) * 2 - 1) * bound)
+    b = nn.Parameter((torch.rand(len(LETTERS), generator=g) * 2 - 1) * bound)
+    opt = torch.optim.Adam([w, b], lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, math.exp(math.log(end_lr / lr) / epochs))
+    with torch.enable_grad():
+        for _ in range(epochs):
+            order = torch.randperm(n, generator=g)
+            for i in range(0, n, batch_size):
+                idx = order[i : i + batch_size]
+                xb = x.index_select(0, idx)
+                logits = (torch.sparse.mm(xb, w.T) if xb.is_sparse else xb @ w.T) + b  # (B, 26)
+                loss = loss_fn(logits, target[idx])
+                if l1:
+                    loss = loss + l1 * w.abs().sum(-1).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            sched.step()
+    return w.detach(), b.detach()
+
+
+def f1(truth: Tensor, predicted: Tensor) -> float:
+    """scikit-learn's binary F1 (0 when nothing is predicted or true)."""
+    tp = int((truth & predicted).sum())
+    denom = int(truth.sum()) + int(predicted.sum())
+    return 2 * tp / denom if denom else 0.0
+
+
+def columns(z: Tensor, ids: Tensor) -> Tensor:
+    """Dense `[n, k]` columns `ids` of latents `z` `[n, F]`, sparse or not."""
+    return z.index_select(1, ids).to_dense() if z.is_sparse else z[:, ids]
+
+
+def k_sparse_probes(z: Tensor, y: Tensor, max_k: int = MAX_K) -> list[list[tuple[Tensor, Tensor, float]]]:  # fmt: skip
+    """Per letter, per k = 1..max_k: (latent ids, weights, bias) of SAEBench's k-sparse probe: the k
+    largest weights of an L1 probe (`fit_probe(l1=0.01)`), refit by scikit-learn's balanced
+    logistic regression."""
+    from sklearn.linear_model import LogisticRegression
+
+    w, _ = fit_probe(z, y, l1=0.01, weight_decay=1e-6)
+    out = []
+    for c in range(len(LETTERS)):
+        rows = []
+        for k in range(1, max_k + 1):
+            ids = w[c].topk(k).indices
+            fit = LogisticRegression(max_iter=500, class_weight="balanced")
+            fit.fit(columns(z, ids).numpy(), (y == c).numpy().astype(np.int64))
+            rows.append((ids, torch.tensor(fit.coef_[0]).float(), float(fit.intercept_[0])))
+        out.append(rows)
+    return out
+
+
+def main_latents(ids: list[Tensor], scores: list[float]) -> list[int]:
+    """A letter's main latents from its k-sparse probes' latent ids and test F1 per k (SAEBench's
+    feature splitting: grow k while the F1 rises by more than `F1_JUMP`)."""
+    best, split = -100.0, []
+    for latents, score in zip(ids, scores, strict=True):
+        if score <= best + F1_JUMP:
+            break
+        best, split = score, latents.tolist()
+    return split
+
+
+# ---------------------------------------------------------------- absorption
+def word_absorption(
+    x: Tensor, z: Tensor, direction: Tensor, cos: Tensor, main: list[int]
+) -> tuple[Tensor, Tensor]:
+    """Absorption fraction `[m]` and full absorption `[m]` (bool) of m words (SAEBench's
+    `FeatureAbsorptionCalculator`): activations `x` `[m, d]`, latents `z` `[m, F]`, the probe's
+    direction `[d]`, cos(probe, decoder rows) `[F]`, the letter's main latents."""
+    a = x @ (direction / direction.norm())  # (m,)
+    proj = z * cos  # (m, F)
+    main_proj = proj[:, main].sum(1)  # (m,)
+    others = torch.ones_like(cos, dtype=torch.bool)
+    others[main] = False
+    absorbers = others & (cos >= FRACTION_COS)  # (F,)
+    allowed = torch.where(absorbers & (proj > 0), proj, torch.zeros(()))  # (m, F)
+    top = allowed.topk(min(MAX_ABSORBERS, allowed.shape[1]), dim=1).values.sum(1)  # (m,)
+    absorbed = torch.minimum(top, a - main_proj)
+    fraction = (absorbed / (absorbed + main_proj)).clamp(0, 1)
+    fraction = torch.where(main_proj <= 0, torch.ones(()), fraction)
+    fraction = torch.where(
+        (main_proj >= a) | (top / a < PROJECTION_SHARE), torch.zeros(()), fraction
+    )
+    lead_proj, lead = proj.topk(1, dim=1)  # (m, 1)
+    silent = (z[:, main] < EPS).all(1) if main else torch.ones_like(a, dtype=torch.bool)
+    full = (
+        silent
+        & (cos[lead[:, 0]] >= FULL_COS)
+        & (a >= 0)
+        & (lead_proj[:, 0] / a >= PROJECTION_SHARE)
+    )
+    return fraction, full
+
+
+def absorption_scores(
+    sae: Any, data: Spelling, key: SiteKey, probe: tuple[Tensor, Tensor], probe_f1: list[float]
+) -> dict[str, Any]:
+    """SAEBench's absorption metrics of one SAE on `data` at its site `key`, given the letter probe
+    (`fit_probe` on the training words) and its test F1 per letter."""
+    x = data.acts[key]
+    train, test = data.train, ~data.train
+    z_train = _latents(sae, x[train])
+    z_test = _latents(sae, x[test])
+    y_train, y_test = data.letters[train], data.letters[test]
+    probes = k_sparse_probes(z_train, y_train)
+    w, b = probe
+    logits = x[test] @ w.T + b  # (n_test, 26)
+    decoder = sae.W_dec.detach().float().cpu()  # (F, d)
+    rows = []
+    for c, letter in enumerate(LETTERS):
+        truth = y_test == c
+        k_f1 = [f1(truth, columns(z_test, ids) @ wk + bk > 0) for ids, wk, bk in probes[c]]
+        split = main_latents([ids for ids, _, _ in probes[c]], k_f1)
+        detected = truth & (logits[:, c] > 0)
+        m = int(detected.sum())
+        if probe_f1[c] <= MIN_PROBE_F1:
+            continue
+        cos = nn.functional.cosine_similarity(w[c][None], decoder, dim=-1)  # (F,)
+        idx = detected.nonzero()[:, 0]
+        fraction, full = word_absorption(
+            x[test][idx], z_test.index_select(0, idx).to_dense(), w[c], cos, split
+        )
+        rows.append({
+            "first_letter": letter,
+            "mean_absorption_fraction": float(fraction.sum()) / m if m else math.nan,
+            "full_absorption_rate": float(full.sum()) / m if m else math.nan,
+            "num_full_absorption": int(full.sum()), "num_probe_true_positives": m,
+            "num_split_features": len(split), "probe_f1": probe_f1[c], "k_sparse_f1": k_f1,
+        })  # fmt: skip
+    means = {
+        name: [r[field] for r in rows]
+        for name, field in (("absorption_fraction_score", "mean_absorption_fraction"),
+                            ("full_absorption_score", "full_absorption_rate"),
+                            ("num_split_features", "num_split_features"))
+    }  # fmt: skip
+    metrics = {f"mean_{k}": statistics.mean(v) for k, v in means.items()} if rows else {}
+    if len(rows) > 1:
+        metrics |= {f"std_dev_{k}": statistics.stdev(v) for k, v in means.items()}
+    return {"mean": metrics, "details": rows}
+
+
+def _latents(sae: Any, x: Tensor, chunk: int = 1024) -> Tensor:
+    """The latents of `x` `[n, d]` of the SAE with its decoder norms folded in (SAEBench's
+    `fold_W_dec_norm`: latent i times ||W_dec[i]||), as a sparse COO tensor `[n, F]`."""
+    parts = []
+    fold = sae.W_dec.detach().norm(dim=1)  # (F,)
+    with torch.no_grad():
+        for i in range(0, len(x), chunk):
+            z = sae.encode(x[i : i + chunk].to(fold.device, sae.W_dec.dtype)) * fold  # (c, F)
+            parts.append(z.float().cpu().to_sparse())
+    return torch.cat(parts).coalesce()
+
+
+def absorption(
+    model: nn.Module, tokenizer: Any, items: Sequence[Any], cfg: Any, *, progress: bool = True
+) -> list[dict[str, Any] | None]:
+    """SAEBench's absorption metrics per item (an SAE, or a layer of a CLT as `passes.per_layer`
+    gives them), with `cfg` an `EvalConfig`. None for an item it does not apply to (a transcoder or
+    a CLT layer); `{"mean": {}, "reason": ...}` where too few letters have a good probe."""
+    usable = [
+        s for s in items if getattr(s.cfg, "target_site", None) is None and not hasattr(s, "clt")
+    ]
+    keys = sorted({(s.cfg.layer, s.cfg.site) for s in usable})
+    if not keys:
+        return [None] * len(items)
+    per_batch = max(1, cfg.batch_size * cfg.context_size // 96)  # prompts are ~90 tokens long
+    data = spelling_activations(model, tokenizer, keys, n_words=cfg.absorption_words,
+                                batch_size=per_batch, progress=progress)  # fmt: skip
+    probes: dict[SiteKey, tuple[tuple[Tensor, Tensor], list[float]]] = {}
+    for key in keys:
+        x, y = data.acts[key], data.letters
+        w, b = fit_probe(x[data.train], y[data.train])
+        logits = x[~data.train] @ w.T + b
+        y_test = y[~data.train]
+        probes[key] = (w, b), [f1(y_test == c, logits[:, c] > 0) for c in range(len(LETTERS))]
+    out: list[dict[str, Any] | None] = []
+    for sae in items:
+        if not any(sae is s for s in usable):
+            out.append(None)
+            continue
+        key = (sae.cfg.layer, sae.cfg.site)
+        probe, probe_f1 = probes[key]
+        good = sum(f > MIN_PROBE_F1 for f in probe_f1)
+        if good < MIN_LETTERS:
+            out.append({"mean": {}, "details": [], "probe_f1": probe_f1, "reason": (
+                f"only {good} of 26 first-letter probes at layer {key[0]} {key[1]} reach test F1 "
+                f"{MIN_PROBE_F1}; SAEBench needs {MIN_LETTERS} (try more --absorption-words, or a "
+                "layer or model that spells better)")})  # fmt: skip
+            continue
+        with torch.no_grad():
+            found = absorption_scores(sae, data, key, probe, probe_f1)
+        out.append({**found, "probe_f1": probe_f1})
+    return out
