@@ -131,6 +131,7 @@ def main() -> None:
         t_probe = timed(sparse_probing, model, tok, saes, tasks, cfg, progress=False)
     cfg = EvalConfig(absorption_words=args.absorption_words, batch_size=32)
     prompts = spelling_prompts(tok, args.absorption_words)[0]
+    saes = [sparse(sae, model, _padded(prompts[:64], args.device), skip) for sae in saes]
     with torch.no_grad():
         t_prompts = timed(lambda: [collect(model, _padded(prompts[i : i + 32], args.device), deepest)
                                    for i in range(0, len(prompts), 32)])  # fmt: skip
@@ -157,6 +158,19 @@ def main() -> None:
         f"absorption, {args.absorption_words:,} words: {t_absorb:8.2f} s   for {len(saes)} SAEs over "
         f"{len(prompts):,} prompts; forward floor {t_prompts:.2f} s, ratio {t_absorb / t_prompts:.2f}"
     )
+
+
+def sparse(sae: SAE, model: Any, ids: Tensor, skip: list[int], l0: int = 50) -> SAE:
+    """`sae` with each latent's threshold at its (1 - l0 / width) quantile over these tokens' real
+    positions (not BOS or padding), at least 0: L0 ~ l0, as a trained SAE's (absorption's cost grows
+    with the latents that fire)."""
+    key = (sae.cfg.layer, sae.cfg.site)
+    with torch.no_grad():
+        keep = ~torch.isin(ids, torch.tensor(skip, device=ids.device))  # (B, T)
+        pre = sae.pre_acts(collect(model, ids, [key])[key][keep])  # (n, F)
+        k = max(1, round(len(pre) * (1 - l0 / sae.cfg.d_sae)))
+        sae.threshold.copy_(pre.kthvalue(k, dim=0).values.clamp_min(0))
+    return sae
 
 
 def _padded(prompts: list[list[int]], device: str) -> Tensor:

@@ -14,7 +14,7 @@ import torch
 from toolenv import saebench_path
 
 from gemmascope.evaluate import absorption as A
-from gemmascope.evaluate.saebench import absorption_output
+from gemmascope.evaluate.saebench_files import absorption_output
 from gemmascope.sae import SAE, SAEConfig
 
 D = 64
@@ -24,8 +24,9 @@ S = A.LETTERS.index("s")
 
 def _letter_sae(absorbed: int) -> SAE:
     """Latent c detects letter c (decoder e_c). Latents 26.. absorb "s" on one word each: word j of
-    the absorbed ones carries e_{26+j}, which silences the "s" latent and fires latent 26+j, whose
-    decoder leans 0.8 on e_s. Decoder rows get norms 3 so that the fold matters."""
+    the absorbed ones carries e_{26+j}, which silences the "s" latent and fires latent 26+j at 2,
+    whose decoder leans 0.8 on e_s. Decoder rows have norm 3: folded (SAEBench's view), the absorber
+    carries 2 * 3 * 0.8 = 4.8 of the probe's 5; unfolded it would carry 1.6, under the 40% needed."""
     sae = SAE(SAEConfig("jumprelu", d_in=D, d_sae=26 + absorbed, layer=KEY[0], site=KEY[1]))
     with torch.no_grad():
         for c in range(26):
@@ -33,7 +34,7 @@ def _letter_sae(absorbed: int) -> SAE:
             sae.W_dec[c, c] = 3.0
         for j in range(absorbed):
             sae.W_enc[26 + j, S] = -2.0  # the "s" latent goes silent on an absorbed word
-            sae.W_enc[26 + j, 26 + j] = 1.0
+            sae.W_enc[26 + j, 26 + j] = 0.5
             sae.W_dec[26 + j, S], sae.W_dec[26 + j, 26 + j] = 2.4, 1.8  # cos 0.8 with e_s
         sae.threshold.fill_(1.0)
     return sae
@@ -60,13 +61,15 @@ def _scores(data: A.Spelling, sae: SAE) -> dict[str, Any]:
     logits = x[~data.train] @ w.T + b
     f1s = [A.f1(y[~data.train] == c, logits[:, c] > 0) for c in range(26)]
     with torch.no_grad():
-        return A.absorption_scores(sae, data, KEY, (w, b), f1s) | {"probe_f1": f1s}
+        found = A.absorption_scores(sae, data, KEY, (w, b), f1s)
+    return found | {"probe_f1": dict(zip(A.LETTERS, f1s, strict=True)),
+                    "config": A.saebench_config(len(data.words))}  # fmt: skip
 
 
 def test_planted_absorption_is_counted_exactly() -> None:
     absorbed = 6
     found = _scores(_spelling(absorbed=absorbed), _letter_sae(absorbed))
-    assert min(found["probe_f1"]) == 1.0  # the letters are planted cleanly
+    assert min(found["probe_f1"].values()) == 1.0  # the letters are planted cleanly
     rows = {r["first_letter"]: r for r in found["details"]}
     assert len(rows) == 26
     s = rows["s"]
@@ -88,13 +91,14 @@ def test_a_perfect_letter_detector_absorbs_nothing() -> None:
 
 
 def test_word_absorption_partial_fraction() -> None:
-    """Main latent carries 2 of a = 5 along the probe, one absorber (cos 1) the other 3: 3/5."""
+    """a = 5 along the probe: the main latent carries 2, an absorber (cos 1) 2, so 2 / (2 + 2). A
+    latent at cos 0.05 carrying 2.5 must not count (with it the answer would be 3/5)."""
     direction = torch.tensor([1.0, 0.0])
     cos = torch.tensor([1.0, 1.0, 0.05])  # main, absorber, a latent too far from the probe
     x = torch.tensor([[5.0, 0.0]])
-    z = torch.tensor([[2.0, 3.0, 50.0]])
+    z = torch.tensor([[2.0, 2.0, 50.0]])
     fraction, full = A.word_absorption(x, z, direction, cos, [0])
-    assert fraction.item() == pytest.approx(0.6) and not full.item()  # the main latent fired
+    assert fraction.item() == pytest.approx(0.5) and not full.item()  # the main latent fired
 
 
 def test_the_spelling_vocabulary_is_single_token_words_of_letters() -> None:
@@ -200,6 +204,29 @@ def test_main_latents_equal_saebench_feature_splitting(saebench: SimpleNamespace
     assert len({len(v) for v in ours.values()}) > 2  # splits of several sizes were compared
 
 
+def test_k_sparse_probes_equal_saebench(saebench: SimpleNamespace) -> None:
+    """SAEBench's `train_k_sparse_probes` on the same folded latents: the same latent per letter at
+    k = 1 and, refit on it, the same scikit-learn probe."""
+    data, sae = _spelling(absorbed=0), _letter_sae(0)
+    x, y = data.acts[KEY][data.train], data.letters[data.train]
+    ours = A.k_sparse_probes(A._latents(sae, x), y, max_k=1, batch_size=1024)
+    shim = SimpleNamespace(device="cpu", dtype=torch.float32, cfg=SimpleNamespace(d_sae=26),
+                           encode=lambda a: sae.encode(a) * sae.W_dec.norm(dim=1))  # fmt: skip
+    torch.manual_seed(0)
+    theirs = saebench.ksp.train_k_sparse_probes(
+        shim, [(w, c) for w, c, t in zip(data.words, data.letters.tolist(), data.train.tolist(),
+                                         strict=True) if t],
+        x, ks=[1], precalc_sae_acts=True, batch_size=1024,
+    )  # fmt: skip
+    for c in range(26):
+        ids, w, b = ours[c][0]
+        probe = theirs[1][c]
+        assert ids.tolist() == probe.feature_ids.tolist() == [c]
+        assert torch.allclose(w, probe.weight, rtol=1e-4) and b == pytest.approx(
+            float(probe.bias), rel=1e-4
+        )
+
+
 def test_letter_probe_matches_saebench_training(saebench: SimpleNamespace) -> None:
     """Our probe and SAEBench's `train_multi_probe` on the same noisy letters: the same test F1 per
     letter to within sampling noise (the shuffles differ)."""
@@ -255,24 +282,38 @@ def _letters_tokenizer() -> Any:
                                    bos_token="<bos>")  # fmt: skip
 
 
-def test_absorption_in_evaluate_on_a_tiny_model(tmp_path: Path) -> None:
-    """The whole path on a random model: prompts, forwards, probes. Its probes cannot spell, so the
-    record says why there is no score, and no SAEBench file is written for it."""
+def _letters_model() -> Any:
+    """A tiny random Gemma 3 over the `WORDS` ids of `_letters_tokenizer`."""
     from conftest import BUILDERS
     from transformers import AutoModelForCausalLM
-
-    from gemmascope.evaluate import EvalConfig, evaluate, write_saebench
-    from gemmascope.models import model_info
 
     config = BUILDERS["gemma3"]()
     config.vocab_size, config._attn_implementation = WORDS, "eager"
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).eval().requires_grad_(False)
-    tok = _letters_tokenizer()
-    d = model_info(model).site_width("resid_post")
+    return AutoModelForCausalLM.from_config(config).eval().requires_grad_(False)
+
+
+def _tiny_saes(model: Any) -> tuple[SAE, SAE]:
+    """A lossless ReLU SAE at layer 0 `resid_post`, and an MLP transcoder of layer 0."""
+    from gemmascope.models import model_info
+
+    info = model_info(model)
+    d = info.site_width("resid_post")
     sae = SAE(SAEConfig("relu", d_in=d, d_sae=2 * d, layer=0, site="resid_post"))
     sae.W_enc.data = torch.cat([torch.eye(d), -torch.eye(d)], 1)
     sae.W_dec.data = torch.cat([torch.eye(d), -torch.eye(d)], 0)
+    cfg = SAEConfig("relu", d_in=info.site_width("mlp_in"), d_sae=16, layer=0, site="mlp_in",
+                    target_site="mlp_out")  # fmt: skip
+    return sae, SAE(cfg)
+
+
+def test_absorption_in_evaluate_on_a_tiny_model(tmp_path: Path) -> None:
+    """The whole path on a random model: prompts, forwards, probes. Its probes cannot spell, so the
+    record says why there is no score, and no SAEBench file is written for it."""
+    from gemmascope.evaluate import EvalConfig, evaluate, write_saebench
+
+    model, tok = _letters_model(), _letters_tokenizer()
+    sae, _ = _tiny_saes(model)
     corpus = tmp_path / "doc.txt"
     corpus.write_text(" ".join(["ab cd ef"] * 100))
     cfg = EvalConfig(corpus=str(corpus), split="all", tokens=32, context_size=16,
@@ -301,3 +342,47 @@ def test_a_tokenizer_that_cannot_spell_is_refused_before_any_forward(
     cfg = EvalConfig(evals=["core", "absorption"], context_size=16)
     with pytest.raises(ValueError, match="single-token words of letters"):
         evaluate(build_tiny("llama"), tiny_tokenizer(), [], cfg, progress=False)
+
+
+def test_spelling_prompts_point_at_each_word() -> None:
+    tok = _letters_tokenizer()
+    prompts, positions, words, train = A.spelling_prompts(tok, 300)
+    vocab = tok.get_vocab()
+    tail = tok(A.TEMPLATE, add_special_tokens=False)["input_ids"]
+    seen = {True: set(), False: set()}
+    for p, at, ws, split in zip(prompts, positions, words, train, strict=True):
+        assert 1 <= len(ws) <= A.WORDS_PER_PROMPT and p[0] == tok.bos_token_id
+        assert [p[i] for i in at] == [vocab[w] for w in ws]  # each position holds its word
+        assert at[-1] == len(p) - 1  # cut after the last word
+        for i, w in zip(at[:-1], ws[:-1], strict=True):  # then the template and the answer
+            answer = tok(" " + w[0].upper(), add_special_tokens=False)["input_ids"]
+            assert p[i + 1 : i + 1 + len(tail) + len(answer)] == tail + answer
+        seen[split] |= set(ws)
+    assert len(seen[True]) == 240 and len(seen[False]) == 60 and not seen[True] & seen[False]
+
+
+def test_absorption_scores_every_sae_of_a_tiny_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, saebench: SimpleNamespace
+) -> None:
+    """With the probe bar lowered (a random model cannot spell), the scored path runs for an SAE,
+    a transcoder gets no result, and SAEBench's absorption file is written and validates."""
+    from pydantic import TypeAdapter
+
+    from gemmascope.evaluate import EvalConfig, write_saebench
+
+    monkeypatch.setattr(A, "MIN_LETTERS", 1)
+    monkeypatch.setattr(A, "MIN_PROBE_F1", -1.0)
+    model, tok = _letters_model(), _letters_tokenizer()
+    sae, transcoder = _tiny_saes(model)
+    cfg = EvalConfig(absorption_words=300, batch_size=2, context_size=64)
+    found, none = A.absorption(model, tok, [sae, transcoder], cfg, progress=False)
+    assert none is None
+    assert 10 <= len(found["details"]) <= 16  # the letters its 397 two-letter words start with
+    assert set(found["mean"]) >= {"mean_absorption_fraction_score", "std_dev_full_absorption_score"}
+    assert sum(r["num_probe_true_positives"] for r in found["details"]) > 0
+    record = {"model": "tiny", "source": str(tmp_path / "run"), "sae_id": "a",
+              "saebench": {"core": {}, "absorption": found}}  # fmt: skip
+    (core, path) = write_saebench(tmp_path / "bench", [record], {}, [sae.cfg.to_dict()])
+    assert path.parent.name == "absorption"
+    out = TypeAdapter(saebench.Output).validate_python(json.loads(path.read_text()))
+    assert out.eval_config.max_k_value == A.MAX_K and out.eval_result_unstructured["words"] == 300

@@ -16,7 +16,8 @@ from conftest import VOCAB, build_tiny
 from toolenv import saebench_path
 
 from gemmascope.evaluate import evaluate_sequences
-from gemmascope.evaluate.saebench import core_output, max_cosine
+from gemmascope.evaluate.saebench import max_cosine
+from gemmascope.evaluate.saebench_files import core_output
 from gemmascope.hooks import collect, splice
 from gemmascope.models import model_info
 from gemmascope.sae import SAE, SAEConfig
@@ -232,3 +233,11 @@ def test_result_files_state_the_batches_the_run_read() -> None:
     config = core_output(record, settings, {})["eval_config"]
     assert config["n_eval_reconstruction_batches"] == 2 and config["batch_size_prompts"] == 8
     assert config["context_size"] == 1024 and config["exclude_special_tokens_from_reconstruction"]
+
+
+def test_decoder_fold_is_the_row_norm_and_skips_topk() -> None:
+    from gemmascope.evaluate.saebench import decoder_fold
+
+    w = torch.tensor([[3.0, 4.0], [0.0, 2.0]])
+    assert decoder_fold(w, "jumprelu").tolist() == [5.0, 2.0]
+    assert decoder_fold(w, "topk") is None  # SAELens cannot fold TopK; SAEBench keeps it as is

@@ -318,3 +318,24 @@ def test_a_suite_made_before_a_config_field_existed_resumes(
         open_manifest(
             dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, standardize=True))
         )
+
+
+def test_the_plan_counts_absorption_and_sparse_probing() -> None:
+    from types import SimpleNamespace
+
+    from gemmascope.evaluate.absorption import PROBE_SECONDS_PER_LATENT, TOKENS_PER_WORD
+    from gemmascope.suite.plan import Rates, _extra_eval_seconds
+
+    plan = SimpleNamespace(
+        widths=[1000, 3000], target_l0s=[20, 50], sites=["resid_post"], n_layers=4
+    )
+    rates = Rates(device="cpu", body=1000.0, lm=100.0)
+    cfg = SimpleNamespace(eval_evals=["core", "absorption", "sparse_probing"],
+                          eval_absorption_words=1100, eval_probe_tasks=["a", "b"],
+                          eval_probe_train=10, eval_probe_test=5, eval_probe_context=100)  # fmt: skip
+    tokens = 1100 * TOKENS_PER_WORD + 2 * 15 * 100  # prompts and windows
+    probes = PROBE_SECONDS_PER_LATENT * 1100 / 20_000 * 2000 * 4  # 4 SAEs of mean width 2,000
+    layers = [1, 3]  # forwards stop at each layer: 2/4 and 4/4 of the model
+    want = tokens / 1000 * (2 / 4 + 4 / 4) + 2 * probes
+    assert _extra_eval_seconds(plan, layers, rates, cfg) == pytest.approx(want)
+    assert _extra_eval_seconds(plan, layers, rates, SimpleNamespace(eval_evals=["core"])) == 0

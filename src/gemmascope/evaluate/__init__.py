@@ -39,16 +39,16 @@ files. `EvalConfig.evals` adds SAEBench's feature absorption (`record["saebench"
 sparse probing (`record["saebench"]["sparse_probing"]`).
 
 The modules: `config` (what an evaluation reads), `passes` (the forwards), `metrics` (running sums
-and the record of each SAE), `saebench` (SAEBench's metrics and files), `absorption` and `probing`
-(SAEBench's absorption and sparse probing evals), `results` (the results file and the sources it
-names).
+and the record of each SAE), `saebench` (SAEBench's core metrics), `saebench_files` (its result
+files), `absorption` and `probing` (SAEBench's absorption and sparse probing evals), `results` (the
+results file and the sources it names).
 """
 
 from gemmascope.evaluate.config import EvalConfig
 from gemmascope.evaluate.metrics import DENSE_ABOVE, DENSITY_EDGES, token_losses
 from gemmascope.evaluate.passes import evaluate, evaluate_sequences
 from gemmascope.evaluate.results import expand_sources, read_results, write_results
-from gemmascope.evaluate.saebench import write_saebench
+from gemmascope.evaluate.saebench_files import write_saebench
 
 __all__ = [
     "DENSE_ABOVE",

@@ -7,25 +7,21 @@ steps are SAEBench's (David Chanin's metric, Demian Till's absorption fraction):
 1. Prompts `{word} has the first letter: {LETTER}` (words: single tokens of letters only, one leading
    space allowed, SAEBench's `get_alpha_tokens`) with the words of the same split as in-context
    examples; the activation at each word's token, at the site the SAE reads.
-2. A linear probe per letter on the activations (one-vs-rest logistic regression, SAEBench's
-   `train_multi_probe`: Adam, lr 1e-2 decaying to 1e-5, weight decay 1e-4, class-balanced BCE); a
-   letter counts when its probe's test F1 exceeds 0.6, and at least 20 letters must count.
-3. Per SAE: an L1-penalised probe on the latents; per letter the latents with the k largest weights
-   (k = 1..10) refit with scikit-learn; the letter's main latents are the largest k whose test F1
-   still rose by more than 0.03 at each step (feature splitting).
+2. A one-vs-rest logistic probe per letter (SAEBench's `train_multi_probe`); a letter counts when
+   its probe's test F1 exceeds 0.6, and at least 20 letters must count.
+3. Per SAE: k-sparse probes on the latents (k = 1..10); a letter's main latents are the largest k
+   whose test F1 still rose by more than 0.03 at each step (feature splitting).
 4. For each test word of a letter that the probe detects: the probe direction's projection of the
-   activation, a, and of each latent, act_i * cos(probe, W_dec[i]). The absorption fraction is the
+   activation, a, and of each latent of the folded SAE (`saebench.decoder_fold`), act_i *
+   cos(probe, W_dec[i]). The absorption fraction is the
    share of a carried by up to 3 other latents (cos >= 0.1) once the main latents fall short, if
    they carry at least 40% of a; full absorption is when no main latent fires and the single top
    projecting latent (cos >= 0.025) carries at least 40% of a. Means per letter, then over letters.
 
-Where ours differs from sae_bench 0.6.0, for cost on a CPU: it prompts with 10 examples and reads
-the last word only, over the whole vocabulary (~140k words for Gemma 3); we read every word of a
-prompt of 11 (its context the examples before it), over `absorption_words` words, and train the probe
-with batches of 1,024 instead of 4,096, so that it takes as many steps on fewer words. Prompts are
-built from token ids, so each word is exactly one token; SAEBench re-prompts the test words for
-step 4, we reuse their activations from step 1 (the same distribution). Absorption is defined for SAEs
-that reconstruct what they read; transcoders and CLT layers get no absorption result.
+Where ours differs from sae_bench 0.6.0, for cost on a CPU (docs/evaluation.md says why): every
+word of a prompt of 11 is a sample, over `absorption_words` words, not the last word of a prompt over
+the whole vocabulary; the probe trains with batches of 1,024, not 4,096; prompts are built from token
+ids; the test words' activations are reused for step 4. Transcoders and CLT layers get no result.
 """
 
 from __future__ import annotations
@@ -42,12 +38,12 @@ import torch
 from torch import Tensor, nn
 
 from gemmascope.common.progress import progress_bar
+from gemmascope.evaluate.saebench import decoder_fold
 from gemmascope.hooks import collect
 from gemmascope.models import SiteKey
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
-TEMPLATE = " has the first letter:"
-"""What follows each word (SAEBench's `{word} has the first letter:`), then ` {LETTER}` and a newline."""
+TEMPLATE = " has the first letter:"  # after each word, then ` {LETTER}` and a newline
 WORDS_PER_PROMPT = 11
 TRAIN_SHARE = 0.8
 SEED = 42
@@ -61,6 +57,10 @@ PROJECTION_SHARE = 0.4
 MAX_ABSORBERS = 3
 PROBE_BATCH = 1024
 EPS = 1e-8
+TOKENS_PER_WORD = 83 / 11  # BOS, newline, 11 words, 10 templates and answers: for plans
+PROBE_SECONDS_PER_LATENT = 3.7e-3
+"""For plans: seconds of probes per latent per 20,000 words on this project's 2-core CPU (measured
+by `bench/evaluate.py` on a 16k SAE at L0 ~50, 2026-12-07)."""
 
 
 # ---------------------------------------------------------------- words and their activations
@@ -213,17 +213,19 @@ def columns(z: Tensor, ids: Tensor) -> Tensor:
     return z.index_select(1, ids).to_dense() if z.is_sparse else z[:, ids]
 
 
-def k_sparse_probes(z: Tensor, y: Tensor, max_k: int = MAX_K) -> list[list[tuple[Tensor, Tensor, float]]]:  # fmt: skip
+def k_sparse_probes(
+    z: Tensor, y: Tensor, max_k: int = MAX_K, batch_size: int = PROBE_BATCH
+) -> list[list[tuple[Tensor, Tensor, float]]]:
     """Per letter, per k = 1..max_k: (latent ids, weights, bias) of SAEBench's k-sparse probe: the k
     largest weights of an L1 probe (`fit_probe(l1=0.01)`), refit by scikit-learn's balanced
-    logistic regression."""
+    logistic regression. A letter no training word starts with gets none."""
     from sklearn.linear_model import LogisticRegression
 
-    w, _ = fit_probe(z, y, l1=0.01, weight_decay=1e-6)
+    w, _ = fit_probe(z, y, l1=0.01, weight_decay=1e-6, batch_size=batch_size)
     out = []
     for c in range(len(LETTERS)):
         rows = []
-        for k in range(1, max_k + 1):
+        for k in range(1, max_k + 1) if 0 < int((y == c).sum()) < len(y) else ():
             ids = w[c].topk(k).indices
             fit = LogisticRegression(max_iter=500, class_weight="balanced")
             fit.fit(columns(z, ids).numpy(), (y == c).numpy().astype(np.int64))
@@ -288,25 +290,29 @@ def absorption_scores(
     probes = k_sparse_probes(z_train, y_train)
     w, b = probe
     logits = x[test] @ w.T + b  # (n_test, 26)
-    decoder = sae.W_dec.detach().float().cpu()  # (F, d)
+    w_dec = sae.W_dec.detach()
+    unit = nn.functional.normalize(w.to(w_dec.device, w_dec.dtype), dim=1)  # (26, d)
+    cos_all = (nn.functional.normalize(w_dec, dim=1) @ unit.T).float().cpu()  # (F, 26)
     rows = []
     for c, letter in enumerate(LETTERS):
+        if probe_f1[c] <= MIN_PROBE_F1 or not probes[c]:
+            continue
         truth = y_test == c
         k_f1 = [f1(truth, columns(z_test, ids) @ wk + bk > 0) for ids, wk, bk in probes[c]]
         split = main_latents([ids for ids, _, _ in probes[c]], k_f1)
         detected = truth & (logits[:, c] > 0)
         m = int(detected.sum())
-        if probe_f1[c] <= MIN_PROBE_F1:
+        if m == 0:  # no word to measure (an F1 above MIN_PROBE_F1 implies some)
             continue
-        cos = nn.functional.cosine_similarity(w[c][None], decoder, dim=-1)  # (F,)
+        cos = cos_all[:, c]  # (F,)
         idx = detected.nonzero()[:, 0]
         fraction, full = word_absorption(
             x[test][idx], z_test.index_select(0, idx).to_dense(), w[c], cos, split
         )
         rows.append({
             "first_letter": letter,
-            "mean_absorption_fraction": float(fraction.sum()) / m if m else math.nan,
-            "full_absorption_rate": float(full.sum()) / m if m else math.nan,
+            "mean_absorption_fraction": float(fraction.sum()) / m,
+            "full_absorption_rate": float(full.sum()) / m,
             "num_full_absorption": int(full.sum()), "num_probe_true_positives": m,
             "num_split_features": len(split), "probe_f1": probe_f1[c], "k_sparse_f1": k_f1,
         })  # fmt: skip
@@ -323,14 +329,17 @@ def absorption_scores(
 
 
 def _latents(sae: Any, x: Tensor, chunk: int = 1024) -> Tensor:
-    """The latents of `x` `[n, d]` of the SAE with its decoder norms folded in (SAEBench's
-    `fold_W_dec_norm`: latent i times ||W_dec[i]||), as a sparse COO tensor `[n, F]`."""
+    """The latents of `x` `[n, d]` of the SAE as SAEBench evaluates it (`saebench.decoder_fold`:
+    latent i times ||W_dec[i]|| in the activations' units), as a sparse COO tensor `[n, F]`."""
+    w_dec = sae.W_dec.detach() * sae.cfg.input_scale  # (F, d)
+    fold = decoder_fold(w_dec, sae.cfg.architecture)
     parts = []
-    fold = sae.W_dec.detach().norm(dim=1)  # (F,)
     with torch.no_grad():
         for i in range(0, len(x), chunk):
-            z = sae.encode(x[i : i + chunk].to(fold.device, sae.W_dec.dtype)) * fold  # (c, F)
-            parts.append(z.float().cpu().to_sparse())
+            z = sae.encode(x[i : i + chunk].to(w_dec.device, w_dec.dtype))  # (c, F)
+            if fold is not None:
+                z = z * fold.to(z.dtype)
+            parts.append(z.float().to_sparse().cpu())
     return torch.cat(parts).coalesce()
 
 
@@ -340,9 +349,7 @@ def absorption(
     """SAEBench's absorption metrics per item (an SAE, or a layer of a CLT as `passes.per_layer`
     gives them), with `cfg` an `EvalConfig`. None for an item it does not apply to (a transcoder or
     a CLT layer); `{"mean": {}, "reason": ...}` where too few letters have a good probe."""
-    usable = [
-        s for s in items if getattr(s.cfg, "target_site", None) is None and not hasattr(s, "clt")
-    ]
+    usable = [s for s in items if s.cfg.target_site is None and not hasattr(s, "clt")]
     keys = sorted({(s.cfg.layer, s.cfg.site) for s in usable})
     if not keys:
         return [None] * len(items)
@@ -364,13 +371,29 @@ def absorption(
         key = (sae.cfg.layer, sae.cfg.site)
         probe, probe_f1 = probes[key]
         good = sum(f > MIN_PROBE_F1 for f in probe_f1)
+        found: dict[str, Any] = {"mean": {}, "details": []}
         if good < MIN_LETTERS:
-            out.append({"mean": {}, "details": [], "probe_f1": probe_f1, "reason": (
+            found["reason"] = (
                 f"only {good} of 26 first-letter probes at layer {key[0]} {key[1]} reach test F1 "
                 f"{MIN_PROBE_F1}; SAEBench needs {MIN_LETTERS} (try more --absorption-words, or a "
-                "layer or model that spells better)")})  # fmt: skip
-            continue
-        with torch.no_grad():
-            found = absorption_scores(sae, data, key, probe, probe_f1)
-        out.append({**found, "probe_f1": probe_f1})
+                "layer or model that spells better)"
+            )
+        else:
+            with torch.no_grad():
+                found = absorption_scores(sae, data, key, probe, probe_f1)
+        found["probe_f1"] = dict(zip(LETTERS, probe_f1, strict=True))
+        found["config"] = saebench_config(cfg.absorption_words)
+        out.append(found)
     return out
+
+
+def saebench_config(words: int) -> dict[str, Any]:
+    """SAEBench's `AbsorptionEvalConfig` fields this run stands for (`words` is ours)."""
+    return {
+        "random_seed": SEED, "f1_jump_threshold": F1_JUMP, "max_k_value": MAX_K,
+        "prompt_template": "{word}" + TEMPLATE, "prompt_token_pos": -6,
+        "k_sparse_probe_l1_decay": 0.01, "k_sparse_probe_batch_size": PROBE_BATCH,
+        "k_sparse_probe_num_epochs": 50, "min_GT_probe_f1": MIN_PROBE_F1,
+        "min_feats_for_eval": MIN_LETTERS, "eval_k_sparse_probe_batch_size": PROBE_BATCH,
+        "precalc_k_sparse_probe_sae_acts": True, "words": words,
+    }  # fmt: skip

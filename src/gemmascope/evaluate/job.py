@@ -12,7 +12,7 @@ from gemmascope.common.devices import check_device, resolve_device
 from gemmascope.evaluate.config import EvalConfig
 from gemmascope.evaluate.passes import evaluate
 from gemmascope.evaluate.results import expand_sources, write_results
-from gemmascope.evaluate.saebench import saebench_paths, write_saebench
+from gemmascope.evaluate.saebench_files import saebench_paths, write_saebench
 
 
 @dataclass

@@ -12,7 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gemmascope.evaluate.saebench import CoreSums, Scores, core_metrics, latent_details
+from gemmascope.evaluate.saebench import (
+    CoreSums,
+    Scores,
+    core_metrics,
+    decoder_fold,
+    latent_details,
+)
 from gemmascope.models import SiteKey
 from gemmascope.sae import SAE
 
@@ -123,9 +129,9 @@ class Sums:
     def new(cls, sae: Any) -> Sums:
         z = torch.zeros(sae.cfg.d_in, dtype=torch.float64)
         weights = _weights(sae)
-        dec_norm = None if weights is None else weights[1].detach().double().norm(dim=1)  # (F,)
+        fold = None if weights is None else decoder_fold(weights[1], sae.cfg.architecture)
         return cls(sum_x=z, sum_r=z.clone(), fired=torch.zeros(sae.cfg.d_sae, dtype=torch.int64),
-                   core=CoreSums(sae.cfg.d_sae, dec_norm))  # fmt: skip
+                   core=CoreSums(sae.cfg.d_sae, fold))  # fmt: skip
 
 
 @dataclass
@@ -217,12 +223,16 @@ def record(
 
 
 def _weights(sae: Any) -> tuple[Tensor, Tensor, Tensor] | None:
-    """`W_enc [d, F]`, `W_dec [F, d]` (into its own layer, for a CLT layer) and `b_enc [F]`."""
+    """`W_enc [d, F]`, `W_dec [F, d]` (into its own layer, for a CLT layer) and `b_enc [F]`, in the
+    activations' units (an input scale C folded in: W_enc / C, W_dec * C)."""
     if hasattr(sae, "clt"):
         sae = sae.clt.layer_transcoder(sae.i)
     if not isinstance(sae, SAE):
         return None
-    return sae.W_enc, sae.W_dec, sae.b_enc
+    c = sae.cfg.input_scale
+    if c == 1.0:
+        return sae.W_enc, sae.W_dec, sae.b_enc
+    return sae.W_enc.detach() / c, sae.W_dec.detach() * c, sae.b_enc
 
 
 def _recovered(ablated: float | None, spliced: float, clean: float) -> float | None:

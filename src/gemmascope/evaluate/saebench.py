@@ -1,4 +1,4 @@
-"""SAEBench's core metrics, computed in the evaluation's own forwards, and SAEBench's result files.
+"""SAEBench's core metrics, computed in the evaluation's own forwards (its files: `saebench_files`).
 
 The formulas are those of sae_bench 0.6.0 (`evals/core/main.py`), quirks included, so our numbers
 line up with SAEBench's leaderboard. Per evaluation batch b of n_b kept positions (input token not
@@ -12,8 +12,9 @@ BOS/EOS/pad), with x the activation (a transcoder's target), x_hat the SAE's out
 - `l0`, `l1`: token means of the count and of the plain sum (not |.|) of the latents.
 
 SAEBench folds each decoder row's norm into its latent before it evaluates (`fold_W_dec_norm`: latent
-i times ||W_dec[i]||, decoder rows of unit norm), so `l1`, `encoder_norm` and `encoder_bias` are
-those of the folded SAE; nothing else depends on the scale of a latent.
+i times ||W_dec[i]||, decoder rows of unit norm; not for TopK, see `decoder_fold`), so `l1`,
+`encoder_norm` and `encoder_bias` are those of the folded SAE; nothing else depends on the scale of
+a latent.
 - `l2_norm_in`, `l2_norm_out`: token means of ||x||, ||x_hat||; `l2_ratio` the token mean of
   ||x_hat|| / ||x|| (||x|| < 1e-4 counts as 1); `relative_reconstruction_bias` the mean over batches
   of mean_b ||x_hat||^2 / mean_b <x, x_hat>.
@@ -37,12 +38,7 @@ metrics (SAEBench reads 1 batch by default), and KL uses `log_softmax` rather th
 
 from __future__ import annotations
 
-import math
-import time
-import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -78,9 +74,7 @@ class CoreSums:
     """SAEBench's running sums for one SAE (float64 where they grow)."""
 
     d_sae: int
-    dec_norm: Tensor | None = (
-        None  # (F,) ||W_dec[i]||: SAEBench's latents are those of the folded SAE
-    )
+    fold: Tensor | None = None  # (F,) `decoder_fold`: SAEBench's latents are z * fold
     n: int = 0
     batches: int = 0
     l1: float = 0.0
@@ -114,7 +108,7 @@ class CoreSums:
         self.n += n
         self.batches += 1
         self.d = x.shape[-1]
-        scale = None if self.dec_norm is None else self.dec_norm.to(z.device)
+        scale = None if self.fold is None else self.fold.to(z.device)
         self.l1 += float(z.double().sum() if scale is None else (z.double() @ scale).sum())
         self.l2_in += float(norm_in.sum())
         self.l2_out += float(norm_out.sum())
@@ -207,7 +201,7 @@ def latent_details(st: CoreSums, weights: tuple[Tensor, Tensor, Tensor] | None) 
     }
     if weights is not None:
         enc, dec, b_enc = (w.detach().float().cpu() for w in weights)
-        fold = dec.norm(dim=1)  # (F,)
+        fold = torch.ones(len(b_enc)) if st.fold is None else st.fold.float().cpu()  # (F,)
         out.update(
             encoder_bias=(b_enc * fold).tolist(), encoder_norm=(enc.norm(dim=0) * fold).tolist(),
             encoder_decoder_cosine_sim=F.cosine_similarity(enc.T, dec, dim=-1).tolist(),
@@ -215,6 +209,16 @@ def latent_details(st: CoreSums, weights: tuple[Tensor, Tensor, Tensor] | None) 
             max_decoder_cosine_sim=max_cosine(dec.T, every=True).tolist(),
         )  # fmt: skip
     return out
+
+
+def decoder_fold(w_dec: Tensor, architecture: str) -> Tensor | None:
+    """SAELens's `fold_W_dec_norm`, which SAEBench applies before it evaluates: latent i is scaled by
+    ||W_dec[i]|| (`[F]`, float64) and its decoder row becomes a unit vector. `w_dec` `[F, d]` is in
+    the activations' units (an input scale folded in). None for TopK, which SAELens cannot fold and
+    SAEBench then evaluates as it is."""
+    if architecture == "topk":
+        return None
+    return torch.linalg.vector_norm(w_dec.detach(), dim=1, dtype=torch.float64)
 
 
 def max_cosine(w: Tensor, *, every: bool = False, chunk: int = 1024) -> Tensor:
@@ -236,165 +240,3 @@ def max_cosine(w: Tensor, *, every: bool = False, chunk: int = 1024) -> Tensor:
 
 def _ratio(num: float | None, den: float | None) -> float | None:
     return None if num is None or den is None or den == 0 else num / den
-
-
-# ---------------------------------------------------------------- result files
-def core_output(
-    record: dict[str, Any], settings: dict[str, Any], sae_cfg: dict[str, Any]
-) -> dict[str, Any]:
-    """A record as SAEBench's `CoreEvalOutput` (its JSON schema): config, metrics, per-latent details.
-
-    Non-finite and missing values are written as -1, as SAEBench does for NaN."""
-    core = record["saebench"]["core"]
-    details = record.get("saebench_details") or {}
-    n = len(next(iter(details.values()), []))
-    rows = [{"index": i, **{k: _finite(v[i]) for k, v in details.items()}} for i in range(n)]
-    context, batch = settings.get("context_size", 1024), settings.get("batch_size", 8)
-    batches = math.ceil(math.ceil(settings.get("tokens", context) / context) / batch)
-    config = {
-        "model_name": record["model"] or "", "llm_dtype": settings.get("model_dtype", "float32"),
-        "batch_size_prompts": batch, "n_eval_reconstruction_batches": batches,
-        "n_eval_sparsity_variance_batches": batches,
-        "dataset": str(settings.get("corpus", "default")),
-        "context_size": context,
-        "compute_kl": True, "compute_ce_loss": True, "compute_l2_norms": True,
-        "compute_sparsity_metrics": True, "compute_variance_metrics": True,
-        "compute_featurewise_density_statistics": True,
-        "compute_featurewise_weight_based_metrics": "encoder_norm" in details,
-        "exclude_special_tokens_from_reconstruction": True, "verbose": False,
-    }  # fmt: skip
-    metrics = {cat: {k: _finite(v) for k, v in values.items()} for cat, values in core.items()}
-    return _output(record, "core", config, metrics, rows, sae_cfg)
-
-
-def sparse_probing_output(record: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
-    """A record's sparse probing results as SAEBench's `SparseProbingEvalOutput`."""
-    found = record["saebench"]["sparse_probing"]
-    config = {
-        "random_seed": 0, "dataset_names": [r["dataset_name"] for r in found["details"]],
-        "probe_train_set_size": settings.get("probe_train", 1000),
-        "probe_test_set_size": settings.get("probe_test", 250),
-        "context_length": settings.get("probe_context", 128),
-        "sae_batch_size": settings.get("batch_size", 8),
-        "llm_batch_size": settings.get("batch_size", 8),
-        "llm_dtype": settings.get("model_dtype", "float32"), "model_name": record["model"] or "",
-        "k_values": settings.get("probe_k", [1, 2, 5]), "lower_vram_usage": False,
-    }  # fmt: skip
-    metrics = {"llm": found["llm"], "sae": found["sae"]}
-    return _output(record, "sparse_probing", config, metrics, found["details"], None)
-
-
-def absorption_output(record: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
-    """A record's absorption results as SAEBench's `AbsorptionEvalOutput` (per-letter details in its
-    fields; the probes' F1 per letter in `eval_result_unstructured`)."""
-    from gemmascope.evaluate import absorption as a
-
-    found = record["saebench"]["absorption"]
-    config = {
-        "model_name": record["model"] or "", "random_seed": a.SEED, "f1_jump_threshold": a.F1_JUMP,
-        "max_k_value": a.MAX_K, "prompt_template": "{word}" + a.TEMPLATE, "prompt_token_pos": -6,
-        "llm_batch_size": settings.get("batch_size", 8),
-        "llm_dtype": settings.get("model_dtype", "float32"), "k_sparse_probe_l1_decay": 0.01,
-        "k_sparse_probe_batch_size": a.PROBE_BATCH, "k_sparse_probe_num_epochs": 50,
-        "min_GT_probe_f1": a.MIN_PROBE_F1, "min_feats_for_eval": a.MIN_LETTERS,
-        "eval_k_sparse_probe_batch_size": a.PROBE_BATCH, "precalc_k_sparse_probe_sae_acts": True,
-    }  # fmt: skip
-    fields = ("first_letter", "mean_absorption_fraction", "full_absorption_rate",
-              "num_full_absorption", "num_probe_true_positives", "num_split_features")  # fmt: skip
-    details = [{k: _finite(row[k]) for k in fields} for row in found["details"]]
-    out = _output(record, "absorption_first_letter", config, {"mean": found["mean"]}, details, None)
-    out["eval_result_unstructured"] = {
-        "words": settings.get("absorption_words"), "probe_f1": dict(zip(a.LETTERS, found["probe_f1"], strict=True))
-    }  # fmt: skip
-    return out
-
-
-def _output(
-    record: dict[str, Any], eval_type: str, config: dict[str, Any], metrics: dict[str, Any],
-    details: list[dict[str, Any]], sae_cfg: dict[str, Any] | None,
-) -> dict[str, Any]:  # fmt: skip
-    """The fields every SAEBench result file has (its `BaseEvalOutput`) around one eval's own."""
-    release, sae_id = _ids(record)
-    return {
-        "eval_type_id": eval_type, "eval_config": config, "eval_id": str(uuid.uuid4()),
-        "datetime_epoch_millis": int(time.time() * 1000), "eval_result_metrics": metrics,
-        "eval_result_details": details, "sae_bench_commit_hash": WRITER, "sae_lens_id": sae_id,
-        "sae_lens_release_id": release, "sae_lens_version": None, "sae_cfg_dict": sae_cfg,
-        "eval_result_unstructured": None,
-    }  # fmt: skip
-
-
-def output_name(record: dict[str, Any]) -> str:
-    """SAEBench's file name for a record: `{release}_{sae_id}_eval_results.json`, made path-safe."""
-    release, sae_id = _ids(record)
-    name = f"{release}_{sae_id}_eval_results.json"
-    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
-
-
-def _ids(record: dict[str, Any]) -> tuple[str, str]:
-    """(release, SAE id) of a record: the source and `sae_id`, or the source's folder and name."""
-    src = Path(str(record.get("source")))
-    release, sae_id = (
-        (src.name, record["sae_id"]) if record.get("sae_id") else (src.parent.name, src.name)
-    )
-    if record.get("cross_layer"):
-        sae_id = f"{sae_id}_layer_{record['layer']}"
-    return release or ".", sae_id
-
-
-def _finite(v: Any) -> Any:
-    return -1 if v is None or (isinstance(v, float) and not math.isfinite(v)) else v
-
-
-def saebench_paths(
-    folder: str | Path, records: list[dict[str, Any]], evals: list[str]
-) -> list[Path]:
-    """Where `write_saebench` puts each record's file of each eval (`source`, `sae_id`, `layer`,
-    `cross_layer` are read), after checking that no file there is foreign and no two records share
-    a name."""
-    from gemmascope.common.files import read_json
-
-    names = [output_name(r) for r in records]
-    if len(set(names)) < len(names):
-        raise ValueError(f"two SAEs would share a SAEBench file name in {folder}; give --sae-id")
-    paths = [Path(folder) / kind / name for kind in evals for name in names]
-    for path in paths:
-        if path.exists():
-            try:
-                ours = str(read_json(path).get("sae_bench_commit_hash", "")).startswith(
-                    "gemmascope"
-                )
-            except ValueError:
-                ours = False
-            if not ours:
-                raise FileExistsError(
-                    f"{path} exists and was not written by gemmascope; choose another "
-                    "--saebench-out folder or move the file"
-                )
-    return paths
-
-
-def write_saebench(
-    folder: str | Path,
-    records: list[dict[str, Any]],
-    settings: dict[str, Any],
-    sae_cfgs: list[dict[str, Any]],
-) -> list[Path]:
-    """Write each record (evaluated with `details=True`) as SAEBench's result file of each eval it
-    holds, `folder/{eval}/{release}_{sae_id}_eval_results.json` (SAEBench's `eval_results` layout),
-    atomically; a file of the same name that gemmascope did not write is refused, not replaced."""
-    from gemmascope.common.files import write_json
-
-    written = []
-    for kind in ("core", "absorption", "sparse_probing"):
-        # absorption: not for transcoders, nor where too few letters have a probe (no metrics)
-        pairs = [(r, cfg) for r, cfg in zip(records, sae_cfgs, strict=True)
-                 if r["saebench"].get(kind) is not None and r["saebench"][kind].get("mean") != {}]  # fmt: skip
-        paths = saebench_paths(folder, [r for r, _ in pairs], [kind])
-        for path, (r, cfg) in zip(paths, pairs, strict=True):
-            out = (core_output(r, settings, cfg) if kind == "core" else
-                   absorption_output(r, settings) if kind == "absorption" else
-                   sparse_probing_output(r, settings))  # fmt: skip
-            write_json(path, out)
-            written.append(path)
-    return written

@@ -246,8 +246,29 @@ def stage_estimates(plan: Plan, rates: Rates, cfg: Any) -> dict[str, float]:
                     plan.target_l0s
                 )
             out[f"train:{site_dir(key)}"] = steps * per_step
-        out[f"eval:{g}"] = _eval_seconds(plan, layers, cfg.eval_tokens, rates, cfg.ablations)
+        out[f"eval:{g}"] = _eval_seconds(
+            plan, layers, cfg.eval_tokens, rates, cfg.ablations
+        ) + _extra_eval_seconds(plan, layers, rates, cfg)
     return out
+
+
+def _extra_eval_seconds(plan: Plan, layers: list[int], rates: Rates, cfg: Any) -> float:
+    """Absorption and sparse probing, per layer: their forwards up to the layer (prompts of 11 words
+    at ~8 tokens a word; probing windows), and absorption's probes per SAE on the CPU."""
+    from gemmascope.evaluate.absorption import PROBE_SECONDS_PER_LATENT, TOKENS_PER_WORD
+
+    evals = getattr(cfg, "eval_evals", ["core"])
+    tokens, probes = 0.0, 0.0
+    if "absorption" in evals:
+        tokens += cfg.eval_absorption_words * TOKENS_PER_WORD
+        saes = len(plan.widths) * len(plan.target_l0s) * len(plan.sites)
+        probes = (PROBE_SECONDS_PER_LATENT * cfg.eval_absorption_words / 20_000
+                  * sum(plan.widths) / len(plan.widths) * saes)  # fmt: skip
+    if "sparse_probing" in evals:
+        windows = len(cfg.eval_probe_tasks) * (cfg.eval_probe_train + cfg.eval_probe_test)
+        tokens += windows * cfg.eval_probe_context
+    n = plan.n_layers
+    return sum(tokens / rates.body * (layer + 1) / n + probes for layer in layers)
 
 
 def _eval_seconds(
