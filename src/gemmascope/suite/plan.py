@@ -334,8 +334,10 @@ def flop_estimate(
     body = cfg.eval_tokens * layer_flops * n
     lm_rates = Rates(device=acc.name, body=rate * cfg.eval_tokens / body,
                      lm=rate * cfg.eval_tokens / (body + cfg.eval_tokens * head_flops))  # fmt: skip
-    evals = sum(
-        _eval_seconds(plan, g, cfg.eval_tokens, lm_rates, cfg.ablations) for g in plan.groups
+    evals = sum(  # absorption's probes run on the CPU, at this machine's measured rate
+        _eval_seconds(plan, g, cfg.eval_tokens, lm_rates, cfg.ablations)
+        + _extra_eval_seconds(plan, g, lm_rates, cfg)
+        for g in plan.groups
     )
     disk = 2 * len(plan.layers) * plan.cache_bytes_per_layer / acc.disk_bytes_per_s  # write + read
     return {"cache": cache, "train": train, "eval": evals, "disk": disk}
