@@ -35,9 +35,10 @@ from torch import Tensor
 
 from gemmascope.corpus import iter_documents, pack_sequences, special_ids
 from gemmascope.evaluate import EvalConfig, evaluate_sequences, token_losses
-from gemmascope.evaluate.absorption import absorption, spelling_prompts
+from gemmascope.evaluate.absorption import absorption, prompts_per_batch
 from gemmascope.evaluate.passes import _clean_forward, _resume
 from gemmascope.evaluate.probing import build_tasks, sparse_probing
+from gemmascope.evaluate.spelling import padded, spelling_prompts
 from gemmascope.hooks import collect
 from gemmascope.models import load_model, model_info, parse_layers
 from gemmascope.sae import SAE, SAEConfig
@@ -131,10 +132,13 @@ def main() -> None:
         t_probe = timed(sparse_probing, model, tok, saes, tasks, cfg, progress=False)
     cfg = EvalConfig(absorption_words=args.absorption_words, batch_size=32)
     prompts = spelling_prompts(tok, args.absorption_words)[0]
-    saes = [sparse(sae, model, _padded(prompts[:64], args.device), skip) for sae in saes]
+    pad, per = tok.pad_token_id or 0, prompts_per_batch(cfg)
+    batches = [[t.to(args.device) for t in padded(prompts[i : i + per], pad)]
+               for i in range(0, len(prompts), per)]  # fmt: skip
+    saes = [sparse(sae, model, batches[0][0][:64], skip) for sae in saes]
     with torch.no_grad():
-        t_prompts = timed(lambda: [collect(model, _padded(prompts[i : i + 32], args.device), deepest)
-                                   for i in range(0, len(prompts), 32)])  # fmt: skip
+        t_prompts = timed(lambda: [collect(model, ids, deepest, attention_mask=mask)
+                                   for ids, mask in batches])  # fmt: skip
     t_absorb = timed(absorption, model, tok, saes, cfg, progress=False)
 
     floor = t_clean + sum(t_spliced)
@@ -171,13 +175,6 @@ def sparse(sae: SAE, model: Any, ids: Tensor, skip: list[int], l0: int = 50) -> 
         k = max(1, round(len(pre) * (1 - l0 / sae.cfg.d_sae)))
         sae.threshold.copy_(pre.kthvalue(k, dim=0).values.clamp_min(0))
     return sae
-
-
-def _padded(prompts: list[list[int]], device: str) -> Tensor:
-    ids = torch.zeros(len(prompts), max(map(len, prompts)), dtype=torch.long)
-    for r, p in enumerate(prompts):
-        ids[r, : len(p)] = torch.tensor(p)
-    return ids.to(device)
 
 
 if __name__ == "__main__":

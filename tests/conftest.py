@@ -106,11 +106,13 @@ def tokens() -> torch.Tensor:
     return torch.randint(3, VOCAB, (2, 12), generator=g)
 
 
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over `VOCAB` made-up words `w3`.. (0-2: pad, eos, bos)."""
+def tiny_tokenizer(words: list[str] | None = None) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over `words` from id 3 (0-2: pad, eos, bos); by default the made-up
+    words `w3`.. of the `VOCAB` ids of the tiny models."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    words = words or [f"w{i}" for i in range(3, VOCAB)]
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, **{w: i for i, w in enumerate(words, start=3)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(

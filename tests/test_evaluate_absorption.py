@@ -14,6 +14,7 @@ import torch
 from toolenv import saebench_path
 
 from gemmascope.evaluate import absorption as A
+from gemmascope.evaluate import spelling as W
 from gemmascope.evaluate.saebench_files import absorption_output
 from gemmascope.sae import SAE, SAEConfig
 
@@ -40,7 +41,7 @@ def _letter_sae(absorbed: int) -> SAE:
     return sae
 
 
-def _spelling(per_letter: int = 400, absorbed: int = 6, seed: int = 0) -> A.Spelling:
+def _spelling(per_letter: int = 400, absorbed: int = 6, seed: int = 0) -> W.Spelling:
     """Words with activation 5 e_letter + noise outside the letters' and absorbers' dimensions;
     the first `absorbed` test words of "s" also carry 4 e_{26+j}."""
     g = torch.Generator().manual_seed(seed)
@@ -52,18 +53,11 @@ def _spelling(per_letter: int = 400, absorbed: int = 6, seed: int = 0) -> A.Spel
     hit = torch.nonzero((letters == S) & ~train)[:absorbed, 0]
     x[hit, 26 + torch.arange(absorbed)] = 4.0
     words = [f"{A.LETTERS[c]}word{i}" for i, c in enumerate(letters.tolist())]
-    return A.Spelling(words, letters, train, {KEY: x})
+    return W.Spelling(words, letters, train, {KEY: x})
 
 
-def _scores(data: A.Spelling, sae: SAE) -> dict[str, Any]:
-    x, y = data.acts[KEY], data.letters
-    w, b = A.fit_probe(x[data.train], y[data.train])
-    logits = x[~data.train] @ w.T + b
-    f1s = [A.f1(y[~data.train] == c, logits[:, c] > 0) for c in range(26)]
-    with torch.no_grad():
-        found = A.absorption_scores(sae, data, KEY, (w, b), f1s)
-    return found | {"probe_f1": dict(zip(A.LETTERS, f1s, strict=True)),
-                    "config": A.saebench_config(len(data.words))}  # fmt: skip
+def _scores(data: W.Spelling, sae: SAE) -> dict[str, Any]:
+    return A.score_sae(sae, data, A.letter_probe(data, KEY), len(data.words))
 
 
 def test_planted_absorption_is_counted_exactly() -> None:
@@ -118,7 +112,7 @@ def test_the_spelling_vocabulary_is_single_token_words_of_letters() -> None:
     inner = Tokenizer(models.WordLevel(vocab, "<pad>"))
     inner.decoder = decoders.Metaspace()  # as SentencePiece tokenizers (Gemma's) decode
     tok = PreTrainedTokenizerFast(tokenizer_object=inner, pad_token="<pad>", bos_token="<bos>")
-    assert A.spelling_vocab(tok) == [(" cat", 2), ("dog", 3), ("Ab", 7)]
+    assert W.spelling_vocab(tok) == [(" cat", 2), ("dog", 3), ("Ab", 7)]
 
 
 # ---------------------------------------------------------------- against SAEBench's own code
@@ -271,15 +265,9 @@ WORDS = 400
 
 def _letters_tokenizer() -> Any:
     """A word-level tokenizer of `WORDS` ids whose words are two letters."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from conftest import tiny_tokenizer
 
-    words = [a + b for a in A.LETTERS for b in A.LETTERS][: WORDS - 3]
-    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, **{w: i + 3 for i, w in enumerate(words)}}
-    inner = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
-    inner.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=inner, pad_token="<pad>", eos_token="<eos>",
-                                   bos_token="<bos>")  # fmt: skip
+    return tiny_tokenizer([a + b for a in A.LETTERS for b in A.LETTERS][: WORDS - 3])
 
 
 def _letters_model() -> Any:
@@ -346,12 +334,12 @@ def test_a_tokenizer_that_cannot_spell_is_refused_before_any_forward(
 
 def test_spelling_prompts_point_at_each_word() -> None:
     tok = _letters_tokenizer()
-    prompts, positions, words, train = A.spelling_prompts(tok, 300)
+    prompts, positions, words, train = W.spelling_prompts(tok, 300)
     vocab = tok.get_vocab()
-    tail = tok(A.TEMPLATE, add_special_tokens=False)["input_ids"]
+    tail = tok(W.TEMPLATE, add_special_tokens=False)["input_ids"]
     seen = {True: set(), False: set()}
     for p, at, ws, split in zip(prompts, positions, words, train, strict=True):
-        assert 1 <= len(ws) <= A.WORDS_PER_PROMPT and p[0] == tok.bos_token_id
+        assert 1 <= len(ws) <= W.WORDS_PER_PROMPT and p[0] == tok.bos_token_id
         assert [p[i] for i in at] == [vocab[w] for w in ws]  # each position holds its word
         assert at[-1] == len(p) - 1  # cut after the last word
         for i, w in zip(at[:-1], ws[:-1], strict=True):  # then the template and the answer

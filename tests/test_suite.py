@@ -323,7 +323,8 @@ def test_a_suite_made_before_a_config_field_existed_resumes(
 def test_the_plan_counts_absorption_and_sparse_probing() -> None:
     from types import SimpleNamespace
 
-    from gemmascope.evaluate.absorption import PROBE_SECONDS_PER_LATENT, TOKENS_PER_WORD
+    from gemmascope.evaluate.absorption import PROBE_SECONDS_PER_LATENT
+    from gemmascope.evaluate.spelling import TOKENS_PER_WORD
     from gemmascope.suite.plan import Rates, _extra_eval_seconds
 
     plan = SimpleNamespace(

@@ -40,8 +40,8 @@ sparse probing (`record["saebench"]["sparse_probing"]`).
 
 The modules: `config` (what an evaluation reads), `passes` (the forwards), `metrics` (running sums
 and the record of each SAE), `saebench` (SAEBench's core metrics), `saebench_files` (its result
-files), `absorption` and `probing` (SAEBench's absorption and sparse probing evals), `results` (the
-results file and the sources it names).
+files), `absorption` with `spelling` and `probing` (SAEBench's absorption and sparse probing
+evals), `results` (the results file and the sources it names).
 """
 
 from gemmascope.evaluate.config import EvalConfig

@@ -6,17 +6,17 @@ steps are SAEBench's (David Chanin's metric, Demian Till's absorption fraction):
 
 1. Prompts `{word} has the first letter: {LETTER}` (words: single tokens of letters only, one leading
    space allowed, SAEBench's `get_alpha_tokens`) with the words of the same split as in-context
-   examples; the activation at each word's token, at the site the SAE reads.
+   examples; the activation at each word's token, at the site the SAE reads (`spelling`).
 2. A one-vs-rest logistic probe per letter (SAEBench's `train_multi_probe`); a letter counts when
    its probe's test F1 exceeds 0.6, and at least 20 letters must count.
 3. Per SAE: k-sparse probes on the latents (k = 1..10); a letter's main latents are the largest k
    whose test F1 still rose by more than 0.03 at each step (feature splitting).
 4. For each test word of a letter that the probe detects: the probe direction's projection of the
    activation, a, and of each latent of the folded SAE (`saebench.decoder_fold`), act_i *
-   cos(probe, W_dec[i]). The absorption fraction is the
-   share of a carried by up to 3 other latents (cos >= 0.1) once the main latents fall short, if
-   they carry at least 40% of a; full absorption is when no main latent fires and the single top
-   projecting latent (cos >= 0.025) carries at least 40% of a. Means per letter, then over letters.
+   cos(probe, W_dec[i]). The absorption fraction is the share of a carried by up to 3 other
+   latents (cos >= 0.1) once the main latents fall short, if they carry at least 40% of a; full
+   absorption is when no main latent fires and the single top projecting latent (cos >= 0.025)
+   carries at least 40% of a. Means per letter, then over letters.
 
 Where ours differs from sae_bench 0.6.0, for cost on a CPU (docs/evaluation.md says why): every
 word of a prompt of 11 is a sample, over `absorption_words` words, not the last word of a prompt over
@@ -27,7 +27,6 @@ ids; the test words' activations are reused for step 4. Transcoders and CLT laye
 from __future__ import annotations
 
 import math
-import random
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,16 +36,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from gemmascope.common.progress import progress_bar
 from gemmascope.evaluate.saebench import decoder_fold
-from gemmascope.hooks import collect
+from gemmascope.evaluate.spelling import LETTERS, SEED, TEMPLATE, Spelling, spelling_activations
 from gemmascope.models import SiteKey
 
-LETTERS = "abcdefghijklmnopqrstuvwxyz"
-TEMPLATE = " has the first letter:"  # after each word, then ` {LETTER}` and a newline
-WORDS_PER_PROMPT = 11
-TRAIN_SHARE = 0.8
-SEED = 42
 MAX_K = 10
 F1_JUMP = 0.03
 MIN_PROBE_F1 = 0.6
@@ -57,114 +50,9 @@ PROJECTION_SHARE = 0.4
 MAX_ABSORBERS = 3
 PROBE_BATCH = 1024
 EPS = 1e-8
-TOKENS_PER_WORD = 83 / 11  # BOS, newline, 11 words, 10 templates and answers: for plans
-PROBE_SECONDS_PER_LATENT = 3.7e-3
+PROBE_SECONDS_PER_LATENT = 2.8e-3
 """For plans: seconds of probes per latent per 20,000 words on this project's 2-core CPU (measured
 by `bench/evaluate.py` on a 16k SAE at L0 ~50, 2026-12-07)."""
-
-
-# ---------------------------------------------------------------- words and their activations
-def spelling_vocab(tokenizer: Any) -> list[tuple[str, int]]:
-    """(word, token id) of every token that decodes to letters only, one leading space allowed."""
-    out = []
-    for token, i in sorted(tokenizer.get_vocab().items(), key=lambda t: t[1]):
-        word = tokenizer.convert_tokens_to_string([token])
-        if token.startswith("\u2581") and not word.startswith(" "):
-            word = " " + word  # SentencePiece's word-start marker, as SAEBench restores it
-        body = word[1:] if word.startswith(" ") else word
-        if body and body.isascii() and body.isalpha():
-            out.append((word, i))
-    return out
-
-
-def check_spelling(tokenizer: Any) -> list[tuple[str, int]]:
-    """The spelling vocabulary, refused (before any forward) when it is too small to probe."""
-    vocab = spelling_vocab(tokenizer)
-    if len(vocab) < 10 * WORDS_PER_PROMPT:
-        raise ValueError(
-            f"the tokenizer has {len(vocab)} single-token words of letters only; absorption needs "
-            f"at least {10 * WORDS_PER_PROMPT} (it probes which letter a word starts with); leave "
-            "`absorption` out of --evals for this model"
-        )
-    return vocab
-
-
-def first_letter(word: str) -> int:
-    return LETTERS.index(word.strip()[0].lower())
-
-
-@dataclass
-class Spelling:
-    """Words in first-letter prompts and the activation at each word's token."""
-
-    words: list[str]  # [n]
-    letters: Tensor  # [n] 0..25
-    train: Tensor  # [n] bool
-    acts: dict[SiteKey, Tensor]  # [n, d] float32
-
-
-def spelling_prompts(
-    tokenizer: Any, n_words: int, seed: int = SEED
-) -> tuple[list[list[int]], list[list[int]], list[list[str]], list[bool]]:
-    """Prompts of `WORDS_PER_PROMPT` words each as token ids, cut after their last word; the position
-    of each word; the words; whether each prompt is a training one. The first `TRAIN_SHARE` of a random draw of `n_words`
-    words trains, the rest tests, and a prompt holds words of one split only."""
-    vocab = check_spelling(tokenizer)
-    rng = random.Random(seed)
-    drawn = rng.sample(vocab, min(n_words, len(vocab)))
-    cut = int(len(drawn) * TRAIN_SHARE)
-    sep = tokenizer("\n", add_special_tokens=False)["input_ids"]
-    tail = tokenizer(TEMPLATE, add_special_tokens=False)["input_ids"]
-    answer = {c: tokenizer(" " + c.upper(), add_special_tokens=False)["input_ids"] for c in LETTERS}
-    prompts, positions, words, train = [], [], [], []
-    for split, pool in ((True, drawn[:cut]), (False, drawn[cut:])):
-        for i in range(0, len(pool), WORDS_PER_PROMPT):
-            group = pool[i : i + WORDS_PER_PROMPT]
-            ids, at = [tokenizer.bos_token_id, *sep], []
-            for j, (word, token) in enumerate(group):
-                at.append(len(ids))
-                ids.append(token)
-                if j < len(group) - 1:
-                    ids += tail + answer[LETTERS[first_letter(word)]] + sep
-            prompts.append(ids)
-            positions.append(at)
-            words.append([w for w, _ in group])
-            train.append(split)
-    return prompts, positions, words, train
-
-
-def spelling_activations(
-    model: nn.Module, tokenizer: Any, keys: Sequence[SiteKey], *, n_words: int,
-    batch_size: int = 32, progress: bool = True,
-) -> Spelling:  # fmt: skip
-    """One forward per batch of prompts reads every `(layer, site)` of `keys` at every word."""
-    prompts, positions, words, train = spelling_prompts(tokenizer, n_words)
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    acts: dict[SiteKey, list[Tensor]] = {k: [] for k in keys}
-    bar = progress_bar(len(prompts), unit="prompt", desc="absorption prompts", enabled=progress)
-    with torch.no_grad(), bar:
-        for b in range(0, len(prompts), batch_size):
-            chunk = prompts[b : b + batch_size]
-            width = max(map(len, chunk))
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            rows, cols = [], []
-            for r, (p, at) in enumerate(zip(chunk, positions[b : b + batch_size], strict=True)):
-                ids[r, : len(p)] = torch.tensor(p)
-                mask[r, : len(p)] = 1
-                rows += [r] * len(at)
-                cols += at
-            found = collect(model, ids.to(device), list(keys), attention_mask=mask.to(device))
-            for k in keys:
-                acts[k].append(found[k][rows, cols].float().cpu())  # (words, d)
-            bar.update(len(chunk))
-    flat_words = [w for ws in words for w in ws]
-    split = [t for ws, t in zip(words, train, strict=True) for _ in ws]
-    return Spelling(
-        flat_words, torch.tensor([first_letter(w) for w in flat_words]), torch.tensor(split),
-        {k: torch.cat(v) for k, v in acts.items()},
-    )  # fmt: skip
 
 
 # ---------------------------------------------------------------- probes
@@ -199,6 +87,26 @@ def fit_probe(
                 opt.step()
             sched.step()
     return w.detach(), b.detach()
+
+
+@dataclass
+class LetterProbe:
+    """The first-letter probe of one site, fit on the training words, and its test scores."""
+
+    w: Tensor  # [26, d]
+    b: Tensor  # [26]
+    logits: Tensor  # [n_test, 26]
+    f1: list[float]  # per letter, on the test words
+
+
+def letter_probe(data: Spelling, key: SiteKey) -> LetterProbe:
+    x, y = data.acts[key], data.letters
+    w, b = fit_probe(x[data.train], y[data.train])
+    logits = x[~data.train] @ w.T + b  # (n_test, 26)
+    y_test = y[~data.train]
+    return LetterProbe(
+        w, b, logits, [f1(y_test == c, logits[:, c] > 0) for c in range(len(LETTERS))]
+    )
 
 
 def f1(truth: Tensor, predicted: Tensor) -> float:
@@ -277,44 +185,40 @@ def word_absorption(
     return fraction, full
 
 
-def absorption_scores(
-    sae: Any, data: Spelling, key: SiteKey, probe: tuple[Tensor, Tensor], probe_f1: list[float]
-) -> dict[str, Any]:
-    """SAEBench's absorption metrics of one SAE on `data` at its site `key`, given the letter probe
-    (`fit_probe` on the training words) and its test F1 per letter."""
-    x = data.acts[key]
+def absorption_scores(sae: Any, data: Spelling, probe: LetterProbe) -> dict[str, Any]:
+    """SAEBench's absorption metrics of one SAE on `data`, given its site's letter probe."""
+    x = data.acts[sae.cfg.layer, sae.cfg.site]
     train, test = data.train, ~data.train
+    x_test = x[test]
     z_train = _latents(sae, x[train])
-    z_test = _latents(sae, x[test])
-    y_train, y_test = data.letters[train], data.letters[test]
-    probes = k_sparse_probes(z_train, y_train)
-    w, b = probe
-    logits = x[test] @ w.T + b  # (n_test, 26)
+    z_test = _latents(sae, x_test)
+    y_test = data.letters[test]
+    probes = k_sparse_probes(z_train, data.letters[train])
     w_dec = sae.W_dec.detach()
-    unit = nn.functional.normalize(w.to(w_dec.device, w_dec.dtype), dim=1)  # (26, d)
+    unit = nn.functional.normalize(probe.w.to(w_dec.device, w_dec.dtype), dim=1)  # (26, d)
     cos_all = (nn.functional.normalize(w_dec, dim=1) @ unit.T).float().cpu()  # (F, 26)
     rows = []
     for c, letter in enumerate(LETTERS):
-        if probe_f1[c] <= MIN_PROBE_F1 or not probes[c]:
+        if probe.f1[c] <= MIN_PROBE_F1 or not probes[c]:
             continue
         truth = y_test == c
         k_f1 = [f1(truth, columns(z_test, ids) @ wk + bk > 0) for ids, wk, bk in probes[c]]
         split = main_latents([ids for ids, _, _ in probes[c]], k_f1)
-        detected = truth & (logits[:, c] > 0)
+        detected = truth & (probe.logits[:, c] > 0)
         m = int(detected.sum())
         if m == 0:  # no word to measure (an F1 above MIN_PROBE_F1 implies some)
             continue
         cos = cos_all[:, c]  # (F,)
         idx = detected.nonzero()[:, 0]
         fraction, full = word_absorption(
-            x[test][idx], z_test.index_select(0, idx).to_dense(), w[c], cos, split
+            x_test[idx], z_test.index_select(0, idx).to_dense(), probe.w[c], cos, split
         )
         rows.append({
             "first_letter": letter,
             "mean_absorption_fraction": float(fraction.sum()) / m,
             "full_absorption_rate": float(full.sum()) / m,
             "num_full_absorption": int(full.sum()), "num_probe_true_positives": m,
-            "num_split_features": len(split), "probe_f1": probe_f1[c], "k_sparse_f1": k_f1,
+            "num_split_features": len(split), "probe_f1": probe.f1[c], "k_sparse_f1": k_f1,
         })  # fmt: skip
     means = {
         name: [r[field] for r in rows]
@@ -349,42 +253,48 @@ def absorption(
     """SAEBench's absorption metrics per item (an SAE, or a layer of a CLT as `passes.per_layer`
     gives them), with `cfg` an `EvalConfig`. None for an item it does not apply to (a transcoder or
     a CLT layer); `{"mean": {}, "reason": ...}` where too few letters have a good probe."""
-    usable = [s for s in items if s.cfg.target_site is None and not hasattr(s, "clt")]
+    usable = [s for s in items if _reconstructs(s)]
     keys = sorted({(s.cfg.layer, s.cfg.site) for s in usable})
     if not keys:
         return [None] * len(items)
-    per_batch = max(1, cfg.batch_size * cfg.context_size // 96)  # prompts are ~90 tokens long
     data = spelling_activations(model, tokenizer, keys, n_words=cfg.absorption_words,
-                                batch_size=per_batch, progress=progress)  # fmt: skip
-    probes: dict[SiteKey, tuple[tuple[Tensor, Tensor], list[float]]] = {}
-    for key in keys:
-        x, y = data.acts[key], data.letters
-        w, b = fit_probe(x[data.train], y[data.train])
-        logits = x[~data.train] @ w.T + b
-        y_test = y[~data.train]
-        probes[key] = (w, b), [f1(y_test == c, logits[:, c] > 0) for c in range(len(LETTERS))]
-    out: list[dict[str, Any] | None] = []
-    for sae in items:
-        if not any(sae is s for s in usable):
-            out.append(None)
-            continue
-        key = (sae.cfg.layer, sae.cfg.site)
-        probe, probe_f1 = probes[key]
-        good = sum(f > MIN_PROBE_F1 for f in probe_f1)
-        found: dict[str, Any] = {"mean": {}, "details": []}
-        if good < MIN_LETTERS:
-            found["reason"] = (
-                f"only {good} of 26 first-letter probes at layer {key[0]} {key[1]} reach test F1 "
-                f"{MIN_PROBE_F1}; SAEBench needs {MIN_LETTERS} (try more --absorption-words, or a "
-                "layer or model that spells better)"
-            )
-        else:
-            with torch.no_grad():
-                found = absorption_scores(sae, data, key, probe, probe_f1)
-        found["probe_f1"] = dict(zip(LETTERS, probe_f1, strict=True))
-        found["config"] = saebench_config(cfg.absorption_words)
-        out.append(found)
-    return out
+                                batch_size=prompts_per_batch(cfg), progress=progress)  # fmt: skip
+    probes = {key: letter_probe(data, key) for key in keys}
+    return [
+        score_sae(sae, data, probes[sae.cfg.layer, sae.cfg.site], cfg.absorption_words)
+        if _reconstructs(sae) else None
+        for sae in items
+    ]  # fmt: skip
+
+
+def prompts_per_batch(cfg: Any) -> int:
+    """Prompts (~90 tokens) per forward: as many tokens as an evaluation batch of `cfg` holds."""
+    return max(1, cfg.batch_size * cfg.context_size // 96)
+
+
+def _reconstructs(sae: Any) -> bool:
+    """An SAE that writes what it reads (not a transcoder, not a layer of a CLT)."""
+    return sae.cfg.target_site is None and not hasattr(sae, "clt")
+
+
+def score_sae(sae: Any, data: Spelling, probe: LetterProbe, words: int) -> dict[str, Any]:
+    """One SAE's absorption result: its scores, or the reason there are none (too few letters with
+    a good probe), with the probe's F1 per letter and the settings in SAEBench's names."""
+    key = (sae.cfg.layer, sae.cfg.site)
+    good = sum(f > MIN_PROBE_F1 for f in probe.f1)
+    found: dict[str, Any] = {"mean": {}, "details": []}
+    if good < MIN_LETTERS:
+        found["reason"] = (
+            f"only {good} of 26 first-letter probes at layer {key[0]} {key[1]} reach test F1 "
+            f"{MIN_PROBE_F1}; SAEBench needs {MIN_LETTERS} (try more --absorption-words, or a "
+            "layer or model that spells better)"
+        )
+    else:
+        with torch.no_grad():
+            found = absorption_scores(sae, data, probe)
+    found["probe_f1"] = dict(zip(LETTERS, probe.f1, strict=True))
+    found["config"] = saebench_config(words)
+    return found
 
 
 def saebench_config(words: int) -> dict[str, Any]:

@@ -104,7 +104,7 @@ def evaluate(
             f"most {have:,} tokens or use a bigger corpus"
         )
     if "absorption" in cfg.evals:  # refused before any forward when the vocabulary cannot spell
-        from gemmascope.evaluate.absorption import check_spelling
+        from gemmascope.evaluate.spelling import check_spelling
 
         check_spelling(tokenizer)
     tasks = []

@@ -255,7 +255,8 @@ def stage_estimates(plan: Plan, rates: Rates, cfg: Any) -> dict[str, float]:
 def _extra_eval_seconds(plan: Plan, layers: list[int], rates: Rates, cfg: Any) -> float:
     """Absorption and sparse probing, per layer: their forwards up to the layer (prompts of 11 words
     at ~8 tokens a word; probing windows), and absorption's probes per SAE on the CPU."""
-    from gemmascope.evaluate.absorption import PROBE_SECONDS_PER_LATENT, TOKENS_PER_WORD
+    from gemmascope.evaluate.absorption import PROBE_SECONDS_PER_LATENT
+    from gemmascope.evaluate.spelling import TOKENS_PER_WORD
 
     evals = getattr(cfg, "eval_evals", ["core"])
     tokens, probes = 0.0, 0.0
