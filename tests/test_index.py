@@ -15,8 +15,8 @@ from transformers import PreTrainedTokenizerFast
 
 import gemmascope
 from gemmascope.corpus import iter_documents, pack_sequences, special_ids
+from gemmascope.evaluate.feature_stats import FeatureStats
 from gemmascope.explore.index import IndexConfig, build_index, checkpoint_path
-from gemmascope.explore.stats import FeatureStats
 from gemmascope.explore.store import IndexDB
 from gemmascope.hooks import collect
 from gemmascope.sae import SAE, SAEConfig

@@ -340,3 +340,18 @@ def test_the_plan_counts_absorption_and_sparse_probing() -> None:
     want = tokens / 1000 * (2 / 4 + 4 / 4) + 2 * probes
     assert _extra_eval_seconds(plan, layers, rates, cfg) == pytest.approx(want)
     assert _extra_eval_seconds(plan, layers, rates, SimpleNamespace(eval_evals=["core"])) == 0
+
+
+def test_the_plan_counts_autointerp() -> None:
+    from types import SimpleNamespace
+
+    from gemmascope.evaluate.autointerp import ASK_SECONDS
+    from gemmascope.suite.plan import Rates, _extra_eval_seconds
+
+    plan = SimpleNamespace(widths=[1000], target_l0s=[20, 50], sites=["resid_post"], n_layers=4)
+    rates = Rates(device="cpu", body=1000.0, lm=100.0)
+    cfg = SimpleNamespace(eval_evals=["core", "autointerp"], eval_tokens=2000,
+                          eval_autointerp_latents=10)  # fmt: skip
+    asks = 3 * 10 * 2 * ASK_SECONDS  # 3 requests per latent, 2 SAEs a layer
+    want = 2000 / 1000 * (2 / 4 + 4 / 4) + 2 * asks
+    assert _extra_eval_seconds(plan, [1, 3], rates, cfg) == pytest.approx(want)

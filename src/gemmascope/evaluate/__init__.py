@@ -36,12 +36,15 @@ mean-ablate the target, i.e. the MLP.
 Each record also carries SAEBench's core metrics under its names and definitions
 (`record["saebench"]["core"]`, see `saebench`), and `write_saebench` writes them as SAEBench's result
 files. `EvalConfig.evals` adds SAEBench's feature absorption (`record["saebench"]["absorption"]`) and
-sparse probing (`record["saebench"]["sparse_probing"]`).
+sparse probing (`record["saebench"]["sparse_probing"]`) and auto-interpretation
+(`record["saebench"]["autointerp"]`).
 
 The modules: `config` (what an evaluation reads), `passes` (the forwards), `metrics` (running sums
 and the record of each SAE), `saebench` (SAEBench's core metrics), `saebench_files` (its result
-files), `absorption` with `spelling` and `probing` (SAEBench's absorption and sparse probing
-evals), `results` (the results file and the sources it names).
+files), `extras` (the evaluations after the core passes): `absorption` with `spelling`, `probing`,
+and `autointerp` with `explainer` (the LLM endpoint) and `explanations` (stored in a feature index);
+`feature_stats` (per-latent contexts, shared with the feature index), `results` (the results file
+and the sources it names).
 """
 
 from gemmascope.evaluate.config import EvalConfig

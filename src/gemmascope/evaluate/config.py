@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from gemmascope.common.config import check, option
+from gemmascope.common.config import check, nested, option
 from gemmascope.common.units import Count
 from gemmascope.corpus import EVAL_FRACTION, CorpusSplit
+from gemmascope.evaluate.explainer import ExplainerConfig
 
 
 @dataclass
@@ -34,12 +35,13 @@ class EvalConfig:
     """Also run zero- and mean-ablation (for the fraction of loss recovered)."""
     ce_chunk: int = option(512, ge=1)
     """Positions per cross-entropy and KL chunk (memory ~ 3 x chunk x vocab x 4 B)."""
-    evals: list[Literal["core", "absorption", "sparse_probing"]] = option(
+    evals: list[Literal["core", "absorption", "sparse_probing", "autointerp"]] = option(
         default_factory=lambda: ["core"]
     )
     """Which evaluations: `core` (always: L0, FVU, delta LM loss and SAEBench's core metrics),
-    `absorption` (SAEBench's first-letter feature absorption) and `sparse_probing` (SAEBench's
-    k-sparse probes on labelled text)."""
+    `absorption` (SAEBench's first-letter feature absorption), `sparse_probing` (SAEBench's
+    k-sparse probes on labelled text) and `autointerp` (an LLM explains latents and is scored on
+    predicting them from its explanation)."""
     absorption_words: Count = option(20_000, ge=100)
     """Single-token words drawn from the vocabulary for absorption (80% train its probes)."""
     probe_tasks: list[str] = option(default_factory=lambda: ["brown_genre", "source"])
@@ -53,6 +55,10 @@ class EvalConfig:
     """Tokens per probing window, BOS included (SAEBench: 128)."""
     probe_k: list[int] = option(default_factory=lambda: [1, 2, 5], ge=1)
     """Latents (dimensions) kept by the k-sparse probes (SAEBench: 1, 2, 5)."""
+    autointerp_latents: int = option(50, ge=1)
+    """Latents explained and scored per SAE, drawn among the live ones (SAEBench: 1,000)."""
+    explainer: ExplainerConfig = nested(ExplainerConfig, prefix="explainer")
+    """The LLM behind auto-interpretation."""
 
     def __post_init__(self) -> None:
         check(self)

@@ -31,6 +31,9 @@ class EvalJob:
     """Torch device: cpu, cuda, cuda:N, mps, or auto (a GPU if there is one)."""
     saebench_out: Path | None = None
     """Also write SAEBench's result files here (`core/{release}_{sae_id}_eval_results.json`)."""
+    index: Path | None = None
+    """Feature index (`gemmascope index`) of the one SAE evaluated, to store auto-interpretation's
+    explanations and scores in for the explorer."""
     eval: EvalConfig = nested(EvalConfig)
     """The text and the passes."""
 
@@ -40,6 +43,9 @@ class EvalJob:
         if not self.sources:
             raise ValueError("no SAEs to evaluate: name at least one file, folder or repo")
         inherit(self, "eval")
+        if self.index is not None and "autointerp" not in self.eval.evals:
+            raise ValueError("--index stores auto-interpretation's explanations: add autointerp "
+                             "to --evals, or leave --index out")  # fmt: skip
 
 
 def run_eval(job: EvalJob) -> list[dict[str, Any]]:
@@ -58,8 +64,16 @@ def run_eval(job: EvalJob) -> list[dict[str, Any]]:
             {"source": src, "sae_id": sid, "layer": sae.cfg.layer + i, "cross_layer": isinstance(sae, CLT)}
             for (src, sid), sae, i in per_layer
         ], job.eval.evals)  # fmt: skip
+    if job.index is not None:
+        from gemmascope.evaluate.explanations import check_index
+
+        if len(per_layer) != 1:
+            raise ValueError(f"--index names one SAE's index; {len(per_layer)} SAEs (or CLT layers) "
+                             "are evaluated here: evaluate that SAE alone")  # fmt: skip
+        cfg = per_layer[0][1].cfg
+        check_index(job.index, cfg.layer, cfg.site, cfg.d_sae)
     lm, tokenizer = load_model(job.model, device=device)
-    skipped = ("sources", "out", "sae_id", "saebench_out")
+    skipped = ("sources", "out", "sae_id", "saebench_out", "index")
     settings = {k: v for k, v in flat(job).items() if k not in skipped}
     print(f"evaluating {len(saes)} SAE(s): {settings}", file=sys.stderr)
     details = job.saebench_out is not None
@@ -72,4 +86,10 @@ def run_eval(job: EvalJob) -> list[dict[str, Any]]:
         for record in records:
             del record["saebench_details"]
     write_results(job.out, records, settings)
+    if job.index is not None:
+        from gemmascope.evaluate.explanations import store_explanations
+
+        found = records[0]["saebench"]["autointerp"]
+        n = store_explanations(job.index, found["details"], found["explainer"])
+        print(f"{n} explanations stored in {job.index}", file=sys.stderr)
     return records

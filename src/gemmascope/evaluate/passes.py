@@ -17,6 +17,7 @@ from gemmascope.clt import CLT
 from gemmascope.common.progress import progress_bar
 from gemmascope.corpus import iter_documents, pack_sequences, special_ids
 from gemmascope.evaluate.config import EvalConfig
+from gemmascope.evaluate.extras import extra_evals
 from gemmascope.evaluate.metrics import Sums, Totals, accumulate, logit_scores, record
 from gemmascope.evaluate.saebench import Scores
 from gemmascope.hooks import collect, run_from, run_until_head, splice
@@ -51,6 +52,10 @@ class _CLTLayer:
             cache[id(clt)] = z, clt.decode(z) + clt.skip(x)  # (n, L, d)
         z, y_hat = cache[id(clt)]
         return z[:, self.i], y_hat[:, self.i]
+
+    def encode(self, x: Tensor) -> Tensor:
+        """This layer's latents from its own input alone (earlier layers only add to its output)."""
+        return self.clt.encode_layer(x, self.i)
 
 
 def per_layer(saes: Sequence[SAE | CLT]) -> list[SAE | _CLTLayer]:
@@ -103,33 +108,17 @@ def evaluate(
             f"sequences of {cfg.context_size}, fewer than the {cfg.tokens:,} asked for; ask for at "
             f"most {have:,} tokens or use a bigger corpus"
         )
-    if "absorption" in cfg.evals:  # refused before any forward when the vocabulary cannot spell
-        from gemmascope.evaluate.spelling import check_spelling
-
-        check_spelling(tokenizer)
-    tasks = []
-    if "sparse_probing" in cfg.evals:  # built first: a bad task is refused before any forward
-        from gemmascope.evaluate.probing import build_tasks, sparse_probing
-
-        tasks = build_tasks(cfg, tokenizer)
-    records = evaluate_sequences(
-        model, saes, sequences, skip_ids=special_ids(tokenizer), pad_id=tokenizer.pad_token_id,
-        batch_size=cfg.batch_size, ablations=cfg.ablations, ce_chunk=cfg.ce_chunk,
-        model_name=cfg.model, progress=progress, details=details,
-    )  # fmt: skip
-    if "absorption" in cfg.evals:
-        from gemmascope.evaluate.absorption import absorption
-
+    with extra_evals(model, tokenizer, cfg, progress) as run_extras:  # bad settings refused here
+        records = evaluate_sequences(
+            model, saes, sequences, skip_ids=special_ids(tokenizer),
+            pad_id=tokenizer.pad_token_id, batch_size=cfg.batch_size, ablations=cfg.ablations,
+            ce_chunk=cfg.ce_chunk, model_name=cfg.model, progress=progress, details=details,
+        )  # fmt: skip
         with _eval_mode(saes):
-            found = absorption(model, tokenizer, per_layer(saes), cfg, progress=progress)
-        for r, result in zip(records, found, strict=True):
-            if result is not None:
-                r["saebench"]["absorption"] = result
-    if tasks:
-        with _eval_mode(saes):
-            found = sparse_probing(model, tokenizer, per_layer(saes), tasks, cfg, progress=progress)
-        for r, result in zip(records, found, strict=True):
-            r["saebench"]["sparse_probing"] = result
+            for name, found in run_extras(per_layer(saes), sequences):
+                for r, result in zip(records, found, strict=True):
+                    if result is not None:
+                        r["saebench"][name] = result
     return records
 
 

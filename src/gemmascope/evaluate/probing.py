@@ -200,10 +200,7 @@ def mean_features(
             dense[k].append(((acts[k] * keep[..., None]).sum(1) / count).float().cpu())  # (B, d)
         for j, sae in enumerate(saes):
             x = acts[sae.cfg.layer, sae.cfg.site]  # (B, T, d)
-            if hasattr(sae, "clt"):  # a layer of a cross-layer transcoder
-                z = sae.clt.encode_layer(x, sae.i)
-            else:
-                z = sae.encode(x)  # (B, T, F)
+            z = sae.encode(x)  # (B, T, F)
             latents[j].append(((z * keep[..., None]).sum(1) / count).float().cpu())  # (B, F)
         bar.update(len(batch))
     return {k: torch.cat(v) for k, v in dense.items()}, [torch.cat(v) for v in latents]

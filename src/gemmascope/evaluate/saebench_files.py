@@ -75,6 +75,37 @@ def absorption_output(record: dict[str, Any], settings: dict[str, Any]) -> dict[
     return out
 
 
+def autointerp_output(record: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+    """A record's auto-interpretation as SAEBench's `AutoInterpEvalOutput`; per-latent
+    explanations and scores, the explainer and our balanced accuracies in
+    `eval_result_unstructured` (where SAEBench keeps its per-latent results)."""
+    from gemmascope.evaluate import autointerp as ai
+
+    found = record["saebench"]["autointerp"]
+    bands = ai.BANDS
+    config = {
+        "model_name": record["model"] or "", "n_latents": found["latents"],
+        "override_latents": None, "dead_latent_threshold": ai.ALIVE_ABOVE,
+        "random_seed": ai.SEED, "dataset_name": str(settings.get("corpus", "default")),
+        "llm_context_size": settings.get("context_size", 1024),
+        "llm_batch_size": settings.get("batch_size", 8),
+        "llm_dtype": settings.get("model_dtype", "float32"), "buffer": ai.WINDOW,
+        "no_overlap": True, "act_threshold_frac": ai.THRESHOLD_FRAC,
+        "total_tokens": settings.get("tokens", 0), "scoring": True,
+        "max_tokens_in_explanation": ai.EXPLANATION_TOKENS, "use_demos_in_explanation": False,
+        "n_top_ex_for_generation": ai.TOP_EXPLAIN, "n_iw_sampled_ex_for_generation": bands,
+        "n_top_ex_for_scoring": ai.TOP_SCORE, "n_random_ex_for_scoring": ai.RANDOM_SCORE,
+        "n_iw_sampled_ex_for_scoring": bands,
+    }  # fmt: skip
+    metrics = {
+        "autointerp": {k: _finite(found[k]) for k in ("autointerp_score", "autointerp_std_dev")}
+    }
+    out = _output(record, "autointerp", config, metrics, [], None)
+    out["eval_result_unstructured"] = {k: found[k] for k in (
+        "explainer", "detection", "fuzzing", "latents", "scored", "details")}  # fmt: skip
+    return out
+
+
 def _output(
     record: dict[str, Any], eval_type: str, config: dict[str, Any], metrics: dict[str, Any],
     details: list[dict[str, Any]], sae_cfg: dict[str, Any] | None,
@@ -152,16 +183,17 @@ def write_saebench(
     from gemmascope.common.files import write_json
 
     jobs = []
-    for kind in ("core", "absorption", "sparse_probing"):
+    writers = {"core": lambda r, cfg: core_output(r, settings, cfg),
+               "absorption": lambda r, _: absorption_output(r, settings),
+               "sparse_probing": lambda r, _: sparse_probing_output(r, settings),
+               "autointerp": lambda r, _: autointerp_output(r, settings)}  # fmt: skip
+    for kind in writers:
         # absorption: not for transcoders, nor where too few letters have a probe (no metrics)
         pairs = [(r, cfg) for r, cfg in zip(records, sae_cfgs, strict=True)
                  if r["saebench"].get(kind) is not None and r["saebench"][kind].get("mean") != {}]  # fmt: skip
         paths = saebench_paths(folder, [r for r, _ in pairs], [kind])  # refuses before any write
         jobs += [(kind, path, r, cfg) for path, (r, cfg) in zip(paths, pairs, strict=True)]
     for kind, path, r, cfg in jobs:
-        out = (core_output(r, settings, cfg) if kind == "core" else
-               absorption_output(r, settings) if kind == "absorption" else
-               sparse_probing_output(r, settings))  # fmt: skip
-        write_json(path, out)
+        write_json(path, writers[kind](r, cfg))
     written = [path for _, path, _, _ in jobs]
     return written

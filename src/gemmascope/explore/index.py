@@ -35,8 +35,8 @@ from gemmascope.common.files import atomic_file
 from gemmascope.common.progress import progress_bar
 from gemmascope.common.units import Count
 from gemmascope.corpus import CorpusSplit, fingerprint, iter_documents, pack_sequences, special_ids
+from gemmascope.evaluate.feature_stats import FeatureStats
 from gemmascope.explore.lens import logit_lens
-from gemmascope.explore.stats import FeatureStats
 from gemmascope.explore.store import FORMAT as INDEX_FORMAT
 from gemmascope.explore.store import write_index
 from gemmascope.models import check_forward, given_or_loaded

@@ -13,6 +13,8 @@ Schema (JSON columns hold compact JSON text):
              -- peak: the index of the activating token in them; sequence/position: where it came from
     vocab(id INTEGER PRIMARY KEY, text TEXT)          the decoded string of every token used above
     lens_tokens(token INTEGER, feature INTEGER, rank INTEGER)   top logit-lens tokens, for search
+
+Auto-interpretation may add an `explanations` table (see `gemmascope.evaluate.explanations`).
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ import numpy as np
 import torch
 
 from gemmascope.common.files import atomic_file
+from gemmascope.evaluate.explanations import explanations
+from gemmascope.evaluate.feature_stats import FeatureStats
 from gemmascope.explore.lens import LogitLens
-from gemmascope.explore.stats import FeatureStats
 
 FORMAT = "gemmascope-index"
 FORMAT_VERSION = 1
@@ -324,6 +327,7 @@ class IndexDB:
                 (fid,),
             ).fetchall()
             parsed = [(*c[:7], json.loads(c[7]), json.loads(c[8])) for c in contexts]
+            explanation = explanations(db, [fid]).get(fid)
             ids = [t for c in parsed for t in c[7]] + [t for side in lens.values() for t, _ in side]
             texts = _token_texts(db, ids)
 
@@ -348,6 +352,7 @@ class IndexDB:
                 side: [{"id": t, "text": texts.get(t, ""), "value": v} for t, v in items]
                 for side, items in lens.items()
             },  # fmt: skip
+            "explanation": explanation,
             "top_contexts": [ctx(c) for c in parsed if c[0] == "top"],
             "bands": bands if hist["hi"] > 0 else [],
         }

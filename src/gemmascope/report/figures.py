@@ -21,6 +21,7 @@ METRICS: list[tuple[str, str]] = [
     ("mean_absorption_fraction_score", "absorption fraction"),
     ("mean_full_absorption_score", "full absorption"),
     ("sae_top_1_test_accuracy", "sparse probing top-1 accuracy"),
+    ("autointerp_score", "autointerp score"),
 ]  # fmt: skip
 """What the L0 figures plot: our metrics and SAEBench's (looked up under `saebench`); a metric no
 record has is left out."""
@@ -28,12 +29,12 @@ record has is left out."""
 
 def metric(r: Record, name: str) -> float | None:
     """A record's metric: ours at the top level, else SAEBench's of that name (core categories,
-    absorption's means, sparse probing's SAE accuracies)."""
+    absorption's means, sparse probing's SAE accuracies, auto-interpretation's scores)."""
     if r.get(name) is not None:
         return r[name]
     found = r.get("saebench") or {}
     groups = [*(found.get("core") or {}).values(), (found.get("absorption") or {}).get("mean") or {},
-              (found.get("sparse_probing") or {}).get("sae") or {}]  # fmt: skip
+              (found.get("sparse_probing") or {}).get("sae") or {}, found.get("autointerp") or {}]  # fmt: skip
     for group in groups:
         if group.get(name) is not None:
             return group[name]

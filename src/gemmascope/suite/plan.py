@@ -253,8 +253,9 @@ def stage_estimates(plan: Plan, rates: Rates, cfg: Any) -> dict[str, float]:
 
 
 def _extra_eval_seconds(plan: Plan, layers: list[int], rates: Rates, cfg: Any) -> float:
-    """Absorption and sparse probing, per layer: their forwards up to the layer (prompts of 11 words
-    at ~8 tokens a word; probing windows), and absorption's probes per SAE on the CPU."""
+    """Absorption, sparse probing and auto-interpretation, per layer: their forwards up to the layer
+    (prompts of 11 words at ~8 tokens a word; probing windows; the eval tokens again), absorption's
+    probes per SAE on the CPU and the explainer's answers."""
     from gemmascope.evaluate.absorption import PROBE_SECONDS_PER_LATENT
     from gemmascope.evaluate.spelling import TOKENS_PER_WORD
 
@@ -268,6 +269,12 @@ def _extra_eval_seconds(plan: Plan, layers: list[int], rates: Rates, cfg: Any) -
     if "sparse_probing" in evals:
         windows = len(cfg.eval_probe_tasks) * (cfg.eval_probe_train + cfg.eval_probe_test)
         tokens += windows * cfg.eval_probe_context
+    if "autointerp" in evals:  # its contexts' forward, then 3 requests per latent
+        from gemmascope.evaluate.autointerp import ASK_SECONDS
+
+        tokens += cfg.eval_tokens
+        saes = len(plan.widths) * len(plan.target_l0s) * len(plan.sites)
+        probes += 3 * cfg.eval_autointerp_latents * saes * ASK_SECONDS
     n = plan.n_layers
     return sum(tokens / rates.body * (layer + 1) / n + probes for layer in layers)
 
