@@ -196,7 +196,7 @@ def test_eval_explains_scores_and_stores_in_the_index(tmp_path: Path) -> None:
     with sqlite3.connect(cache) as db:
         rows = db.execute("SELECT request, answer FROM answers").fetchall()
     requests, answers = [json.loads(r) for r, _ in rows], [a for _, a in rows]
-    offline = Explainer(ExplainerConfig(cache=cache, chat_model=model), DEAD)
+    offline = Explainer(ExplainerConfig(url=DEAD, cache=cache, chat_model=model), DEAD)
     assert offline.ask_all([(m, n) for m, n in requests] * 2) == answers * 2
     assert offline.asked == 0 and offline.cached == 2 * len(answers)
     stored = [r for r in found["details"] if r["explanation"]]
@@ -219,11 +219,11 @@ def test_index_of_another_sae_is_refused_before_any_work(tmp_path: Path) -> None
     assets = make_assets(tmp_path)
     d = assets["dir"]
     index = _index(assets, 64)
-    gemmascope.save(random_sae(d_sae=2 * assets["sae"].cfg.d_sae), d / "wide")
-    job = build(EvalJob, {"sources": [str(d / "wide")], "model": str(d / "model"),
+    gemmascope.save(random_sae(seed=1), d / "other")  # the same shape, other weights
+    job = build(EvalJob, {"sources": [str(d / "other")], "model": str(d / "model"),
                           "out": d / "r.json", "index": index, "evals": ["core", "autointerp"],
                           "explainer_url": DEAD, "explainer_chat_model": "x"})  # fmt: skip
-    with pytest.raises(ValueError, match="not the evaluated one"):
+    with pytest.raises(ValueError, match="indexes another SAE"):
         run_eval(job)
     with pytest.raises(ValueError, match="add autointerp"):
         build(EvalJob, {"sources": ["x"], "index": index})
@@ -246,3 +246,18 @@ def test_an_explainer_that_does_not_answer_is_refused_before_any_forward(
                      explainer=ExplainerConfig(url=DEAD, retries=0, cache=tmp_path / "c.sqlite"))  # fmt: skip
     with pytest.raises(RuntimeError, match="did not list its models"):
         evaluate(assets["model"], assets["tokenizer"], [assets["sae"]], cfg, progress=False)
+
+
+def test_explainer_settings_that_cannot_work_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(ValueError, match="give both or neither"):
+        ExplainerConfig(chat_model="gpt-4o-mini")  # the local server serves only its own model
+    monkeypatch.delenv("GEMMASCOPE_TEST_KEY", raising=False)
+    remote = ExplainerConfig(url="https://api.example.invalid/v1", chat_model="m",
+                             key_env="GEMMASCOPE_TEST_KEY", cache=tmp_path / "c.sqlite")  # fmt: skip
+    with pytest.raises(ValueError, match=r"\$GEMMASCOPE_TEST_KEY is not set"):
+        Explainer(remote, remote.url)
+    (tmp_path / "dir.sqlite").mkdir()
+    with pytest.raises(ValueError, match="not a usable answers cache"):
+        Explainer(ExplainerConfig(url=DEAD, chat_model="m", cache=tmp_path / "dir.sqlite"), DEAD)

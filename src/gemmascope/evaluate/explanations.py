@@ -20,28 +20,32 @@ TABLE = """CREATE TABLE IF NOT EXISTS explanations (
     explainer TEXT NOT NULL)"""
 
 
-def check_index(path: str | Path, layer: int, site: str, d_sae: int) -> None:
-    """Refuse an index that is not of an SAE at `layer`/`site` with `d_sae` latents."""
+def check_index(path: str | Path, sae: Any) -> None:
+    """Refuse an index that was not built of this SAE (its weights' digest)."""
     try:
         with closing(sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True)) as db:
             meta = {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM meta")}
     except sqlite3.Error as err:
         raise ValueError(f"{path}: not a feature index ({err}); build one with `gemmascope "
                          "index`") from None  # fmt: skip
-    have = (meta.get("layer"), meta.get("site"), meta.get("d_sae", 0))
-    if have != (layer, site, d_sae):
+    if meta.get("sae_sha256") != sae.sha256():
         raise ValueError(
-            f"{path} indexes an SAE at layer {have[0]} {have[1]} with {have[2]:,} latents, not the "
-            f"evaluated one (layer {layer} {site}, {d_sae:,} latents); name that SAE's index"
+            f"{path} indexes another SAE (layer {meta.get('layer')} {meta.get('site')}, "
+            f"{meta.get('d_sae', 0):,} latents, other weights) than the one evaluated; name the "
+            "index `gemmascope index` built of this SAE"
         )
 
 
 def store_explanations(path: str | Path, details: list[dict[str, Any]], explainer: str) -> int:
-    """Add (or replace) the explanations of auto-interpretation's `details`; how many were stored."""
+    """Store the explanations of auto-interpretation's `details`, replacing what its latents had
+    (an empty explanation leaves none); how many were stored."""
     rows = [(d["latent"], d["explanation"], d["detection"], d["fuzzing"], explainer)
             for d in details if d["explanation"]]  # fmt: skip
     with closing(sqlite3.connect(path, timeout=60)) as db, db:
         db.execute(TABLE)
+        db.executemany(
+            "DELETE FROM explanations WHERE feature = ?", [(d["latent"],) for d in details]
+        )
         db.executemany("INSERT OR REPLACE INTO explanations VALUES (?, ?, ?, ?, ?)", rows)
     return len(rows)
 

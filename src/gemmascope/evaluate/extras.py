@@ -30,10 +30,11 @@ def extra_evals(
         tasks = build_tasks(cfg, tokenizer)
     with contextlib.ExitStack() as stack:
         if "autointerp" in cfg.evals:
-            from gemmascope.evaluate.explainer import local_weights
+            from gemmascope.evaluate.explainer import local_weights, open_cache
 
             if cfg.explainer.url is None:
                 local_weights()  # the offline default's weights are there
+                open_cache(cfg.explainer.cache)
             else:
                 explainer = _explainer(cfg, cfg.explainer.url)  # the endpoint answers
 

@@ -70,8 +70,10 @@ def run_eval(job: EvalJob) -> list[dict[str, Any]]:
         if len(per_layer) != 1:
             raise ValueError(f"--index names one SAE's index; {len(per_layer)} SAEs (or CLT layers) "
                              "are evaluated here: evaluate that SAE alone")  # fmt: skip
-        cfg = per_layer[0][1].cfg
-        check_index(job.index, cfg.layer, cfg.site, cfg.d_sae)
+        if isinstance(per_layer[0][1], CLT):
+            raise ValueError("--index takes an SAE's or transcoder's index; a CLT layer's "
+                             "explanations are not stored")  # fmt: skip
+        check_index(job.index, per_layer[0][1])
     lm, tokenizer = load_model(job.model, device=device)
     skipped = ("sources", "out", "sae_id", "saebench_out", "index")
     settings = {k: v for k, v in flat(job).items() if k not in skipped}

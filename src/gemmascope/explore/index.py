@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import itertools
 import json
 import math
@@ -296,17 +295,13 @@ def _existing(cfg: IndexConfig) -> dict[str, Any] | None:
 
 def _identity(cfg: IndexConfig, sae: SAE, layer: int, site: str) -> dict[str, Any]:
     """What a resumed run must share with the interrupted one (also the index's meta)."""
-    h = hashlib.sha256()
-    for name, t in sae.state_arrays().items():
-        h.update(name.encode())
-        h.update(t.detach().float().cpu().numpy().tobytes())
     fields = dataclasses.asdict(cfg)
     for name in ("out", "device", "checkpoint_seconds", "overwrite", "layer", "site", "sae_source",
                  "model"):  # fmt: skip
         fields.pop(name)
     return {**fields, "sae_source_given": cfg.sae_source, "model_given": cfg.model,
             "layer": layer, "site": site, "d_sae": sae.cfg.d_sae, "d_in": sae.cfg.d_in,
-            "architecture": sae.cfg.architecture, "sae_sha256": h.hexdigest(),
+            "architecture": sae.cfg.architecture, "sae_sha256": sae.sha256(),
             "corpus_fingerprint": fingerprint(cfg.corpus, text_column=cfg.text_column)}  # fmt: skip
 
 
