@@ -154,3 +154,14 @@ class Exploit:
 
     def __reduce__(self):
         return (_record, ("unpickled",))
+
+
+@pytest.fixture
+def no_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`evaluate` fails if it reaches its forwards: for checks that must refuse before any work."""
+    import gemmascope.evaluate.passes as passes
+
+    def forward(*_: object, **__: object) -> None:
+        raise AssertionError("a forward ran before the settings were checked")
+
+    monkeypatch.setattr(passes, "evaluate_sequences", forward)

@@ -4,14 +4,13 @@ the same activations, latents and probe."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
-from toolenv import saebench_path
+from toolenv import saebench_module
 
 from gemmascope.evaluate import absorption as A
 from gemmascope.evaluate import spelling as W
@@ -118,15 +117,13 @@ def test_the_spelling_vocabulary_is_single_token_words_of_letters() -> None:
 # ---------------------------------------------------------------- against SAEBench's own code
 @pytest.fixture(scope="module")
 def saebench() -> SimpleNamespace:
-    sys.path.insert(0, str(saebench_path()))
-    try:
-        from sae_bench.evals.absorption import feature_absorption_calculator as calc
-        from sae_bench.evals.absorption import k_sparse_probing as ksp
-        from sae_bench.evals.absorption import probing
-        from sae_bench.evals.absorption.eval_output import AbsorptionEvalOutput
-    finally:
-        sys.path.pop(0)
-    return SimpleNamespace(calc=calc, ksp=ksp, probing=probing, Output=AbsorptionEvalOutput)
+    absorption = "sae_bench.evals.absorption"
+    return SimpleNamespace(
+        calc=saebench_module(f"{absorption}.feature_absorption_calculator"),
+        ksp=saebench_module(f"{absorption}.k_sparse_probing"),
+        probing=saebench_module(f"{absorption}.probing"),
+        Output=saebench_module(f"{absorption}.eval_output").AbsorptionEvalOutput,
+    )
 
 
 def test_word_absorption_equals_saebench_calculator(saebench: SimpleNamespace) -> None:
@@ -315,18 +312,11 @@ def test_absorption_in_evaluate_on_a_tiny_model(tmp_path: Path) -> None:
     assert [p.parent.name for p in paths] == ["core"]
 
 
-def test_a_tokenizer_that_cannot_spell_is_refused_before_any_forward(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_a_tokenizer_that_cannot_spell_is_refused_before_any_forward(no_forward: None) -> None:
     from conftest import build_tiny, tiny_tokenizer
 
-    import gemmascope.evaluate.passes as passes
     from gemmascope.evaluate import EvalConfig, evaluate
 
-    def no_forward(*_: object, **__: object) -> None:
-        raise AssertionError("a forward ran before the vocabulary was checked")
-
-    monkeypatch.setattr(passes, "evaluate_sequences", no_forward)
     cfg = EvalConfig(evals=["core", "absorption"], context_size=16)
     with pytest.raises(ValueError, match="single-token words of letters"):
         evaluate(build_tiny("llama"), tiny_tokenizer(), [], cfg, progress=False)

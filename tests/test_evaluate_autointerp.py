@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import random
 import sqlite3
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +14,11 @@ import numpy as np
 import pytest
 import torch
 from test_index import make_assets, random_sae
-from toolenv import saebench_path
+from toolenv import saebench_module
 
 from gemmascope.evaluate import autointerp as ai
 from gemmascope.evaluate.explainer import LOCAL_NAME, Explainer, ExplainerConfig
+from gemmascope.evaluate.feature_stats import token_decoder
 from gemmascope.evaluate.saebench_files import autointerp_output
 from gemmascope.hooks import collect
 
@@ -101,7 +101,7 @@ def test_explain_and_score_windows_never_overlap(tmp_path: Path) -> None:
     seqs = _sequences(12, 64)
     stats, pool = ai.collect_contexts(assets["model"], assets["tokenizer"], [assets["sae"]], seqs,
                                       batch_size=4, progress=False)  # fmt: skip
-    decode = ai._decoder(assets["tokenizer"])
+    decode = token_decoder(assets["tokenizer"])
     lat = int(stats[0].fired.argmax())
     sets = ai._examples(stats[0], pool, 0, lat, decode, random.Random(0))
     assert len(sets["explain"]) >= 3 and len(sets["random"]) == ai.RANDOM_SCORE
@@ -116,12 +116,7 @@ def test_explain_and_score_windows_never_overlap(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- SAEBench's result class
 @pytest.fixture(scope="module")
 def saebench_output() -> Any:
-    sys.path.insert(0, str(saebench_path()))
-    try:
-        from sae_bench.evals.autointerp.eval_output import AutoInterpEvalOutput
-    finally:
-        sys.path.pop(0)
-    return AutoInterpEvalOutput
+    return saebench_module("sae_bench.evals.autointerp.eval_output").AutoInterpEvalOutput
 
 
 def test_result_file_validates_with_saebench_class(saebench_output: Any) -> None:
@@ -231,15 +226,10 @@ def test_index_of_another_sae_is_refused_before_any_work(tmp_path: Path) -> None
 
 
 def test_an_explainer_that_does_not_answer_is_refused_before_any_forward(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, no_forward: None
 ) -> None:
-    import gemmascope.evaluate.passes as passes
     from gemmascope.evaluate import EvalConfig, evaluate
 
-    def no_forward(*_: object, **__: object) -> None:
-        raise AssertionError("a forward ran before the explainer was checked")
-
-    monkeypatch.setattr(passes, "evaluate_sequences", no_forward)
     assets = make_assets(tmp_path)
     cfg = EvalConfig(corpus=str(assets["corpus"]), split="all", tokens=32, context_size=16,
                      evals=["core", "autointerp"],

@@ -94,15 +94,7 @@ def test_sparse_probing_in_evaluate(tmp_path: Path) -> None:
         EvalConfig(evals=["sparse_probing"])
 
 
-def test_a_bad_task_is_refused_before_any_forward(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import gemmascope.evaluate.passes as passes
-
-    def no_forward(*_: object, **__: object) -> None:
-        raise AssertionError("a forward ran before the task was checked")
-
-    monkeypatch.setattr(passes, "evaluate_sequences", no_forward)
+def test_a_bad_task_is_refused_before_any_forward(tmp_path: Path, no_forward: None) -> None:
     one = tmp_path / "one.jsonl"
     one.write_text("\n".join(json.dumps({"text": f"w{i} w4", "label": "x"}) for i in range(5, 30)))
     corpus = tmp_path / "doc.txt"

@@ -4,7 +4,6 @@ and tokens, and our result files against its result classes."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -13,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import VOCAB, build_tiny
-from toolenv import saebench_path
+from toolenv import saebench_module
 
 from gemmascope.evaluate import evaluate_sequences
 from gemmascope.evaluate.saebench import max_cosine
@@ -98,12 +97,7 @@ class _Store:
 
 @pytest.fixture(scope="module")
 def saebench(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    sys.path.insert(0, str(saebench_path()))
-    try:
-        import sae_bench.evals.core.main as core
-    finally:
-        sys.path.pop(0)
-    return core
+    return saebench_module("sae_bench.evals.core.main")
 
 
 def test_core_metrics_equal_saebench_on_the_same_tokens(saebench: Any) -> None:
@@ -149,11 +143,7 @@ def test_core_metrics_equal_saebench_on_the_same_tokens(saebench: Any) -> None:
 def test_result_files_validate_with_saebench_classes(saebench: Any, tmp_path: Path) -> None:
     from pydantic import TypeAdapter
 
-    sys.path.insert(0, str(saebench_path()))
-    try:
-        from sae_bench.evals.core.eval_output import CoreEvalOutput
-    finally:
-        sys.path.pop(0)
+    CoreEvalOutput = saebench_module("sae_bench.evals.core.eval_output").CoreEvalOutput
     model, ids = build_tiny("gemma3"), _sequences()
     sae = _sae(model)
     (r,) = evaluate_sequences(model, [sae], ids, skip_ids=SPECIAL, batch_size=3, progress=False,
@@ -185,12 +175,9 @@ def test_cli_writes_saebench_files_and_refuses_foreign_ones(
     from gemmascope.cli import app
     from gemmascope.evaluate import read_results
 
-    sys.path.insert(0, str(saebench_path()))
-    try:
-        from sae_bench.evals.core.eval_output import CoreEvalOutput
-        from sae_bench.evals.sparse_probing.eval_output import SparseProbingEvalOutput
-    finally:
-        sys.path.pop(0)
+    CoreEvalOutput = saebench_module("sae_bench.evals.core.eval_output").CoreEvalOutput
+    probing = saebench_module("sae_bench.evals.sparse_probing.eval_output")
+    SparseProbingEvalOutput = probing.SparseProbingEvalOutput
     model = build_tiny("llama")
     gemmascope.save(_sae(model), tmp_path / "run" / "sae_a")
     corpus = tmp_path / "doc.txt"

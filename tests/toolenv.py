@@ -6,11 +6,13 @@ skips."""
 from __future__ import annotations
 
 import fcntl
+import importlib
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -86,3 +88,12 @@ def saebench_path() -> Path:
             pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target"]
             subprocess.run([*pip, target, "sae-bench==0.6.0", "tabulate==0.9.0"], check=True)
     return target
+
+
+def saebench_module(name: str) -> Any:
+    """A module of sae-bench 0.6.0 (`saebench_path`), imported without leaving it on `sys.path`."""
+    sys.path.insert(0, str(saebench_path()))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)

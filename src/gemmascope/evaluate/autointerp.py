@@ -36,7 +36,7 @@ from torch import Tensor
 from gemmascope.common.progress import progress_bar
 from gemmascope.corpus import special_ids
 from gemmascope.evaluate.explainer import Explainer, Messages
-from gemmascope.evaluate.feature_stats import FeatureStats
+from gemmascope.evaluate.feature_stats import FeatureStats, token_decoder
 from gemmascope.hooks import collect
 
 WINDOW = 10
@@ -106,7 +106,7 @@ def autointerp(
     Returns per item `autointerp_score` and `autointerp_std_dev` (SAEBench's), `detection` and
     `fuzzing` (balanced accuracies), counts, and `details`: per latent its explanation and scores."""
     stats, pool = collect_contexts(model, tokenizer, items, sequences, cfg.batch_size, progress)
-    decode = _decoder(tokenizer)
+    decode = token_decoder(tokenizer)
     out = []
     for j, st in enumerate(stats):
         alive = (st.fired > ALIVE_ABOVE).nonzero().squeeze(1).tolist()
@@ -335,15 +335,3 @@ def _explanation(answer: str) -> str:
     if len(line) > 1 and line[0] == line[-1] and line[0] in "\"'":  # quoted whole
         line = line[1:-1].strip()
     return line[:300]
-
-
-def _decoder(tokenizer: Any) -> Any:
-    cache: dict[int, str] = {}
-
-    def decode(ids: list[int]) -> list[str]:
-        for i in ids:
-            if i not in cache:
-                cache[i] = tokenizer.decode([i])
-        return [cache[i] for i in ids]
-
-    return decode

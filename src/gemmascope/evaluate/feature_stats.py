@@ -20,6 +20,8 @@ Each chunk is merged with a few sorts over the chunk's non-zero activations, nev
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -281,3 +283,16 @@ def _place(
         array[cleared] = fill
         array[dest_old] = moved
         array[dest_new] = fresh.to(array.dtype)
+
+
+def token_decoder(tokenizer: Any) -> Callable[[list[int]], list[str]]:
+    """Each id's own text (`tokenizer.decode([id])`), remembered: windows repeat their tokens."""
+    texts: dict[int, str] = {}
+
+    def decode(ids: list[int]) -> list[str]:
+        for i in ids:
+            if i not in texts:
+                texts[i] = tokenizer.decode([i])
+        return [texts[i] for i in ids]
+
+    return decode

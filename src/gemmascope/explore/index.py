@@ -34,7 +34,7 @@ from gemmascope.common.files import atomic_file
 from gemmascope.common.progress import progress_bar
 from gemmascope.common.units import Count
 from gemmascope.corpus import CorpusSplit, fingerprint, iter_documents, pack_sequences, special_ids
-from gemmascope.evaluate.feature_stats import FeatureStats
+from gemmascope.evaluate.feature_stats import FeatureStats, token_decoder
 from gemmascope.explore.lens import logit_lens
 from gemmascope.explore.store import FORMAT as INDEX_FORMAT
 from gemmascope.explore.store import write_index
@@ -192,7 +192,7 @@ def build_index(
             "tokens_indexed": int(stats.n_tokens), "special_ids": skip,
             "gemmascope_version": gemmascope.__version__,
             "lens": "W_dec -> residual stream -> final-norm scale -> W_U (gemmascope.explore.lens)"}  # fmt: skip
-    write_index(cfg.out, meta, stats, lens, _decoder(tokenizer), cfg.context_size)
+    write_index(cfg.out, meta, stats, lens, token_decoder(tokenizer), cfg.context_size)
     partial.unlink(missing_ok=True)
     return cfg.out
 
@@ -342,13 +342,6 @@ def _portable(source: str) -> str:
     """A local path made absolute (the explorer may start elsewhere); names and repo ids unchanged."""
     path = Path(source).expanduser()
     return str(path.resolve()) if path.exists() else source
-
-
-def _decoder(tokenizer: Any) -> Callable[[list[int]], list[str]]:
-    def decode(ids: list[int]) -> list[str]:
-        return [tokenizer.decode([i]) for i in ids]
-
-    return decode
 
 
 def _batched(items: Iterable[np.ndarray], n: int) -> Iterator[list[np.ndarray]]:
