@@ -1,12 +1,14 @@
-"""Feature-index throughput against a bare forward: how much do the SAE and the per-latent merges cost?
+"""Feature-index throughput against a bare forward: how much do the SAEs and the per-latent merges cost?
 
 Both run in this process on the same model and the same packed sequences:
 
-- bare: `hooks.collect` of the SAE's site only, i.e. a forward stopped after that layer (tokenisation
-  done beforehand, not timed);
-- index: `build_index` over the same number of positions, from tokenising the corpus to the last
-  chunk merged (encode, top-k and band merges, histogram, checkpoints). The logit lens and the SQLite
-  write happen once per index, not per token, and are timed and reported on their own.
+- bare: `hooks.collect` of the SAEs' sites only, i.e. a forward stopped after the deepest of them
+  (tokenisation done beforehand, not timed);
+- index: `build_indexes` of `--saes` SAEs (a suite's layer group: one at each of `--saes` layers
+  spread evenly up to `--layer`) over the same number of positions, one forward per chunk for all of
+  them, from tokenising the corpus to the last chunk merged (encodes, top-k and band merges,
+  histograms, checkpoints). The logit lens and the SQLite write happen once per index, not per token,
+  and are timed and reported on their own.
 
 The SAE is random (unit decoder rows, tied encoder) with per-latent JumpReLU thresholds set on a first
 batch so that about `--l0` latents fire per token, as in a trained SAE; merge costs grow with L0.
@@ -14,6 +16,7 @@ Rates are positions per second; the ratio index/bare is what the per-chunk SAE w
 alternate the two so that load from other processes hits both alike.
 
     python bench/index.py --width 16384 --tokens 16384            # Gemma 3 270M, layer 9
+    python bench/index.py --width 4096 --saes 4 --tokens 16384    # a group of 4 SAEs, layers 0-9
     python bench/index.py --tiny --width 4096 --tokens 65536       # tiny random model, quick check
 """
 
@@ -32,7 +35,7 @@ from timing import Timed  # bench/ is on sys.path when a bench script runs
 from gemmascope import hooks
 from gemmascope.corpus import iter_documents, pack_sequences
 from gemmascope.explore import index as index_module
-from gemmascope.explore.index import IndexConfig, build_index
+from gemmascope.explore.index import IndexConfig, build_indexes
 from gemmascope.hooks import collect
 from gemmascope.models import load_model, model_info
 from gemmascope.sae import SAE, SAEConfig
@@ -54,16 +57,17 @@ def random_sae(model: Any, seqs: list[torch.Tensor], layer: int, site: str, widt
     return SAE.from_arrays(cfg, arrays).eval()
 
 
-def bare(model: Any, seqs: list[torch.Tensor], batch_size: int, layer: int, site: str) -> float:
-    """Seconds to forward all sequences to the site."""
+def bare(model: Any, seqs: list[torch.Tensor], batch_size: int, saes: list[SAE]) -> float:
+    """Seconds to forward all sequences to the deepest of the SAEs' sites."""
+    sites = [(s.cfg.layer, s.cfg.site) for s in saes]
     start = time.perf_counter()
     for i in range(0, len(seqs), batch_size):
-        collect(model, torch.stack(seqs[i : i + batch_size]).long(), [(layer, site)])
+        collect(model, torch.stack(seqs[i : i + batch_size]).long(), sites)
     return time.perf_counter() - start
 
 
 def indexed(
-    model: Any, tok: Any, sae: SAE, args: argparse.Namespace
+    model: Any, tok: Any, saes: list[SAE], args: argparse.Namespace
 ) -> tuple[float, float, float, float, int]:
     """Seconds for the chunk loop, in forwards within it, for the logit lens, for the rest
     (checkpoint, SQLite write), and the bytes of the index."""
@@ -71,13 +75,13 @@ def indexed(
     lens, forward = Timed(index_module.logit_lens), Timed(hooks.collect)
     index_module.logit_lens, hooks.collect = lens, forward  # both are looked up when they run
     with tempfile.TemporaryDirectory(prefix="gemmascope-bench-") as tmp:
-        cfg = IndexConfig(sae_source="random", out=Path(tmp) / "index.sqlite", model=args.model,
-                          corpus=args.corpus, tokens=args.tokens, context_size=args.context_size,
-                          batch_size=args.batch_size)  # fmt: skip
+        cfgs = [IndexConfig(sae_source="random", out=Path(tmp) / f"index{i}.sqlite", model=args.model,
+                            corpus=args.corpus, tokens=args.tokens, context_size=args.context_size,
+                            batch_size=args.batch_size) for i in range(len(saes))]  # fmt: skip
         start = time.perf_counter()
         try:
-            build_index(cfg, model=model, tokenizer=tok, sae=sae, progress=False,
-                        on_chunk=lambda _: marks.append(time.perf_counter()))  # fmt: skip
+            build_indexes(cfgs, model=model, tokenizer=tok, saes=list(saes), progress=False,
+                          on_chunk=lambda _: marks.append(time.perf_counter()))  # fmt: skip
         finally:
             index_module.logit_lens, hooks.collect = lens.inner, forward.inner
         end = time.perf_counter()
@@ -87,7 +91,7 @@ def indexed(
             forward.seconds,
             lens.seconds,
             end - marks[-1] - lens.seconds,
-            cfg.out.stat().st_size,
+            sum(c.out.stat().st_size for c in cfgs),
         )
 
 
@@ -97,7 +101,8 @@ def main() -> None:
     )
     p.add_argument("--model", default="gemma-3-270m")
     p.add_argument("--tiny", action="store_true", help="a tiny random Gemma 3 instead of --model")
-    p.add_argument("--layer", type=int, default=9)
+    p.add_argument("--layer", type=int, default=9, help="the deepest SAE's layer")
+    p.add_argument("--saes", type=int, default=1, help="SAEs indexed from one forward")
     p.add_argument("--site", default="resid_post")
     p.add_argument("--width", type=int, default=16384)
     p.add_argument("--l0", type=float, default=64)
@@ -115,12 +120,13 @@ def main() -> None:
     n_seq = -(-args.tokens // args.context_size)
     docs = iter_documents(args.corpus, "train")
     seqs = [torch.from_numpy(s) for s in itertools.islice(pack_sequences(docs, tok, args.context_size), n_seq)]  # fmt: skip
-    sae = random_sae(model, seqs, args.layer, args.site, args.width, args.l0)
+    layers = [round(args.layer * (i + 1) / args.saes) for i in range(args.saes)]
+    saes = [random_sae(model, seqs, layer, args.site, args.width, args.l0) for layer in layers]
     positions = len(seqs) * args.context_size
     bare_rates, index_rates, shares = [], [], []
     for r in range(args.rounds):
-        b = bare(model, seqs, args.batch_size, args.layer, args.site)
-        loop, fwd, lens, rest, size = indexed(model, tok, sae, args)
+        b = bare(model, seqs, args.batch_size, saes)
+        loop, fwd, lens, rest, size = indexed(model, tok, saes, args)
         bare_rates.append(positions / b)
         index_rates.append(positions / loop)
         shares.append(fwd / loop)
@@ -129,7 +135,8 @@ def main() -> None:
               f"write {rest:.1f} s ({size / 2**20:.1f} MiB)")  # fmt: skip
     best_bare, best_index = max(bare_rates), max(index_rates)
     print(f"bare forward to layer {args.layer} {args.site}: {best_bare:,.0f} positions/s")
-    print(f"index, {args.width:,} latents, L0 ~{args.l0:g}: {best_index:,.0f} positions/s")
+    print(f"index of {len(saes)} SAE(s) at layers {layers}, {args.width:,} latents each, L0 "
+          f"~{args.l0:g}: {best_index:,.0f} positions/s")  # fmt: skip
     print(f"ratio index/bare: {best_index / best_bare:.3f}")
     print(f"share of the index loop in the forward itself: {min(shares):.3f} to {max(shares):.3f} "
           "(the rest is tokenising, encoding and merging; less sensitive to other load)")  # fmt: skip

@@ -145,7 +145,20 @@ def test_a_suite_batch_over_the_default_tokens_is_checked_with_its_own_tokens() 
 def test_explore_answers_to_the_names_it_is_given(tmp_path: Path) -> None:
     from gemmascope.cli import Explore
 
-    cfg = Explore(index=tmp_path / "f.sqlite", host="0.0.0.0", allow_host=["box.lan"])
+    cfg = Explore(sources=[tmp_path / "f.sqlite"], host="0.0.0.0", allow_host=["box.lan"])
     assert cfg.allow_host == ["box.lan"]
     with pytest.raises(ValueError, match="`port` must be <= 65535"):
-        Explore(index=tmp_path / "f.sqlite", port=70_000)
+        Explore(sources=[tmp_path / "f.sqlite"], port=70_000)
+
+
+def test_explore_names_what_it_cannot_open(tmp_path: Path) -> None:
+    """A missing path or a folder without indexes: one clear line, no traceback, before serving."""
+    from typer.testing import CliRunner
+
+    from gemmascope.cli import app
+
+    missing = CliRunner().invoke(app, ["explore", str(tmp_path / "nope")])
+    assert missing.exit_code != 0 and "no such file or folder" in missing.output
+    assert "Traceback" not in missing.output
+    empty = CliRunner().invoke(app, ["explore", str(tmp_path)])
+    assert empty.exit_code != 0 and "holds no feature index" in empty.output

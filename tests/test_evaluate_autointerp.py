@@ -199,10 +199,10 @@ def test_eval_explains_scores_and_stores_in_the_index(tmp_path: Path) -> None:
     from gemmascope.explore import IndexDB
 
     shown = IndexDB(index).feature(stored[0]["latent"])["explanation"]
-    assert shown["text"] == stored[0]["explanation"] and shown["explainer"] == LOCAL_NAME
-    page = TestClient(create_app(index), base_url=LOCAL_HOST).get(
-        f"/features/{stored[0]['latent']}"
-    )
+    assert shown["text"] == stored[0]["explanation"] and shown["auto"]["explainer"] == LOCAL_NAME
+    client = TestClient(create_app(index), base_url=LOCAL_HOST)
+    key = client.get("/api/saes").json()["saes"][0]["key"]
+    page = client.get(f"/sae/{key}/features/{stored[0]['latent']}")
     assert page.status_code == 200 and "by " + LOCAL_NAME in page.text
 
 

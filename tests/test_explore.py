@@ -12,8 +12,8 @@ from test_index import D_SAE, SCRIPT, build, index_config, make_assets
 
 import gemmascope
 from gemmascope.explore.app import CSP, MAX_BODY, MAX_NEW_TOKENS, create_app
+from gemmascope.explore.indexdb import IndexDB
 from gemmascope.explore.live import MAX_TOKENS
-from gemmascope.explore.store import IndexDB
 
 LOCAL = "http://127.0.0.1"
 """Base URL of the test clients: the explorer only answers requests addressed to this machine."""
@@ -40,55 +40,58 @@ def client(index_file: Path) -> TestClient:
 
 def script_feature(client: TestClient) -> dict[str, Any]:
     """A feature whose top contexts contain the `<script>` token."""
-    for f in client.get("/api/features", params={"per_page": 200}).json()["features"]:
-        full = client.get(f"/api/features/{f['id']}").json()
+    for f in client.get("/api/sae/sae/features", params={"per_page": 200}).json()["features"]:
+        full = client.get(f"/api/sae/sae/features/{f['id']}").json()
         if any(t["text"] == SCRIPT for c in full["top_contexts"] for t in c["tokens"]):
             return full
     raise AssertionError("no feature has the <script> token in its top contexts")
 
 
 def test_list_sorts_pages_and_searches(client: TestClient) -> None:
-    body = client.get("/api/features", params={"sort": "density", "per_page": 10}).json()
+    body = client.get("/api/sae/sae/features", params={"sort": "density", "per_page": 10}).json()
     assert body["total"] == D_SAE and len(body["features"]) == 10
     densities = [f["density"] for f in body["features"]]
     assert densities == sorted(densities, reverse=True)
     acts = [
-        f["max_act"] for f in client.get("/api/features?sort=max_act&order=asc").json()["features"]
+        f["max_act"]
+        for f in client.get("/api/sae/sae/features?sort=max_act&order=asc").json()["features"]
     ]
     assert acts == sorted(acts)
     page2 = client.get(
-        "/api/features", params={"sort": "id", "order": "asc", "page": 2, "per_page": 10}
+        "/api/sae/sae/features", params={"sort": "id", "order": "asc", "page": 2, "per_page": 10}
     )
     assert [f["id"] for f in page2.json()["features"]] == list(range(10, 20))
-    assert [f["id"] for f in client.get("/api/features?q=%237").json()["features"]] == [7]
+    assert [f["id"] for f in client.get("/api/sae/sae/features?q=%237").json()["features"]] == [7]
     # search by logit-lens token: every hit has the word among its top tokens
-    hits = client.get("/api/features", params={"q": "w12"}).json()
+    hits = client.get("/api/sae/sae/features", params={"q": "w12"}).json()
     assert hits["total"] > 0
     for f in hits["features"]:
-        lens = client.get(f"/api/features/{f['id']}").json()["logit_lens"]["top"]
+        lens = client.get(f"/api/sae/sae/features/{f['id']}").json()["logit_lens"]["top"]
         assert any("w12" in t["text"] for t in lens)
 
 
 def test_feature_detail_and_404(client: TestClient) -> None:
-    f = client.get("/api/features/5").json()
+    f = client.get("/api/sae/sae/features/5").json()
     assert f["id"] == 5 and 0 < f["density"] < 1 and f["max_act"] > 0
     assert f["top_contexts"][0]["value"] == pytest.approx(f["max_act"])
     assert len(f["logit_lens"]["top"]) == 5 and f["bands"]
-    r = client.get(f"/api/features/{D_SAE}")
+    r = client.get(f"/api/sae/sae/features/{D_SAE}")
     assert r.status_code == 404
     assert (
         r.json()["detail"]
-        == f"feature {D_SAE} does not exist; this index has features 0..{D_SAE - 1}"
+        == f"feature {D_SAE} does not exist; this SAE has features 0..{D_SAE - 1}"
     )
-    assert client.get("/api/features/-1").status_code == 404
-    page = client.get(f"/features/{D_SAE + 5}")
+    assert client.get("/api/sae/sae/features/-1").status_code == 404
+    page = client.get(f"/sae/sae/features/{D_SAE + 5}")
     assert page.status_code == 404 and "does not exist" in page.text
 
 
 def test_token_text_is_escaped_in_pages(client: TestClient) -> None:
     f = script_feature(client)
-    assert client.get("/api/features?q=script").json()["total"] > 0  # it is a logit-lens chip too
-    for url in (f"/features/{f['id']}", "/?q=script"):
+    assert (
+        client.get("/api/sae/sae/features?q=script").json()["total"] > 0
+    )  # it is a logit-lens chip too
+    for url in (f"/sae/sae/features/{f['id']}", "/sae/sae?q=script"):
         html = client.get(url).text
         assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
         assert "<script>alert" not in html and "<img src=x" not in html
@@ -98,7 +101,7 @@ def test_token_text_is_escaped_in_pages(client: TestClient) -> None:
 
 
 def test_fires_per_token(client: TestClient) -> None:
-    r = client.post("/api/fires", json={"text": f"w10 w11 {SCRIPT} w12"})
+    r = client.post("/api/sae/sae/fires", json={"text": f"w10 w11 {SCRIPT} w12"})
     assert r.status_code == 200, r.text
     body = r.json()
     texts = [t["text"] for t in body["tokens"]]
@@ -127,17 +130,19 @@ def test_feature_lists_read_the_index_on_one_connection(
         return db
 
     monkeypatch.setattr(sqlite3, "connect", connect)
-    r = client.post("/api/fires", json={"text": f"w10 w11 {SCRIPT} w12 w13 w14"})
+    r = client.post("/api/sae/sae/fires", json={"text": f"w10 w11 {SCRIPT} w12 w13 w14"})
     assert r.status_code == 200, r.text
     assert len(opened) == 1, statements
     assert not any("contexts" in sql for sql in statements), statements
     features = r.json()["features"]
     assert len(features) > 1
     for f in features[:5]:  # the summary is what the full feature says
-        full = client.get(f"/api/features/{f['id']}").json()
+        full = client.get(f"/api/sae/sae/features/{f['id']}").json()
         assert f["density"] == full["density"] and f["index_max_act"] == full["max_act"]
         assert f["lens_top"] == [t["text"] for t in full["logit_lens"]["top"][:5]]
-    for url in ("/", "/?q=script", "/api/features?per_page=200", "/features/3"):
+    for url in ("/sae/sae", "/sae/sae?q=script", "/api/sae/sae/features?per_page=200",
+                "/sae/sae/features/3"):  # fmt: skip
+        client.get(url)  # the SAE's densities are read once, on its first page
         opened.clear()
         assert client.get(url).status_code == 200, url
         assert len(opened) == 1, url
@@ -145,46 +150,48 @@ def test_feature_lists_read_the_index_on_one_connection(
 
 def test_steer_changes_generation_and_zero_strength_does_not(client: TestClient) -> None:
     req = {"prompt": "w10 w11", "feature": 3, "max_new_tokens": 8}
-    zero = client.post("/api/steer", json={**req, "strength": 0}).json()
+    zero = client.post("/api/sae/sae/steer", json={**req, "strength": 0}).json()
     assert zero["steered"] == zero["unsteered"] and len(zero["unsteered"].split()) == 8
-    strong = client.post("/api/steer", json={**req, "strength": 40}).json()
+    strong = client.post("/api/sae/sae/steer", json={**req, "strength": 40}).json()
     assert strong["unsteered"] == zero["unsteered"] and strong["steered"] != strong["unsteered"]
 
 
 def test_requests_are_bounded(client: TestClient) -> None:
-    too_many = client.post("/api/steer", json={"prompt": "w10", "feature": 1, "strength": 1,
+    too_many = client.post("/api/sae/sae/steer", json={"prompt": "w10", "feature": 1, "strength": 1,
                                                "max_new_tokens": MAX_NEW_TOKENS + 1})  # fmt: skip
     assert too_many.status_code == 422 and "max_new_tokens" in str(too_many.json()["detail"])
-    nan = client.post("/api/steer", content=b'{"prompt": "w", "feature": 1, "strength": NaN}',
+    nan = client.post("/api/sae/sae/steer", content=b'{"prompt": "w", "feature": 1, "strength": NaN}',
                       headers={"content-type": "application/json"})  # fmt: skip
     assert nan.status_code == 422
-    missing = client.post("/api/steer", json={"prompt": "w10", "feature": D_SAE, "strength": 1})
+    missing = client.post(
+        "/api/sae/sae/steer", json={"prompt": "w10", "feature": D_SAE, "strength": 1}
+    )
     assert missing.status_code == 404 and "does not exist" in missing.json()["detail"]
     long_text = " ".join(["w10"] * (MAX_TOKENS + 10))
-    r = client.post("/api/fires", json={"text": long_text})
+    r = client.post("/api/sae/sae/fires", json={"text": long_text})
     assert r.status_code == 422 and "tokens long" in r.json()["detail"]
-    big = client.post("/api/fires", content=b"x" * (MAX_BODY + 1),
+    big = client.post("/api/sae/sae/fires", content=b"x" * (MAX_BODY + 1),
                       headers={"content-type": "application/json"})  # fmt: skip
     assert big.status_code == 413 and "request body over" in big.json()["detail"]
     chunks = (b"x" * 1024 for _ in range(MAX_BODY // 1024 + 2))  # streamed: no Content-Length
     streamed = client.post(
-        "/api/fires", content=chunks, headers={"content-type": "application/json"}
+        "/api/sae/sae/fires", content=chunks, headers={"content-type": "application/json"}
     )
     assert streamed.status_code == 413 and "request body over" in streamed.json()["detail"]
-    assert client.post("/api/fires", json={"text": ""}).status_code == 422
-    assert client.post("/api/fires", json={"text": "w1", "path": "/etc"}).status_code == 422
-    assert client.get("/api/features?sort=nope").status_code == 422
+    assert client.post("/api/sae/sae/fires", json={"text": ""}).status_code == 422
+    assert client.post("/api/sae/sae/fires", json={"text": "w1", "path": "/etc"}).status_code == 422
+    assert client.get("/api/sae/sae/features?sort=nope").status_code == 422
 
 
 def test_pages_render(client: TestClient) -> None:
-    for url in ("/", "/fires", "/steer?feature=3", "/features/0", "/static/style.css",
+    for url in ("/", "/sae/sae/fires", "/sae/sae/steer?feature=3", "/sae/sae/features/0", "/static/style.css",
                 "/static/explore.js"):  # fmt: skip
         assert client.get(url).status_code == 200, url
     assert client.get("/docs").status_code == 404  # Swagger UI would pull a CDN
 
 
 def test_create_app_rejects_a_non_index(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="no such index"):
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
         create_app(tmp_path / "missing.sqlite")
     (tmp_path / "junk.sqlite").write_bytes(b"not sqlite at all" * 100)
     with pytest.raises(ValueError, match="not a gemmascope index"):
@@ -200,8 +207,8 @@ def assert_security_headers(r: Any) -> None:
 
 @pytest.mark.parametrize(
     "url",
-    [f"/api/features?q={HUGE}", f"/api/features?q=%23{HUGE}", f"/api/features?q={D_SAE}",
-     f"/?q={HUGE}", f"/?q=%23{D_SAE}", f"/steer?feature={D_SAE}", f"/steer?feature={HUGE}"],
+    [f"/api/sae/sae/features?q={HUGE}", f"/api/sae/sae/features?q=%23{HUGE}", f"/api/sae/sae/features?q={D_SAE}",
+     f"/sae/sae?q={HUGE}", f"/sae/sae?q=%23{D_SAE}", f"/sae/sae/steer?feature={D_SAE}", f"/sae/sae/steer?feature={HUGE}"],
 )  # fmt: skip
 def test_a_number_out_of_range_in_a_query_is_422(client: TestClient, url: str) -> None:
     r = client.get(url)
@@ -212,7 +219,7 @@ def test_a_number_out_of_range_in_a_query_is_422(client: TestClient, url: str) -
 
 @pytest.mark.parametrize("q", ["²", "٣", "#٣", "1²"])
 def test_a_query_of_unicode_digits_is_a_text_search(client: TestClient, q: str) -> None:
-    r = client.get("/api/features", params={"q": q})
+    r = client.get("/api/sae/sae/features", params={"q": q})
     assert r.status_code == 200, r.text
     assert r.json()["total"] == 0  # no logit-lens token holds these characters
 
@@ -223,7 +230,7 @@ def test_a_query_of_unicode_digits_is_a_text_search(client: TestClient, q: str) 
      "127.0.0.1:8000@evil.example", "127.0.0.1:x", "[::2]:8000", "[::1", "[::1]x", ""],
 )  # fmt: skip
 def test_a_foreign_host_header_is_400(client: TestClient, host: str) -> None:
-    r = client.get("/api/meta", headers={"host": host})
+    r = client.get("/api/sae/sae", headers={"host": host})
     assert r.status_code == 400, r.text
     detail = r.json()["detail"]
     assert repr(host) in detail and "--host" in detail and "127.0.0.1" in detail
@@ -241,16 +248,16 @@ def lan_client(index_file: Path) -> TestClient:
              "[::1]", "box.lan", "BOX.LAN:8080"]
 )  # fmt: skip
 def test_allowed_hosts_are_served(lan_client: TestClient, host: str) -> None:
-    r = lan_client.get("/api/meta", headers={"host": host})
+    r = lan_client.get("/api/sae/sae", headers={"host": host})
     assert r.status_code == 200, r.text
     assert r.json()["n_features"] == D_SAE
     assert_security_headers(r)
 
 
 def test_the_default_hosts_leave_out_other_names(lan_client: TestClient, index_file: Path) -> None:
-    assert lan_client.get("/api/meta", headers={"host": "evil.example"}).status_code == 400
+    assert lan_client.get("/api/sae/sae", headers={"host": "evil.example"}).status_code == 400
     plain = TestClient(create_app(index_file))  # host `testserver`: not this machine's name
-    r = plain.get("/api/meta", headers={"host": "box.lan"})
+    r = plain.get("/api/sae/sae", headers={"host": "box.lan"})
     assert r.status_code == 400 and "box.lan" in r.json()["detail"]
 
 
@@ -259,13 +266,27 @@ def _raise(*args: Any, **kwargs: Any) -> Any:
 
 
 ERRORS: dict[str, tuple[int, Any]] = {
-    "404 api": (404, lambda c: c.get(f"/api/features/{D_SAE}")),
-    "404 page": (404, lambda c: c.get(f"/features/{D_SAE}")),
+    "404 api": (404, lambda c: c.get(f"/api/sae/sae/features/{D_SAE}")),
+    "404 page": (404, lambda c: c.get(f"/sae/sae/features/{D_SAE}")),
     "404 route": (404, lambda c: c.get("/nope")),
-    "405": (405, lambda c: c.put("/api/meta")),
-    "413 declared": (413, lambda c: c.post("/api/fires", content=b"x" * (MAX_BODY + 1))),
-    "413 streamed": (413, lambda c: c.post("/api/fires", content=(b"x" * 1024 for _ in range(80)))),
-    "422": (422, lambda c: c.get("/api/features?sort=nope")),
+    "405": (405, lambda c: c.put("/api/sae/sae", json={})),
+    "413 declared": (413, lambda c: c.post("/api/sae/sae/fires", content=b"x" * (MAX_BODY + 1))),
+    "413 streamed": (
+        413,
+        lambda c: c.post(
+            "/api/sae/sae/fires",
+            content=(b"x" * 1024 for _ in range(80)),
+            headers={"content-type": "application/json"},
+        ),
+    ),  # fmt: skip
+    "415": (415, lambda c: c.post("/api/sae/sae/fires", content=b'{"text": "w10"}')),
+    "403": (
+        403,
+        lambda c: c.post(
+            "/api/sae/sae/fires", json={"text": "w10"}, headers={"sec-fetch-site": "cross-site"}
+        ),
+    ),
+    "422": (422, lambda c: c.get("/api/sae/sae/features?sort=nope")),
     "400": (400, lambda c: c.get("/", headers={"host": "evil.example"})),
 }
 
@@ -278,7 +299,9 @@ def test_errors_carry_the_security_headers(client: TestClient, case: str) -> Non
     assert_security_headers(r)
 
 
-@pytest.mark.parametrize("url", ["/api/features/3", "/features/3", "/api/features", "/"])
+@pytest.mark.parametrize(
+    "url", ["/api/sae/sae/features/3", "/sae/sae/features/3", "/api/sae/sae/features", "/"]
+)
 def test_an_unhandled_error_is_a_json_500_with_the_headers(
     index_file: Path, monkeypatch: pytest.MonkeyPatch, url: str
 ) -> None:
@@ -292,8 +315,8 @@ def test_an_unhandled_error_is_a_json_500_with_the_headers(
 
 
 @pytest.mark.parametrize(
-    "url", ["/", "/?q=w12", "/features/3", "/fires", "/steer?feature=3", "/api/meta",
-            "/api/features", "/api/features/3", "/static/style.css", "/static/explore.js"]
+    "url", ["/", "/sae/sae?q=w12", "/sae/sae/features/3", "/sae/sae/fires", "/sae/sae/steer?feature=3", "/api/sae/sae",
+            "/api/sae/sae/features", "/api/sae/sae/features/3", "/static/style.css", "/static/explore.js"]
 )  # fmt: skip
 def test_head_works_where_get_does(client: TestClient, url: str) -> None:
     get, head = client.get(url), client.head(url)
@@ -328,12 +351,12 @@ def test_real_gemma_index_lens_and_explorer(tmp_path: Path) -> None:
         direct = model.lm_head(norm(w_dec[:8]))  # the model's own norm also divides by the RMS
     client = TestClient(create_app(index.out), base_url=LOCAL)
     for fid in range(8):
-        lens = client.get(f"/api/features/{fid}").json()["logit_lens"]["top"]
+        lens = client.get(f"/api/sae/sae/features/{fid}").json()["logit_lens"]["top"]
         assert [t["id"] for t in lens] == direct[fid].topk(10).indices.tolist()
-    fires = client.post("/api/fires", json={"text": "The cat sat on the mat."}).json()
+    fires = client.post("/api/sae/sae/fires", json={"text": "The cat sat on the mat."}).json()
     assert fires["tokens"][0]["text"] == "<bos>" and "".join(
         t["text"] for t in fires["tokens"][1:]
     ) == ("The cat sat on the mat.")
-    steer = client.post("/api/steer", json={"prompt": "I think", "feature": 0, "strength": 0,
+    steer = client.post("/api/sae/sae/steer", json={"prompt": "I think", "feature": 0, "strength": 0,
                                             "max_new_tokens": 6}).json()  # fmt: skip
     assert steer["steered"] == steer["unsteered"] and steer["unsteered"]

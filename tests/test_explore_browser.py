@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_explore_suite import COPIES, SHARED_ROW, suite_folder
 from test_index import SCRIPT, build, index_config, make_assets
 
+from gemmascope.evaluate.explanations import store_explanations
 from gemmascope.explore.app import create_app
 
 sync_api = pytest.importorskip(
@@ -35,12 +37,24 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The explorer of a tiny index, served by uvicorn on a free localhost port in a thread."""
+    assets = make_assets(tmp_path_factory.mktemp("explore-browser"))
+    yield from _serve(build(assets, index_config(assets, assets["dir"] / "index.sqlite")))
+
+
+@pytest.fixture(scope="module")
+def suite_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The explorer of a suite folder of four SAEs (see test_explore_suite), one explained."""
+    suite = suite_folder(tmp_path_factory.mktemp("explore-suite-browser"))
+    store_explanations(suite["cfgs"][2].out, [{"latent": 9, "explanation": "whale songs",
+                                               "detection": 0.8, "fuzzing": 0.7}], "test")  # fmt: skip
+    yield from _serve(suite["root"])
+
+
+def _serve(source: Path) -> Iterator[str]:
     import uvicorn
 
-    assets = make_assets(tmp_path_factory.mktemp("explore-browser"))
-    out = build(assets, index_config(assets, assets["dir"] / "index.sqlite"))
     port = _free_port()
-    config = uvicorn.Config(create_app(out), host="127.0.0.1", port=port, log_level="warning")
+    config = uvicorn.Config(create_app(source), host="127.0.0.1", port=port, log_level="warning")
     srv = uvicorn.Server(config)
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
@@ -94,7 +108,7 @@ def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_list_search_and_feature_page(server: str, page: Any, shots: Path) -> None:
     expect = sync_api.expect
-    page.goto(server + "/")
+    page.goto(server + "/")  # one SAE: its page
     expect(page.locator(".count")).to_have_text("48 features")
     expect(page.locator("table.features tbody tr")).to_have_count(48)
     page.screenshot(path=shots / "list.png", full_page=False)
@@ -113,7 +127,7 @@ def test_list_search_and_feature_page(server: str, page: Any, shots: Path) -> No
     # the feature whose top context shows the <script> token, as literal text
     page.goto(server + "/")
     for fid in range(48):
-        page.goto(f"{server}/features/{fid}")
+        page.goto(f"{server}/sae/sae/features/{fid}")
         if page.locator(".tok", has_text=SCRIPT).count():
             break
     else:
@@ -129,7 +143,7 @@ def test_list_search_and_feature_page(server: str, page: Any, shots: Path) -> No
 
 def test_what_fires_here(server: str, page: Any, shots: Path) -> None:
     expect = sync_api.expect
-    page.goto(server + "/fires")
+    page.goto(server + "/sae/sae/fires")
     page.fill("#fires-text", f"w10 w11 {SCRIPT} w12 w13 w14")
     page.click("#fires-form button")
     expect(page.locator("#fires-tokens .tok")).to_have_count(7, timeout=60_000)
@@ -148,7 +162,7 @@ def test_what_fires_here(server: str, page: Any, shots: Path) -> None:
 
 def test_steering(server: str, page: Any, shots: Path) -> None:
     expect = sync_api.expect
-    page.goto(server + "/steer?feature=3")
+    page.goto(server + "/sae/sae/steer?feature=3")
     page.fill("#steer-strength", "40")
     page.fill("#steer-tokens", "8")
     page.fill("#steer-prompt", "w10 w11")
@@ -164,3 +178,77 @@ def test_steering(server: str, page: Any, shots: Path) -> None:
     expect(page.locator("#steer-status")).to_contain_text("max_new_tokens")
     assert len(page.errors) == 1 and "status of 422" in page.errors[0]  # the browser logs it
     page.errors.clear()
+
+
+# ---------------------------------------------------------------- a suite
+def test_suite_navigation_search_and_explanation(suite_server: str, page: Any, shots: Path) -> None:
+    """Pick an SAE from the grid, search "whale" and land on its latent, edit its explanation."""
+    expect = sync_api.expect
+    page.goto(suite_server + "/")
+    expect(page.locator("h1")).to_have_text("4 SAEs")
+    page.screenshot(path=shots / "suite.png")
+    page.locator("a.chip.sae", has_text="96").click()  # layer 1, the wider SAE
+    expect(page.locator("h1")).to_contain_text("layer 1 resid_post, 96 latents")
+    assert page.locator("#density-hist rect").count() > 0
+    expect(page.locator("table.features tbody tr")).to_have_count(50)
+    page.screenshot(path=shots / "suite-sae.png")
+
+    page.fill(".topsearch input", "whale")
+    page.press(".topsearch input", "Enter")
+    hit = page.locator("#search-explanations a.fid").first
+    expect(hit).to_have_text("#9")
+    page.screenshot(path=shots / "suite-search.png")
+    hit.click()
+    expect(page.locator("h1")).to_have_text("Feature #9")
+    expect(page.locator("#explanation")).to_have_text("whale songs")
+
+    page.click("#explanation-edit")
+    page.fill("#explanation-text", "humpback whale calls")
+    page.click("#explanation-form button[type=submit]")
+    expect(page.locator("#explanation")).to_have_text("humpback whale calls")
+    page.reload()
+    expect(page.locator("#explanation")).to_have_text("humpback whale calls")
+    expect(page.locator("#explanation-auto")).to_contain_text("whale songs")
+
+
+def test_suite_neighbours_across_widths_and_layers(suite_server: str, page: Any,
+                                                   shots: Path) -> None:  # fmt: skip
+    expect = sync_api.expect
+    page.goto(f"{suite_server}/sae/base/features/{SHARED_ROW}")
+    body = page.locator("#neighbours-body")
+    expect(body.locator("h3", has_text="96 latents")).to_be_visible(timeout=60_000)
+    wide = body.locator("h3", has_text="96 latents").locator("xpath=following-sibling::table[1]")
+    expect(wide.locator("a.fid").first).to_have_text(f"#{COPIES['wide']}")
+    nxt = body.locator("h3", has_text="Next layer").locator("xpath=following-sibling::table[1]")
+    expect(nxt.locator("a.fid").first).to_have_text(f"#{COPIES['next']}")
+    expect(page.locator("#cofiring-body table, #cofiring-body p").first).to_be_visible(
+        timeout=60_000
+    )
+    page.screenshot(path=shots / "suite-feature.png", full_page=True)
+    nxt.locator("a.fid").first.click()
+    expect(page.locator(".crumbs")).to_contain_text("layer 2")
+
+
+def test_suite_prompt_heat_map_to_a_latent_and_steer(suite_server: str, page: Any,
+                                                     shots: Path) -> None:  # fmt: skip
+    expect = sync_api.expect
+    page.goto(suite_server + "/prompt")
+    page.fill("#prompt-text", f"w10 w11 {SCRIPT} w12 w13")
+    page.click("#prompt-form button")
+    rows = page.locator("#prompt-heat tbody tr")
+    expect(rows).to_have_count(2, timeout=60_000)  # layers 1 and 2 at the narrowest width
+    expect(page.locator("#prompt-heat th.tokhead").nth(3)).to_have_text(SCRIPT)
+    cell = page.locator("#prompt-heat td.cell:not(:empty)").first
+    cell.click()
+    link = page.locator("#prompt-detail a.fid").first
+    expect(link).to_be_visible()
+    page.screenshot(path=shots / "suite-prompt.png", full_page=True)
+    fid = link.inner_text().lstrip("#")
+    link.click()
+    expect(page.locator("h1")).to_have_text(f"Feature #{fid}")
+    page.click("text=Steer with this feature")
+    page.fill("#steer-strength", "40")
+    page.fill("#steer-prompt", "w10 w11")
+    page.click("#steer-form button")
+    expect(page.locator("#steer-result")).to_be_visible(timeout=60_000)
+    assert page.inner_text("#steer-plain") != page.inner_text("#steer-steered")

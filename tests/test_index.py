@@ -17,7 +17,7 @@ import gemmascope
 from gemmascope.corpus import iter_documents, pack_sequences, special_ids
 from gemmascope.evaluate.feature_stats import FeatureStats
 from gemmascope.explore.index import IndexConfig, build_index, checkpoint_path
-from gemmascope.explore.store import IndexDB
+from gemmascope.explore.indexdb import IndexDB
 from gemmascope.hooks import collect
 from gemmascope.sae import SAE, SAEConfig
 
@@ -49,11 +49,13 @@ def write_corpus(path: Path, n_docs: int = 24) -> Path:
     return path
 
 
-def random_sae(d_in: int = 32, d_sae: int = D_SAE, seed: int = 0) -> SAE:
-    """A JumpReLU SAE with random weights whose thresholds let each latent fire on ~15% of tokens."""
+def random_sae(d_in: int = 32, d_sae: int = D_SAE, seed: int = 0, layer: int = LAYER,
+               w_dec: torch.Tensor | None = None) -> SAE:  # fmt: skip
+    """A JumpReLU SAE with random weights (or decoder rows `w_dec`, normalised) whose thresholds let
+    each latent fire on ~15% of tokens."""
     g = torch.Generator().manual_seed(seed)
-    cfg = SAEConfig("jumprelu", d_in, d_sae, layer=LAYER, site=SITE, model="tiny-gemma3")
-    w_dec = torch.randn(d_sae, d_in, generator=g)
+    cfg = SAEConfig("jumprelu", d_in, d_sae, layer=layer, site=SITE, model="tiny-gemma3")
+    w_dec = torch.randn(d_sae, d_in, generator=g) if w_dec is None else w_dec.clone()
     w_dec /= w_dec.norm(dim=1, keepdim=True)
     arrays = {"W_enc": w_dec.T.clone(), "W_dec": w_dec, "b_enc": torch.zeros(d_sae),
               "b_dec": torch.zeros(d_in), "threshold": torch.full((d_sae,), 1.0)}  # fmt: skip
@@ -317,6 +319,7 @@ def test_one_layer_of_a_clt_indexes_as_the_clt_encodes(
     """`--clt-layer N` indexes the latents of a cross-layer transcoder's layer N; steering them from
     the explorer is refused (they write every later layer too)."""
     from gemmascope.clt import CLT
+    from gemmascope.explore.catalog import Entry
     from gemmascope.explore.live import InputError, Live
 
     g = torch.Generator().manual_seed(1)
@@ -347,4 +350,4 @@ def test_one_layer_of_a_clt_indexes_as_the_clt_encodes(
     fired = [db.feature(f)["fired"] for f in range(D_SAE)]
     assert fired == (z > 0).sum(0).tolist() and sum(fired) > 0
     with pytest.raises(InputError, match="one layer of a cross-layer transcoder"):
-        Live(db.meta).steer("w5 w6", 0, 1.0, 4)
+        Live().steer(Entry("clt", db), "w5 w6", 0, 1.0, 4)

@@ -16,6 +16,7 @@ import gemmascope
 from gemmascope.activations import CacheConfig
 from gemmascope.cli import app
 from gemmascope.evaluate import EvalConfig, read_results
+from gemmascope.explore.index import IndexConfig
 from gemmascope.models import load_model
 from gemmascope.suite import (
     SuiteConfig,
@@ -32,7 +33,7 @@ from gemmascope.train import TrainConfig
 FLAGS = dict(sites="resid_post,attn_z", layers="0-1", widths="64", l0="2,24", tokens="4096",
              eval_tokens="256", eval_fraction="0.2", context_size="16", model_batch_size="4",
              batch_size="128", lr="1e-2", checkpoint_every="8", base_model="test/tiny-saes",
-             disk_budget="2000000")  # fmt: skip
+             disk_budget="2000000", index_tokens="1024")  # fmt: skip
 KEYS = ["L00.resid_post", "L00.attn_z", "L01.resid_post", "L01.attn_z"]
 
 
@@ -49,7 +50,7 @@ def _config(out: Path, model: Path, corpus: Path) -> SuiteConfig:
         target_l0s=[2.0, 24.0], cache=CacheConfig(tokens=4096), eval=EvalConfig(tokens=256),
         corpus=str(corpus), eval_fraction=0.2, context_size=16, model_batch_size=4,
         train=TrainConfig(batch_size=128, lr=1e-2, checkpoint_every=8),
-        base_model=f["base_model"], disk_budget=2_000_000,
+        base_model=f["base_model"], disk_budget=2_000_000, index=IndexConfig(tokens=1024),
     )  # fmt: skip
 
 
@@ -95,6 +96,18 @@ def test_end_to_end_layout_card_report_and_every_sae_loads(full: Path) -> None:
         original = [gemmascope.load(full / "runs" / k) for k in weights if k.startswith(key)]
         assert any(torch.equal(sae.encode(x), o.encode(x)) or torch.allclose(
             sae.encode(x), o.encode(x), atol=1e-5) for o in original)  # fmt: skip
+    indexes = sorted((full / "index").rglob("*.sqlite"))
+    assert [p.relative_to(full / "index").parent.name for p in indexes] == sorted(
+        f"{k}" for k in KEYS for _ in range(2))  # fmt: skip
+    from fastapi.testclient import TestClient
+
+    from gemmascope.explore.app import create_app
+
+    client = TestClient(create_app(full), base_url="http://127.0.0.1")
+    saes = client.get("/api/saes").json()["saes"]
+    assert len(saes) == 8 and all("l0" in s["metrics"] for s in saes)  # evaluated: metrics shown
+    first = saes[0]["key"]
+    assert client.get(f"/api/sae/{first}/features/0").status_code == 200
     low, high = (sorted(r["l0"] for r in published if r["layer"] == 0 and r["site"] == s)
                  for s in ("resid_post", "attn_z"))  # fmt: skip
     assert low[0] < low[1] and high[0] < high[1]  # target 2 sparser than target 24
@@ -152,8 +165,8 @@ def test_kill_and_resume_equals_uninterrupted(
     assert trained == KEYS[:3] and cached == ["group-00", "group-01"]
     status = suite_status(out)
     assert status["stopped"] == ["train:L01.resid_post"]
-    assert status["done"] == ["cache:0", "train:L00.resid_post", "train:L00.attn_z", "eval:0",
-                              "cache:1"]  # fmt: skip
+    assert status["done"] == ["cache:0", "train:L00.resid_post", "train:L00.attn_z", "index:0",
+                              "eval:0", "cache:1"]  # fmt: skip
     assert status["stages"]["train:L01.resid_post"]["progress"] == pytest.approx(20 / 32)
     assert status["eta_s"] > 0
     result = CliRunner().invoke(app, ["suite", "status", str(out)])
@@ -216,11 +229,11 @@ def test_a_killed_evaluation_resumes_at_the_layer_it_stopped(
 
 def test_status_of_a_finished_and_a_running_suite(full: Path, tmp_path: Path) -> None:
     st = suite_status(full)
-    assert st["left"] == [] and st["running"] == [] and len(st["done"]) == 10 and st["eta_s"] == 0
+    assert st["left"] == [] and st["running"] == [] and len(st["done"]) == 12 and st["eta_s"] == 0
     result = CliRunner().invoke(app, ["suite", "status", str(full)])
     assert result.exit_code == 0, result.output
-    assert "10 of 10 stages done" in result.output and "done, dropped" in result.output
-    assert set(st["throughput"]) == {"cache", "train", "eval"}
+    assert "12 of 12 stages done" in result.output and "done, dropped" in result.output
+    assert set(st["throughput"]) == {"cache", "train", "index", "eval"}
     assert all(v > 0 for v in st["throughput"].values())
     assert "measured: cache" in result.output and "SAE token-steps/s" in result.output
     copy = tmp_path / "copy"

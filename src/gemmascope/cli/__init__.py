@@ -17,6 +17,7 @@ import gemmascope
 from gemmascope.activations import CacheConfig
 from gemmascope.cli.circuits import register as register_circuits
 from gemmascope.cli.flags import command, fail
+from gemmascope.cli.interop import register as register_interop
 from gemmascope.common.config import check, nested, option
 from gemmascope.evaluate.job import EvalJob
 from gemmascope.explore.index import IndexConfig
@@ -245,8 +246,9 @@ def index(cfg: IndexConfig) -> None:
 
 @dataclass
 class Explore:
-    index: Path = option(positional=True)
-    """An index written by `gemmascope index`."""
+    sources: list[Path] = option(positional=True)
+    """A suite folder (`gemmascope suite`), a folder of index files, or index files
+    (`gemmascope index`)."""
     host: str = "127.0.0.1"
     """Address to bind; anything but localhost exposes it to others."""
     port: int = option(8000, ge=1, le=65535)
@@ -255,7 +257,7 @@ class Explore:
     """More names the explorer answers to, as others type them in the address bar (with --host
     0.0.0.0, this machine's name or address on the network)."""
     device: str = "auto"
-    """Torch device for the model and SAE, loaded on first use."""
+    """Torch device for the models and SAEs, loaded on first use."""
 
     def __post_init__(self) -> None:
         check(self)
@@ -263,7 +265,8 @@ class Explore:
 
 @command(app.command("explore"), Explore)
 def explore(cfg: Explore) -> None:
-    """Browse an index in a local web app: features, "what fires here" and steering.
+    """Browse a suite's SAEs (or index files) in a local web app: the grid of SAEs, features,
+    search, the prompt heat-map, neighbours, explanations and steering.
 
     Only requests naming 127.0.0.1, localhost, ::1, the --host or an --allow-host are served
     (a web page elsewhere cannot reach it through DNS rebinding).
@@ -278,13 +281,13 @@ def explore(cfg: Explore) -> None:
     from gemmascope.common.devices import resolve_device
 
     web = create_app(
-        cfg.index, device=str(resolve_device(cfg.device)),
+        cfg.sources, device=str(resolve_device(cfg.device)),
         hosts=(*DEFAULT_HOSTS, cfg.host, *cfg.allow_host),
     )  # fmt: skip
     if cfg.host not in ("127.0.0.1", "localhost", "::1"):
         typer.secho(
             f"warning: serving on {cfg.host}: the explorer has no login, so anyone who can reach "
-            f"{cfg.host}:{cfg.port} can read the index and run the model",
+            f"{cfg.host}:{cfg.port} can read the indexes, write explanations into them and run the model",
             err=True,
             fg=typer.colors.YELLOW,
         )
@@ -349,6 +352,7 @@ def publish(cfg: Publish) -> None:
 
 
 register_circuits(app, _echo)  # graph: attribution graphs (gemmascope.circuits)
+register_interop(app, _echo)  # export-neuronpedia, import-examples (gemmascope.explore)
 
 
 # --- suite: plan, cache, train, evaluate, publish and report a whole suite (gemmascope.suite) ----

@@ -37,6 +37,7 @@ from gemmascope.common.progress import progress_bar
 from gemmascope.corpus import special_ids
 from gemmascope.evaluate.explainer import Explainer, Messages
 from gemmascope.evaluate.feature_stats import FeatureStats, token_decoder
+from gemmascope.explore.tokens import stitch
 from gemmascope.hooks import collect
 
 WINDOW = 10
@@ -90,10 +91,17 @@ class Example:
         return [a > self.threshold for a in self.acts]
 
     def text(self, marks: Sequence[bool] | None = None) -> str:
-        """The window as one line, `marks` tokens wrapped in << >> (SAEBench's rendering)."""
+        """The window as one line, `marks` tokens wrapped in << >> (SAEBench's rendering). A token
+        that only starts a character (text '', see `explore.tokens.stitch`) hands its mark on to
+        the token that completes it, so the explainer never sees an empty `<<>>`."""
         marks = marks or [False] * len(self.tokens)
-        out = "".join(f"<<{t}>>" if m else t for t, m in zip(self.tokens, marks, strict=True))
-        return out.replace("\ufffd", "").replace("\n", "↵")
+        out, marked = [], False
+        for t, m in zip(self.tokens, marks, strict=True):
+            marked = marked or m
+            if t:
+                out.append(f"<<{t}>>" if marked else t)
+                marked = False
+        return "".join(out).replace("\ufffd", "").replace("\n", "↵")
 
 
 def autointerp(
@@ -157,7 +165,9 @@ def collect_contexts(
                         win = z[b, p.clamp(0, T - 1).flatten().to(device)] * inside[:, None]
                         q, lat = win.nonzero(as_tuple=True)  # q: window-major, then offset
                         rows = torch.stack([seq * per_seq + r0 + q // w, q % w, lat]).cpu()
-                        found[j].append(torch.cat([rows.double(), win[q, lat].double().cpu()[None]]))
+                        found[j].append(
+                            torch.cat([rows.double(), win[q, lat].double().cpu()[None]])
+                        )
             bar.update(len(batch))
     pool = {
         "tokens": pool_tok.view(S * per_seq, -1),  # (P, w) -1 off the sequence
@@ -198,7 +208,7 @@ def _examples(
 
     def example(toks: Tensor, act: Tensor) -> Example:
         keep = toks >= 0
-        return Example(decode(toks[keep].tolist()), act[keep].tolist(), threshold)
+        return Example(stitch(decode(toks[keep].tolist())), act[keep].tolist(), threshold)
 
     return {
         "explain": [example(t, a) for _, _, t, a in explain],

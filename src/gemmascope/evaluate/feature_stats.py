@@ -285,14 +285,17 @@ def _place(
         array[dest_new] = fresh.to(array.dtype)
 
 
-def token_decoder(tokenizer: Any) -> Callable[[list[int]], list[str]]:
-    """Each id's own text (`tokenizer.decode([id])`), remembered: windows repeat their tokens."""
-    texts: dict[int, str] = {}
+def token_decoder(tokenizer: Any) -> Callable[[list[int]], list[bytes]]:
+    """Each id's exact bytes in a text (`explore.tokens.token_bytes`), remembered: windows repeat
+    their tokens. Bytes, not `decode([id])`: a character split over tokens decodes to U+FFFD token
+    by token; `explore.tokens.stitch` turns a window's bytes into its display strings."""
+    from gemmascope.explore.tokens import token_bytes  # lazily: gemmascope.explore imports us
 
-    def decode(ids: list[int]) -> list[str]:
-        for i in ids:
-            if i not in texts:
-                texts[i] = tokenizer.decode([i])
-        return [texts[i] for i in ids]
+    pieces: dict[int, bytes] = {}
+
+    def decode(ids: list[int]) -> list[bytes]:
+        missing = list(dict.fromkeys(i for i in ids if i not in pieces))
+        pieces.update(zip(missing, token_bytes(tokenizer, missing), strict=True))
+        return [pieces[i] for i in ids]
 
     return decode

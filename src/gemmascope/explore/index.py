@@ -10,12 +10,9 @@ lens is computed and the SQLite file is written through a temp file and one rena
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
-import json
 import math
-import sqlite3
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -30,13 +27,12 @@ import gemmascope
 from gemmascope.clt import CLT
 from gemmascope.common.config import check, option
 from gemmascope.common.devices import resolve_device
-from gemmascope.common.files import atomic_file
 from gemmascope.common.progress import progress_bar
 from gemmascope.common.units import Count
 from gemmascope.corpus import CorpusSplit, fingerprint, iter_documents, pack_sequences, special_ids
 from gemmascope.evaluate.feature_stats import FeatureStats, token_decoder
+from gemmascope.explore.checkpoint import checkpoint_path, existing_index, resume, save_checkpoint
 from gemmascope.explore.lens import logit_lens
-from gemmascope.explore.store import FORMAT as INDEX_FORMAT
 from gemmascope.explore.store import write_index
 from gemmascope.models import check_forward, given_or_loaded
 from gemmascope.sae import SAE
@@ -46,9 +42,9 @@ from gemmascope.sae import SAE
 class IndexConfig:
     """One index run; every field but `out`, `device` and `checkpoint_seconds` must match to resume."""
 
-    sae_source: str = option(positional=True)
+    sae_source: str = option("", positional=True, required=True)
     """params.npz, SAE folder or Hugging Face repo id (as `gemmascope.io.load` takes)."""
-    out: Path
+    out: Path = option(Path("index.sqlite"), required=True)
     """The `.sqlite` file to write; `OUT.partial` holds the checkpoint while it runs."""
     sae_id: str | None = None
     """Which SAE of a folder or repo holding several."""
@@ -117,11 +113,6 @@ class IndexConfig:
             raise ValueError(f"`checkpoint_seconds` must be >= 0, got {self.checkpoint_seconds}")
 
 
-def checkpoint_path(out: Path) -> Path:
-    """Where a run writing `out` keeps its checkpoint."""
-    return out.with_name(out.name + ".partial")
-
-
 def build_index(
     cfg: IndexConfig,
     *,
@@ -142,40 +133,130 @@ def build_index(
     Returns:
         `cfg.out`.
     """
-    existing = _existing(cfg)
-    model, tokenizer, sae = _load(cfg, model, tokenizer, sae)
+    return build_indexes([cfg], model=model, tokenizer=tokenizer, saes=[sae], progress=progress,
+                         on_chunk=on_chunk)[0]  # fmt: skip
+
+
+SHARED = (
+    "model",
+    "corpus",
+    "split",
+    "text_column",
+    "tokens",
+    "context_size",
+    "batch_size",
+    "device",
+)
+"""What the runs of `build_indexes` share: one corpus, read once, through one model."""
+
+
+@dataclass
+class _Job:
+    """One index being built: its run, SAE, site, identity, running statistics and chunks merged."""
+
+    cfg: IndexConfig
+    sae: SAE
+    layer: int
+    site: str
+    identity: dict[str, Any]
+    stats: FeatureStats
+    done: int
+
+
+def build_indexes(
+    cfgs: list[IndexConfig],
+    *,
+    model: Any = None,
+    tokenizer: Any = None,
+    saes: list[SAE | CLT | None] | None = None,
+    progress: bool = True,
+    on_chunk: Callable[[int], None] | None = None,
+) -> list[Path]:
+    """Index several SAEs of one model over one corpus with one forward per chunk, stopped after
+    the deepest site read (a suite indexes a whole group of layers so).
+
+    Each run keeps its own checkpoint and resumes on its own; an index already written with the same
+    settings is left as it is. The runs must agree on `SHARED`.
+
+    Returns:
+        Each run's `out`.
+    """
+    if not cfgs:
+        raise ValueError("no index to build: pass at least one IndexConfig")
+    first = cfgs[0]
+    for c in cfgs[1:]:
+        diffs = [k for k in SHARED if getattr(c, k) != getattr(first, k)]
+        if diffs:
+            raise ValueError(f"indexes built together share {', '.join(SHARED)}; {c.out} differs "
+                             f"from {first.out} in {', '.join(diffs)}")  # fmt: skip
+    outs = [c.out.resolve() for c in cfgs]
+    if len(set(outs)) != len(outs):
+        raise ValueError("two runs write the same index file; give each its own `out`")
+    existing = [existing_index(c.out, c.overwrite) for c in cfgs]
+    device = resolve_device(first.device)
+    model, tokenizer = given_or_loaded(first.model, model, tokenizer, device=device,
+                                       caller="build_index")  # fmt: skip
+    given = saes or [None] * len(cfgs)
+    check_forward(model, first.batch_size, first.context_size)
+    jobs = []
+    for c, sae, found in zip(cfgs, given, existing, strict=True):
+        job = _job(c, _load_sae(c, sae, device), model, found)
+        if job is not None:
+            jobs.append(job)
+    if jobs:
+        _run(first, jobs, model, tokenizer, progress, on_chunk)
+    return [c.out for c in cfgs]
+
+
+def _job(cfg: IndexConfig, sae: SAE, model: Any, existing: dict[str, Any] | None) -> _Job | None:
+    """The job of one run, its checkpoint loaded; None when its index is already written."""
     layer, site = _where(cfg, sae, model)
-    check_forward(model, cfg.batch_size, cfg.context_size)
     identity = _identity(cfg, sae, layer, site)
     if existing is not None and not cfg.overwrite:
         diffs = sorted(k for k in identity if existing.get(k) != identity[k])
         if not diffs:
-            return cfg.out  # this very index is done: nothing to redo
+            return None  # this very index is done: nothing to redo
         raise FileExistsError(
             f"{cfg.out}: an index made with other settings ({', '.join(diffs)} differ); pass "
             "--overwrite to replace it, or choose another --out"
         )
     stats = FeatureStats(sae.cfg.d_sae, top_k=cfg.top_k, window=cfg.window, bands=cfg.bands,
                          samples=cfg.samples, bins=cfg.bins, seed=cfg.seed, device=sae.device)  # fmt: skip
-    partial = checkpoint_path(cfg.out)
-    done = _resume(partial, identity, stats)
+    done = resume(checkpoint_path(cfg.out), identity, stats)
+    return _Job(cfg, sae, layer, site, identity, stats, done)
+
+
+def _run(
+    cfg: IndexConfig,
+    jobs: list[_Job],
+    model: Any,
+    tokenizer: Any,
+    progress: bool,
+    on_chunk: Callable[[int], None] | None,
+) -> None:
+    """Forward the corpus once for every job, merge each chunk into the jobs that lack it, write."""
     n_seq = math.ceil(cfg.tokens / cfg.context_size)
     skip = special_ids(tokenizer)
     docs = iter_documents(cfg.corpus, cfg.split, text_column=cfg.text_column)
     sequences = itertools.islice(pack_sequences(docs, tokenizer, cfg.context_size), n_seq)
-    bar = progress_bar(math.ceil(n_seq / cfg.batch_size), initial=done, unit="chunk", desc="index",
+    start = min(j.done for j in jobs)
+    bar = progress_bar(math.ceil(n_seq / cfg.batch_size), initial=start, unit="chunk",
+                       desc="index" if len(jobs) == 1 else f"index {len(jobs)} SAEs",
                        enabled=progress)  # fmt: skip
-    saved_at, saved, seen = time.monotonic(), done, 0
+    saved_at, seen = time.monotonic(), 0
+    saved = {id(j): j.done for j in jobs}
     try:
         for chunk, batch in enumerate(_batched(sequences, cfg.batch_size)):
             seen += len(batch)
-            if chunk < done:
+            todo = [j for j in jobs if j.done <= chunk]
+            if not todo:
                 continue  # merged before the interruption: tokenised again, not forwarded
-            _index_chunk(model, sae, stats, batch, layer, site, skip, chunk, cfg.batch_size)
-            done = chunk + 1
-            if time.monotonic() - saved_at >= cfg.checkpoint_seconds:
-                _save_checkpoint(partial, identity, stats, done)
-                saved_at, saved = time.monotonic(), done
+            _index_chunk(model, todo, batch, skip, chunk, cfg.batch_size)
+            if time.monotonic() - saved_at >= min(j.cfg.checkpoint_seconds for j in jobs):
+                for j in todo:
+                    save_checkpoint(checkpoint_path(j.cfg.out), j.identity, j.stats, j.done)
+                    saved[id(j)] = j.done
+                saved_at = time.monotonic()
             bar.update(1)
             if on_chunk is not None:
                 on_chunk(chunk)
@@ -184,55 +265,53 @@ def build_index(
     if seen < n_seq:
         print(f"warning: corpus {cfg.corpus!r} ({cfg.split} split) ran out after {seen:,} of "
               f"{n_seq:,} sequences; indexing those", file=sys.stderr)  # fmt: skip
-    if saved < done:  # the lens and the write may take a minute: keep the chunks safe meanwhile
-        _save_checkpoint(partial, identity, stats, done)
-    lens = logit_lens(model, sae, layer, site, k=cfg.lens_k)
-    meta = {**identity, "sae_source": _portable(cfg.sae_source), "model": _portable(cfg.model),
-            "sequences": seen, "positions": seen * cfg.context_size,
-            "tokens_indexed": int(stats.n_tokens), "special_ids": skip,
-            "gemmascope_version": gemmascope.__version__,
-            "lens": "W_dec -> residual stream -> final-norm scale -> W_U (gemmascope.explore.lens)"}  # fmt: skip
-    write_index(cfg.out, meta, stats, lens, token_decoder(tokenizer), cfg.context_size)
-    partial.unlink(missing_ok=True)
-    return cfg.out
+    for j in jobs:  # the lens and the writes take a while: keep every job's chunks safe meanwhile
+        if saved[id(j)] < j.done:
+            save_checkpoint(checkpoint_path(j.cfg.out), j.identity, j.stats, j.done)
+    for j in jobs:
+        lens = logit_lens(model, j.sae, j.layer, j.site, k=j.cfg.lens_k)
+        spec = (j.sae.cfg.extra or {}).get("spec", {})
+        meta = {**j.identity, "sae_source": _portable(j.cfg.sae_source),
+                "model": _portable(j.cfg.model), "sae_name": Path(j.cfg.sae_source).name,
+                "target_l0": spec.get("target_l0") or j.sae.cfg.k,
+                "sequences": seen, "positions": seen * cfg.context_size,
+                "tokens_indexed": int(j.stats.n_tokens), "special_ids": skip,
+                "gemmascope_version": gemmascope.__version__,
+                "lens": "W_dec -> residual stream -> final-norm scale -> W_U (gemmascope.explore.lens)"}  # fmt: skip
+        write_index(j.cfg.out, meta, j.stats, lens, token_decoder(tokenizer), cfg.context_size)
+        checkpoint_path(j.cfg.out).unlink(missing_ok=True)
 
 
 def _index_chunk(
     model: Any,
-    sae: SAE,
-    stats: FeatureStats,
+    jobs: list[_Job],
     batch: list[np.ndarray],
-    layer: int,
-    site: str,
     skip: list[int],
     chunk: int,
     batch_size: int,
 ) -> None:
-    """One forward to the site, one encode, one merge."""
+    """One forward to the deepest site of `jobs`, then one encode and one merge per job."""
     from gemmascope.hooks import collect
 
     tokens = torch.from_numpy(np.stack(batch)).long()  # (B, T)
     device = next(model.parameters()).device
     with torch.no_grad():
-        x = collect(model, tokens.to(device), [(layer, site)])[layer, site]  # (B, T, width)
-        z = sae.encode(x.to(sae.device)).float()  # (B, T, d_sae)
-        tokens = tokens.to(z.device)
-        counted = ~torch.isin(tokens, torch.tensor(skip, dtype=tokens.dtype, device=z.device))
-        stats.update(z, tokens, counted, first_sequence=chunk * batch_size, chunk=chunk)
+        acts = collect(model, tokens.to(device), [(j.layer, j.site) for j in jobs])
+        for j in jobs:
+            x = acts[j.layer, j.site]  # (B, T, width)
+            z = j.sae.encode(x.to(j.sae.device)).float()  # (B, T, d_sae)
+            t = tokens.to(z.device)
+            counted = ~torch.isin(t, torch.tensor(skip, dtype=t.dtype, device=z.device))
+            j.stats.update(z, t, counted, first_sequence=chunk * batch_size, chunk=chunk)
+            j.done = chunk + 1
 
 
-def _load(
-    cfg: IndexConfig, model: Any, tokenizer: Any, sae: SAE | CLT | None
-) -> tuple[Any, Any, SAE]:
-    device = resolve_device(cfg.device)
+def _load_sae(cfg: IndexConfig, sae: SAE | CLT | None, device: Any) -> SAE:
     if sae is None:
         from gemmascope import io
 
         sae = io.load(cfg.sae_source, cfg.sae_id, device=device)
-    sae = layer_of(sae, cfg.clt_layer, cfg.sae_source)
-    model, tokenizer = given_or_loaded(cfg.model, model, tokenizer, device=device,
-                                       caller="build_index")  # fmt: skip
-    return model, tokenizer, sae.eval()
+    return layer_of(sae, cfg.clt_layer, cfg.sae_source).eval()
 
 
 def layer_of(sae: SAE | CLT, clt_layer: int | None, source: str) -> SAE:
@@ -271,28 +350,6 @@ def _where(cfg: IndexConfig, sae: SAE, model: Any) -> tuple[int, str]:
     return layer, site
 
 
-def _existing(cfg: IndexConfig) -> dict[str, Any] | None:
-    """The meta of the index already at `cfg.out` (None if there is none); refuses, before any
-    work, a file there that is not an index unless `cfg.overwrite`."""
-    if not cfg.out.exists():
-        return None
-    try:
-        with contextlib.closing(
-            sqlite3.connect(cfg.out.resolve().as_uri() + "?mode=ro", uri=True)
-        ) as db:
-            meta = {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM meta")}
-    except (sqlite3.Error, ValueError):
-        meta = {}
-    if meta.get("format") == INDEX_FORMAT:
-        return meta
-    if cfg.overwrite:
-        return None
-    raise FileExistsError(
-        f"{cfg.out}: exists and is not a gemmascope index; pass --overwrite to replace it, or "
-        "choose another --out"
-    )
-
-
 def _identity(cfg: IndexConfig, sae: SAE, layer: int, site: str) -> dict[str, Any]:
     """What a resumed run must share with the interrupted one (also the index's meta)."""
     fields = dataclasses.asdict(cfg)
@@ -303,39 +360,6 @@ def _identity(cfg: IndexConfig, sae: SAE, layer: int, site: str) -> dict[str, An
             "layer": layer, "site": site, "d_sae": sae.cfg.d_sae, "d_in": sae.cfg.d_in,
             "architecture": sae.cfg.architecture, "sae_sha256": sae.sha256(),
             "corpus_fingerprint": fingerprint(cfg.corpus, text_column=cfg.text_column)}  # fmt: skip
-
-
-def _resume(partial: Path, identity: dict[str, Any], stats: FeatureStats) -> int:
-    """Load the checkpoint if there is one for this run; return the chunks it covers."""
-    if not partial.exists():
-        return 0
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(str(partial), framework="pt") as f:
-        info = f.metadata() or {}
-    saved = json.loads(info.get("identity", "null"))
-    if saved != json.loads(json.dumps(identity)):
-        diff = sorted(k for k in {*identity, *(saved or {})}
-                      if (saved or {}).get(k) != json.loads(json.dumps(identity)).get(k))  # fmt: skip
-        raise ValueError(
-            f"{partial} is the checkpoint of another index run (differs in {diff}); rerun with the "
-            "same settings to resume it, or delete it to start afresh"
-        )
-    stats.load_state_dict(load_file(str(partial)))
-    return int(info["chunks_done"])
-
-
-def _save_checkpoint(
-    partial: Path, identity: dict[str, Any], stats: FeatureStats, done: int
-) -> None:
-    from safetensors.torch import save_file
-
-    meta = {"identity": json.dumps(identity), "chunks_done": str(done)}
-    with atomic_file(partial) as tmp:
-        save_file(
-            {k: v.contiguous() for k, v in stats.state_dict().items()}, str(tmp), metadata=meta
-        )
 
 
 def _portable(source: str) -> str:

@@ -1,8 +1,8 @@
-"""The model and SAE behind "what fires here" and steering: loaded on first use, used one request at a time.
+"""The models and SAEs behind prompt search, co-firing, neighbours and steering: loaded on first use.
 
-The index's meta names the model and the SAE (`gemmascope index` stores local paths absolute), so the
+Each index's meta names its model and SAE (`gemmascope index` stores local paths absolute), so the
 explorer needs no other argument; nothing a request sends is ever used as a path. A lock serialises
-all use of the model, because steering splices a hook into it that no other request may see.
+all use of the models, because steering splices a hook into one that no other request may see.
 """
 
 from __future__ import annotations
@@ -13,57 +13,75 @@ from typing import Any
 import torch
 
 from gemmascope.corpus import special_ids
+from gemmascope.explore.catalog import Entry
+from gemmascope.explore.tokens import display_texts
 from gemmascope.hooks import collect, splice
 from gemmascope.sae import SAE
 
 MAX_TOKENS = 256
-"""Longest text (in tokens, BOS included) that "what fires here" and steering prompts accept."""
+"""Longest text (in tokens, BOS included) that prompt search and steering prompts accept."""
 
 
 class InputError(ValueError):
     """A request the model cannot serve as sent (too many tokens, unknown latent); the API answers 422."""
 
 
+class Unavailable(RuntimeError):
+    """An index's model or SAE could not be loaded (moved, deleted, unreadable); the API answers 503."""
+
+
 class Live:
-    """Model, tokenizer and SAE of an index, loaded lazily.
+    """Models, tokenizers and SAEs of a catalog's indexes, each loaded the first time it is needed.
 
     Args:
-        meta: the index's meta (`model`, `sae_source`, `sae_id`, `layer`, `site`).
-        model, tokenizer, sae: already loaded objects (tests); default: loaded from `meta` on first use.
         device: where to load them.
+        model, tokenizer: an already loaded model (tests), used for every index.
     """
 
-    def __init__(
-        self,
-        meta: dict[str, Any],
-        *,
-        model: Any = None,
-        tokenizer: Any = None,
-        sae: SAE | None = None,
-        device: str = "cpu",
-    ) -> None:
-        self.meta, self.device = meta, device
-        self.layer, self.site = int(meta["layer"]), str(meta["site"])
-        self._model, self._tokenizer, self._sae = model, tokenizer, sae
+    def __init__(self, device: str = "cpu", *, model: Any = None, tokenizer: Any = None) -> None:
+        self.device = device
+        self._given = (model, tokenizer) if model is not None else None
+        self._models: dict[str, tuple[Any, Any]] = {}
+        self._saes: dict[str, SAE] = {}
         self._lock = threading.Lock()
 
-    @property
-    def loaded(self) -> bool:
-        return self._model is not None and self._sae is not None
-
-    def _ensure(self) -> tuple[Any, Any, SAE]:
-        """Load what is missing; call with the lock held."""
-        if self._model is None or self._tokenizer is None:
+    # ------------------------------------------------------------ loading (lock held)
+    def _model(self, entry: Entry) -> tuple[Any, Any]:
+        if self._given is not None:
+            return self._given
+        name = str(entry.meta["model"])
+        if name not in self._models:
             from gemmascope.models import load_model
 
-            self._model, self._tokenizer = load_model(self.meta["model"], device=self.device)
-        if self._sae is None:
+            try:
+                self._models[name] = load_model(name, device=self.device)
+            except (OSError, RuntimeError, ValueError, ImportError) as err:
+                raise Unavailable(
+                    f"the model {name!r} of this index could not be loaded: {err}"
+                ) from err
+        return self._models[name]
+
+    def _sae(self, entry: Entry) -> SAE:
+        if entry.key not in self._saes:
             from gemmascope import io
             from gemmascope.explore.index import layer_of
 
-            loaded = io.load(self.meta["sae_source"], self.meta.get("sae_id"), device=self.device)
-            self._sae = layer_of(loaded, self.meta.get("clt_layer"), self.meta["sae_source"])
-        return self._model, self._tokenizer, self._sae.eval()
+            meta = entry.meta
+            try:
+                loaded = io.load(meta["sae_source"], meta.get("sae_id"), device=self.device)
+            except (OSError, RuntimeError, ValueError, ImportError) as err:
+                raise Unavailable(f"the SAE {meta['sae_source']!r} of this index could not be "
+                                  f"loaded: {err}") from err  # fmt: skip
+            self._saes[entry.key] = layer_of(
+                loaded, meta.get("clt_layer"), meta["sae_source"]
+            ).eval()
+        return self._saes[entry.key]
+
+    def units(self, entry: Entry) -> torch.Tensor:
+        """Unit-length decoder rows `[d_sae, d_in]` of an SAE, for cosine neighbours."""
+        with self._lock:
+            w = self._sae(entry).W_dec.detach().float().cpu()  # (m, d_in)
+        return w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
     def _encode_text(self, tokenizer: Any, model: Any, text: str) -> torch.Tensor:
         """Token ids `[T]` of `text`, BOS first as in the index; InputError when too long."""
@@ -76,55 +94,71 @@ class Live:
             raise InputError(f"the text is {len(ids)} tokens long; at most {limit} are accepted")
         return torch.tensor(ids, dtype=torch.long)
 
-    def fires(self, text: str, *, top: int = 5, features: int = 30) -> dict[str, Any]:
-        """Which latents fire on each token of `text`, and the strongest latents over the text.
+    # ------------------------------------------------------------ what fires
+    def fires(self, text: str, entries: list[Entry], *, top: int = 5,
+              features: int = 30) -> dict[str, Any]:  # fmt: skip
+        """Which latents of each SAE fire on each token of `text`, from one forward of its model.
 
         Returns:
-            `tokens`: per token its id, string, whether it is special (never counted) and its `top`
-            latents with positive activation; `features`: up to `features` latents by their maximum
-            over the text, each with its activation on every token.
+            `tokens`: per token its id, display text and whether it is special (never counted);
+            `saes`: per entry its `key`, per token its `top` latents with positive activation
+            (`latents`), and up to `features` latents by their maximum over the text (`features`,
+            each with its activation on every token).
         """
+        if len({e.meta["model"] for e in entries}) > 1:
+            raise InputError("these SAEs read different models; search one model's SAEs at a time")
         with self._lock:
-            model, tokenizer, sae = self._ensure()
+            model, tokenizer = self._model(entries[0])
             ids = self._encode_text(tokenizer, model, text)
             device = next(model.parameters()).device
+            saes = [self._sae(e) for e in entries]
             with torch.no_grad():
-                x = collect(model, ids[None].to(device), [(self.layer, self.site)])
-                z = sae.encode(x[self.layer, self.site][0].to(sae.device)).float().cpu()  # (T, m)
+                acts = collect(model, ids[None].to(device), [(e.layer, e.site) for e in entries])
+                zs = [
+                    sae.encode(acts[e.layer, e.site][0].to(sae.device)).float().cpu()
+                    for e, sae in zip(entries, saes, strict=True)
+                ]  # fmt: skip (T, m) each
         special = torch.isin(ids, torch.tensor(special_ids(tokenizer), dtype=torch.long))
-        z[special] = 0
-        vals, idx = z.topk(min(top, z.shape[1]), dim=1)  # (T, top)
-        tokens = []
-        for t, token in enumerate(ids.tolist()):
-            latents = [{"id": int(i), "act": float(v)}
-                       for v, i in zip(vals[t], idx[t], strict=True) if v > 0]  # fmt: skip
-            tokens.append({"id": token, "text": tokenizer.decode([token]),
-                           "special": bool(special[t]), "latents": latents})  # fmt: skip
-        peak = z.max(dim=0).values  # (m,)
-        best = peak.topk(min(features, len(peak)))
-        chosen = [int(i) for v, i in zip(best.values, best.indices, strict=True) if v > 0]
-        return {
-            "tokens": tokens,
-            "features": [
-                {"id": i, "max_act": float(peak[i]), "acts": z[:, i].tolist()} for i in chosen
-            ],  # fmt: skip
-        }
+        texts = display_texts(tokenizer, ids.tolist())
+        tokens = [{"id": i, "text": t, "special": bool(s)}
+                  for i, t, s in zip(ids.tolist(), texts, special.tolist(), strict=True)]  # fmt: skip
+        return {"tokens": tokens, "saes": [_fired(e.key, z, special, top, features)
+                                           for e, z in zip(entries, zs, strict=True)]}  # fmt: skip
 
-    def steer(
-        self, prompt: str, feature: int, strength: float, max_new_tokens: int
-    ) -> dict[str, Any]:
+    def on_windows(self, entry: Entry, windows: list[list[int]]) -> list[torch.Tensor]:
+        """The SAE's latents `[len(window), d_sae]` on each token window, run after a BOS when it
+        does not start with one (a window cut from the middle of a text lacks the start the model
+        expects)."""
+        with self._lock:
+            model, tokenizer = self._model(entry)
+            sae = self._sae(entry)
+            device = next(model.parameters()).device
+            bos = tokenizer.bos_token_id
+            out = []
+            with torch.no_grad():
+                for window in windows:
+                    lead = [bos] if bos is not None and window[:1] != [bos] else []
+                    ids = torch.tensor([lead + window], dtype=torch.long, device=device)
+                    x = collect(model, ids, [(entry.layer, entry.site)])[entry.layer, entry.site]
+                    out.append(sae.encode(x[0].to(sae.device)).float().cpu()[len(lead) :])
+            return out
+
+    # ------------------------------------------------------------ steering
+    def steer(self, entry: Entry, prompt: str, feature: int, strength: float,
+              max_new_tokens: int) -> dict[str, Any]:  # fmt: skip
         """Greedy continuations of `prompt` without and with `strength * W_dec[feature]` added at the site.
 
         The direction is added at every position (the prompt's and the generated ones), in the scale
         of the raw activations, i.e. as if the latent's activation were raised by `strength`.
         """
-        if self.meta.get("clt_layer") is not None:
+        if entry.meta.get("clt_layer") is not None:
             raise InputError(
                 "this index holds one layer of a cross-layer transcoder, whose latents write every "
                 "later layer too; steer them with `gemmascope graph --steer LAYER:LATENT=VALUE`"
             )
         with self._lock:
-            model, tokenizer, sae = self._ensure()
+            model, tokenizer = self._model(entry)
+            sae = self._sae(entry)
             if not 0 <= feature < sae.cfg.d_sae:
                 raise InputError(
                     f"feature {feature} does not exist; the SAE has 0..{sae.cfg.d_sae - 1}"
@@ -138,10 +172,26 @@ class Live:
             def add(value: torch.Tensor) -> torch.Tensor:
                 return value + strength * direction.to(value.device, value.dtype)
 
-            with splice(model, self.layer, self.site, add):
+            with splice(model, entry.layer, entry.site, add):
                 steered = _greedy(model, tokenizer, ids, max_new_tokens)
         return {"prompt": prompt, "feature": feature, "strength": strength,
                 "max_new_tokens": max_new_tokens, "unsteered": plain, "steered": steered}  # fmt: skip
+
+
+def _fired(key: str, z: torch.Tensor, special: torch.Tensor, top: int,
+           features: int) -> dict[str, Any]:  # fmt: skip
+    """One SAE's part of `Live.fires`: `z` is `[T, d_sae]`."""
+    z = z.clone()
+    z[special] = 0
+    vals, idx = z.topk(min(top, z.shape[1]), dim=1)  # (T, top)
+    latents = [[{"id": int(i), "act": float(v)} for v, i in zip(vs, js, strict=True) if v > 0]
+               for vs, js in zip(vals.tolist(), idx.tolist(), strict=True)]  # fmt: skip
+    peak = z.max(dim=0).values  # (m,)
+    best = peak.topk(min(features, len(peak)))
+    chosen = [int(i) for v, i in zip(best.values, best.indices, strict=True) if v > 0]
+    return {"key": key, "latents": latents,
+            "features": [{"id": i, "max_act": float(peak[i]), "acts": z[:, i].tolist()}
+                         for i in chosen]}  # fmt: skip
 
 
 def _greedy(model: Any, tokenizer: Any, ids: torch.Tensor, max_new_tokens: int) -> str:

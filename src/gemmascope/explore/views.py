@@ -29,11 +29,17 @@ def alpha(act: float, scale: float) -> str:
     return f"{min(act / scale, 1.0):.3f}"
 
 
-def tok(text: str) -> str:
-    """A token's text made visible: newlines and tabs as symbols, an empty token as a dot sign."""
+def tok(text: str, alone: bool = False) -> str:
+    """A token's display text: each line break as one ↵ (`\\r\\n` too; a lone `\\r` as ␍) and tabs
+    as ⇥, so a context stays on one line; all else as is (spaces are the text's own).
+
+    Inside a context (the default) an empty text stays empty: the token only starts a character
+    that the next tokens complete, and the completing token shows it (`tokens.stitch`). A token on
+    its own (`alone=True`: a chip, a logit-lens token) is never blank: empty shows as ∅.
+    """
     if text == "":
-        return "∅"
-    return text.replace("\r", "␍").replace("\n", "↵").replace("\t", "⇥")
+        return "∅" if alone else ""
+    return text.replace("\r\n", "↵").replace("\r", "␍").replace("\n", "↵").replace("\t", "⇥")
 
 
 def short(source: Any) -> str:
@@ -48,7 +54,35 @@ def register_filters(env: Any) -> None:
     env.globals.update(alpha=alpha)
 
 
-def histogram_bars(histogram: dict[str, Any], max_act: float) -> dict[str, Any]:
+DENSITY_DECADES = 8
+"""The density histogram's bins: one per decade from 1e-8 to 1, dead latents apart."""
+
+
+def density_bars(densities: list[float]) -> dict[str, Any]:
+    """Geometry of the SAE page's histogram of log10 firing densities (as Gemma Scope's figures),
+    with the number of latents that never fired."""
+    import math
+
+    bins_per_decade = 4
+    n = DENSITY_DECADES * bins_per_decade
+    counts = [0] * n
+    dead = 0
+    for d in densities:
+        if d <= 0:
+            dead += 1
+            continue
+        b = math.floor((math.log10(d) + DENSITY_DECADES) * bins_per_decade)
+        counts[min(max(b, 0), n - 1)] += 1
+    out = histogram_bars({"hi": float(n), "counts": counts}, float(n), full=True)
+    for t in out["x_ticks"]:
+        t["label"] = f"1e{float(t['label']) / bins_per_decade - DENSITY_DECADES:.0f}"
+    for i, (b, c) in enumerate(zip(out["bars"], counts, strict=False)):
+        lo = i / bins_per_decade - DENSITY_DECADES
+        b["title"] = f"density 10^{lo:g} to 10^{lo + 1 / bins_per_decade:g}: {c:,} latents"
+    return out | {"dead": dead}
+
+
+def histogram_bars(histogram: dict[str, Any], max_act: float, full: bool = False) -> dict[str, Any]:
     """Geometry of an SVG bar chart of the activation histogram, bins up to the maximum only.
 
     Returns:
@@ -59,7 +93,7 @@ def histogram_bars(histogram: dict[str, Any], max_act: float) -> dict[str, Any]:
     out: dict[str, Any] = {"width": WIDTH, "height": HEIGHT, "bars": [], "x_ticks": [], "y_max": 0}
     if hi <= 0 or not any(counts):
         return out
-    last = max(i for i, c in enumerate(counts) if c)
+    last = len(counts) - 1 if full else max(i for i, c in enumerate(counts) if c)
     counts = counts[: last + 1]
     bin_width = hi / len(histogram["counts"])
     left, right, top, bottom = PAD_LEFT, WIDTH - 8, 8, HEIGHT - PAD_BOTTOM

@@ -14,6 +14,7 @@ from gemmascope.common.devices import check_device
 from gemmascope.common.units import Bytes, Count, Width
 from gemmascope.corpus import EVAL_FRACTION
 from gemmascope.evaluate.config import EvalConfig
+from gemmascope.explore.index import IndexConfig
 from gemmascope.train.config import RECIPES, TrainConfig, TrainFlags
 
 RUNTIME = (
@@ -84,6 +85,13 @@ class SuiteConfig:
         defaults={"tokens": 20_000},
     )  # fmt: skip
     """How every SAE is evaluated on held-out text (`--eval-tokens`, `--ablations`, ...)."""
+    index: IndexConfig = nested(
+        IndexConfig, prefix="index",
+        hide=("sae_source", "out", "sae_id", "clt_layer", "layer", "site", "split", "batch_size",
+              "checkpoint_seconds", "overwrite"),
+        defaults={"tokens": 1_000_000},
+    )  # fmt: skip
+    """How every SAE's feature index is built for `gemmascope explore` (`--index-tokens`, ...)."""
 
     def __post_init__(self) -> None:
         check(self)
@@ -96,9 +104,10 @@ class SuiteConfig:
         for name in ("model_batch_size", "context_size", "buffer_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"`{name}` must be positive, got {getattr(self, name)}")
-        inherit(self, "cache", "train", "eval")
+        inherit(self, "cache", "train", "eval", "index")
         self.cache = dataclasses.replace(self.cache, batch_size=self.model_batch_size)
         self.eval = dataclasses.replace(self.eval, batch_size=self.model_batch_size, split="eval")
+        self.index = dataclasses.replace(self.index, batch_size=self.model_batch_size)
         if self.train_tokens is None:
             self.train_tokens = self.cache.tokens
         tokens, batch = min(self.cache.tokens, self.train_tokens), self.train.batch_size

@@ -7,6 +7,7 @@ Layout of the suite folder (`OUT/`):
                                dropped once the group's SAEs are trained (kept with `keep_cache`)
     runs/L03.resid_post/       the `train` run of every SAE of one (layer, site): metrics.jsonl and
                                one folder per SAE, all trained from one read of its activations
+    index/L03.resid_post/NAME.sqlite   the feature index of every SAE, for `gemmascope explore OUT`
     results/L03.json           `evaluate` records of one layer's SAEs; results.json holds them all
     publish/                   Gemma Scope layout: {site}/layer_{L}/width_{W}/average_l0_{N}/params.npz,
                                README.md (model card), eval_results.json
@@ -62,7 +63,7 @@ def stage_names(plan: Plan) -> list[str]:
     for g, layers in enumerate(plan.groups):
         names.append(f"cache:{g}")
         names += [f"train:{site_dir((layer, s))}" for layer in layers for s in plan.sites]
-        names.append(f"eval:{g}")
+        names += [f"index:{g}", f"eval:{g}"]
     return [*names, "publish", "report"]
 
 

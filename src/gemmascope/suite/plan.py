@@ -227,7 +227,8 @@ def _time_sae_step(
 
 
 def stage_estimates(plan: Plan, rates: Rates, cfg: Any) -> dict[str, float]:
-    """Seconds each stage should take at `rates`: `cache:g`, `train:Lxx.site`, `eval:g` (see suite)."""
+    """Seconds each stage should take at `rates`: `cache:g`, `train:Lxx.site`, `index:g`, `eval:g`
+    (see suite)."""
     from gemmascope.activations import site_dir
 
     out: dict[str, float] = {}
@@ -246,10 +247,29 @@ def stage_estimates(plan: Plan, rates: Rates, cfg: Any) -> dict[str, float]:
                     plan.target_l0s
                 )
             out[f"train:{site_dir(key)}"] = steps * per_step
+        out[f"index:{g}"] = _index_seconds(plan, layers, rates, cfg)
         out[f"eval:{g}"] = _eval_seconds(
             plan, layers, cfg.eval_tokens, rates, cfg.ablations
         ) + _extra_eval_seconds(plan, layers, rates, cfg)
     return out
+
+
+INDEX_STEP_SHARE = 0.5
+"""Indexing one token costs an SAE about half a dense training step (an encode and the statistics'
+top-k merges, no decode or backward)."""
+
+
+def _index_seconds(plan: Plan, layers: list[int], rates: Rates, cfg: Any) -> float:
+    """One forward of the index tokens up to the group's deepest layer, then each SAE's encode and
+    statistics (suites planned before there was an index stage had none)."""
+    tokens = getattr(cfg, "index_tokens", 0)
+    per_token = 0.0
+    for w in plan.widths:
+        for s in plan.sites:
+            shape = f"{plan.site_widths[s]}x{w}"
+            per_token += INDEX_STEP_SHARE * len(plan.target_l0s) / rates.train_dense[shape]
+    forward = tokens * (max(layers) + 1) / plan.n_layers / rates.body
+    return forward + tokens * per_token * len(layers)
 
 
 def _extra_eval_seconds(plan: Plan, layers: list[int], rates: Rates, cfg: Any) -> float:

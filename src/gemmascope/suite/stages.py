@@ -1,7 +1,9 @@
 """One command builds a whole Gemma Scope-style suite: plan, cache, train, evaluate, publish, report.
 
 Stages, in order: for each group of layers, `cache:G` -> `train:Lxx.site` for each of its (layer,
-site) -> `eval:G`; then `publish` -> `report`. A stage is marked running in `suite.json` before it
+site) -> `index:G` (the feature index of each SAE, all from one forward) -> `eval:G` (whose
+auto-interpretation, if asked for, stores its explanations in those indexes); then `publish` ->
+`report`. A stage is marked running in `suite.json` before it
 starts and done after it ends; a rerun skips done stages and resumes the interrupted one through its
 own resume (cache shards, training checkpoints, the results of each layer already evaluated), so a
 killed suite finishes with the same SAEs and results as an uninterrupted one. `suite.status` reads
@@ -120,6 +122,7 @@ class _Stages:
                 for key in keys:
                     self._stage(f"train:{site_dir(key)}", lambda key=key, g=g: self._train(g, key))
             self._drop_cache(g)
+            self._stage(f"index:{g}", lambda layers=layers: on_main(lambda: self._index(layers)))
             self._stage(f"eval:{g}", lambda layers=layers: on_main(lambda: self._evaluate(layers)))
         self._stage("publish", lambda: on_main(self._publish))
         self._stage("report", lambda: on_main(self._report))
@@ -183,6 +186,23 @@ class _Stages:
             on_main(lambda: shutil.rmtree(folder))
             self.show(f"dropped the cache of group {g} ({folder.name})")
 
+    def _sae_ids(self, layers: list[int]) -> list[str]:
+        """`L03.resid_post/NAME` of every SAE of `layers`, as `runs/` holds them."""
+        keys = [(layer, s) for layer in layers for s in self.plan.sites]
+        return [f"{site_dir(k)}/{s.name}" for k in keys for s in self._specs(k)]
+
+    def _index(self, layers: list[int]) -> None:
+        """Every SAE of the group indexed from one forward per chunk; each index resumes alone."""
+        from gemmascope.explore.catalog import suite_index
+        from gemmascope.explore.index import build_indexes
+
+        cfgs = [dataclasses.replace(self.cfg.index, sae_source=str(self.runs / sae_id),
+                                    out=suite_index(self.cfg.out, sae_id))
+                for sae_id in self._sae_ids(layers)]  # fmt: skip
+        for c in cfgs:
+            c.out.parent.mkdir(parents=True, exist_ok=True)
+        build_indexes(cfgs, model=self.model, tokenizer=self.tokenizer, progress=self.progress)
+
     def _results(self, layer: int) -> Path:
         return results_file(self.cfg.out, layer)
 
@@ -197,8 +217,7 @@ class _Stages:
         from gemmascope.evaluate import evaluate, write_results, write_saebench
 
         c = self.cfg
-        keys = [(layer, s) for s in self.plan.sites]
-        ids = [f"{site_dir(k)}/{s.name}" for k in keys for s in self._specs(k)]
+        ids = self._sae_ids([layer])
         device = next(self.model.parameters()).device
         saes = [io.load(self.runs / sae_id, device=device) for sae_id in ids]
         self.show(f"evaluating the {len(saes)} SAEs of layer {layer}")
@@ -213,7 +232,19 @@ class _Stages:
         write_saebench(c.out / "eval_results", records, {**flat(c.eval), **settings}, cfgs)
         for record in records:
             del record["saebench_details"]
+        if "autointerp" in c.eval.evals:
+            self._store_explanations(records, ids)
         write_results(self._results(layer), records, settings)
+
+    def _store_explanations(self, records: list[dict[str, Any]], ids: list[str]) -> None:
+        """Auto-interpretation's explanations into each SAE's index, for the explorer."""
+        from gemmascope.evaluate.explanations import store_explanations
+        from gemmascope.explore.catalog import suite_index
+
+        for record, sae_id in zip(records, ids, strict=True):
+            found = record["saebench"]["autointerp"]
+            store_explanations(suite_index(self.cfg.out, sae_id), found["details"],
+                               found["explainer"])  # fmt: skip
 
     def _publish(self) -> None:
         from gemmascope.evaluate import read_results, write_results

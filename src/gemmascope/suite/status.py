@@ -49,7 +49,8 @@ def plan_table(manifest: dict[str, Any]) -> Table:
     t.add_row(f"measured on {rates['device']}", f"forward {rates['body']:,.0f} tok/s, with logits "
               f"{rates['lm']:,.0f} tok/s; one SAE step d_in x width, dense/sparse tok/s: {speeds}")  # fmt: skip
     kinds = {
-        k: sum(v for s, v in est.items() if s.startswith(k)) for k in ("cache", "train", "eval")
+        k: sum(v for s, v in est.items() if s.startswith(k))
+        for k in ("cache", "train", "index", "eval")
     }
     t.add_row("time here", f"{fmt_seconds(sum(kinds.values()))}: "
               + ", ".join(f"{k} {fmt_seconds(v)}" for k, v in kinds.items()))  # fmt: skip
@@ -108,7 +109,7 @@ def _throughput(
     per SAE (its share of the clean, spliced and ablated forwards)."""
     per_key = len(plan.widths) * len(plan.target_l0s)
     out: dict[str, float] = {}
-    for kind in ("cache", "train", "eval"):
+    for kind in ("cache", "train", "index", "eval"):
         done = [n for n, s in stages.items() if n.startswith(kind + ":") and s["state"] == "done"]
         seconds = sum(stages[n]["seconds"] for n in done)
         if not done or seconds <= 0:
@@ -117,6 +118,9 @@ def _throughput(
             total = cfg["tokens"] * len(done)
         elif kind == "train":
             total = _train_tokens(cfg) * per_key * len(done)
+        elif kind == "index":
+            layers = sum(len(plan.groups[int(n.partition(":")[2])]) for n in done)
+            total = _index_tokens(cfg) * layers * len(plan.sites) * per_key
         else:
             layers = sum(len(plan.groups[int(n.partition(":")[2])]) for n in done)
             total = cfg["eval_tokens"] * layers * len(plan.sites) * per_key
@@ -127,6 +131,13 @@ def _throughput(
 def _train_tokens(cfg: dict[str, Any]) -> int:
     """Tokens each SAE trains on (suites made before `train_tokens` trained on `tokens`)."""
     return cfg.get("train_tokens") or cfg["tokens"]
+
+
+def _index_tokens(cfg: dict[str, Any]) -> int:
+    """Tokens each SAE is indexed on (a suite made before the index stage has the default)."""
+    from gemmascope.suite.config import identity_defaults
+
+    return cfg.get("index_tokens") or identity_defaults()["index_tokens"]
 
 
 def _alive(rec: dict[str, Any]) -> bool:
@@ -151,6 +162,11 @@ def _progress(out: Path, name: str, cfg: dict[str, Any], plan: Any) -> float:
             log = out / "runs" / what / "metrics.jsonl"
             steps = [json.loads(line)["step"] for line in log.read_text().splitlines() if line]
             return max(steps, default=0) / (_train_tokens(cfg) // cfg["batch_size"])
+        if kind == "index":
+            layers = plan.groups[int(what)]
+            keys = [site_dir((x, s)) for x in layers for s in plan.sites]
+            written = sum(len(list((out / "index" / k).glob("*.sqlite"))) for k in keys)
+            return written / (len(keys) * len(plan.widths) * len(plan.target_l0s))
         if kind == "eval":
             layers = plan.groups[int(what)]
             return sum(results_file(out, x).exists() for x in layers) / len(layers)
@@ -166,7 +182,13 @@ def status_table(out: str | Path) -> Group:
     manifest, st = read_manifest(out), suite_status(out)
     plan, stages = plan_of(manifest), st["stages"]
     t = Table(
-        "layer", "site", "cache", "train", "eval", title=f"suite {out.name}: {plan.n_saes} SAEs"
+        "layer",
+        "site",
+        "cache",
+        "train",
+        "index",
+        "eval",
+        title=f"suite {out.name}: {plan.n_saes} SAEs",
     )
     for g, layers in enumerate(plan.groups):
         cache = _cell(stages[f"cache:{g}"])
@@ -175,14 +197,16 @@ def status_table(out: str | Path) -> Group:
         for layer in layers:
             for site in plan.sites:
                 train = stages[f"train:{site_dir((layer, site))}"]
-                t.add_row(str(layer), site, cache, _cell(train), _cell(stages[f"eval:{g}"]))
-    t.add_row("", "publish", "", "", _cell(stages["publish"]))
-    t.add_row("", "report", "", "", _cell(stages["report"]))
+                t.add_row(str(layer), site, cache, _cell(train), _cell(stages[f"index:{g}"]),
+                          _cell(stages[f"eval:{g}"]))  # fmt: skip
+    t.add_row("", "publish", "", "", "", _cell(stages["publish"]))
+    t.add_row("", "report", "", "", "", _cell(stages["report"]))
     n = len(stages)
     summary = (f"{len(st['done'])} of {n} stages done, {len(st['running'])} running, "
                f"{len(st['stopped'])} stopped, {len(st['left'])} left; {fmt_seconds(st['elapsed_s'])} "
                f"spent, ETA {fmt_seconds(st['eta_s'])}")  # fmt: skip
-    units = {"cache": "tok/s", "train": "SAE token-steps/s", "eval": "tok/s per SAE"}
+    units = {"cache": "tok/s", "train": "SAE token-steps/s", "index": "tok/s per SAE",
+             "eval": "tok/s per SAE"}  # fmt: skip
     if st["throughput"]:
         summary += "\nmeasured: " + ", ".join(
             f"{k} {v:,.0f} {units[k]}" for k, v in st["throughput"].items()
