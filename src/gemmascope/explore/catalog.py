@@ -127,11 +127,15 @@ class Catalog:
                 and e.site == entry.site and e.layer == entry.layer]  # fmt: skip
 
     def adjacent(self, entry: Entry, step: int) -> Entry | None:
-        """The SAE at layer `layer + step` of the same site most like `entry` (width, then L0)."""
-        others = [e for e in self if e.model == entry.model and e.site == entry.site
-                  and e.layer == entry.layer + step]  # fmt: skip
-        if not others:
+        """The SAE of the same site at the nearest layer after (`step` > 0) or before `entry`'s
+        that the catalog has, the one most like `entry` (width, then L0)."""
+        layers = {e.layer for e in self if e.model == entry.model and e.site == entry.site}
+        ahead = [x for x in layers if (x - entry.layer) * step > 0]
+        if not ahead:
             return None
+        layer = min(ahead, key=lambda x: abs(x - entry.layer))
+        others = [e for e in self if e.model == entry.model and e.site == entry.site
+                  and e.layer == layer]  # fmt: skip
         return min(others, key=lambda e: (abs(e.width - entry.width),
                                           abs((e.l0 or 0) - (entry.l0 or 0))))  # fmt: skip
 

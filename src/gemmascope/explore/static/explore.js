@@ -222,8 +222,8 @@
     load("neighbours", (d, body) => {
       body.append(el("h3", {}, "In this SAE"), latentTable(d.within, cos));
       const groups = [...d.other_saes.map((g) => [`${g.label}`, g]),
-        ...(d.previous ? [[`Previous layer: ${d.previous.label}`, d.previous]] : []),
-        ...(d.next ? [[`Next layer: ${d.next.label}`, d.next]] : [])];
+        ...(d.previous ? [[`Previous layer here: ${d.previous.label}`, d.previous]] : []),
+        ...(d.next ? [[`Next layer here: ${d.next.label}`, d.next]] : [])];
       for (const [title, g] of groups) {
         const h = el("h3");
         h.append(el("a", { href: `/sae/${encodeURIComponent(g.key)}` }, title));
