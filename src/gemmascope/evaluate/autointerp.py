@@ -35,9 +35,9 @@ from torch import Tensor
 
 from gemmascope.common.progress import progress_bar
 from gemmascope.corpus import special_ids
+from gemmascope.corpus.tokens import stitch
 from gemmascope.evaluate.explainer import Explainer, Messages
 from gemmascope.evaluate.feature_stats import FeatureStats, token_decoder
-from gemmascope.explore.tokens import stitch
 from gemmascope.hooks import collect
 
 WINDOW = 10
@@ -92,7 +92,7 @@ class Example:
 
     def text(self, marks: Sequence[bool] | None = None) -> str:
         """The window as one line, `marks` tokens wrapped in << >> (SAEBench's rendering). A token
-        that only starts a character (text '', see `explore.tokens.stitch`) hands its mark on to
+        that only starts a character (text '', see `corpus.tokens.stitch`) hands its mark on to
         the token that completes it, so the explainer never sees an empty `<<>>`."""
         marks = marks or [False] * len(self.tokens)
         out, marked = [], False

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gemmascope.corpus.tokens import token_bytes
+
 STATE_KEYS = (
     "top_val", "top_loc", "top_tok", "top_act",
     "band_key", "band_val", "band_loc", "band_tok", "band_act",
@@ -286,11 +288,9 @@ def _place(
 
 
 def token_decoder(tokenizer: Any) -> Callable[[list[int]], list[bytes]]:
-    """Each id's exact bytes in a text (`explore.tokens.token_bytes`), remembered: windows repeat
+    """Each id's exact bytes in a text (`corpus.tokens.token_bytes`), remembered: windows repeat
     their tokens. Bytes, not `decode([id])`: a character split over tokens decodes to U+FFFD token
-    by token; `explore.tokens.stitch` turns a window's bytes into its display strings."""
-    from gemmascope.explore.tokens import token_bytes  # lazily: gemmascope.explore imports us
-
+    by token; `corpus.tokens.stitch` turns a window's bytes into its display strings."""
     pieces: dict[int, bytes] = {}
 
     def decode(ids: list[int]) -> list[bytes]:

@@ -40,9 +40,9 @@ import gemmascope
 from gemmascope.common.config import check, option
 from gemmascope.common.files import atomic_file, sha256_file
 from gemmascope.corpus import special_ids
+from gemmascope.corpus.tokens import token_text
 from gemmascope.evaluate.feature_stats import token_decoder
 from gemmascope.explore import store
-from gemmascope.explore.tokens import token_text
 from gemmascope.models import EMBEDDED_DEFAULT, load_model
 from gemmascope.sae import SAE
 

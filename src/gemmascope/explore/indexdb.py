@@ -13,9 +13,9 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any, Literal
 
+from gemmascope.corpus.tokens import stitch
 from gemmascope.evaluate.explanations import explanations, search_explanations
 from gemmascope.explore.store import FORMAT, SQLITE_INTS
-from gemmascope.explore.tokens import stitch
 
 Sort = Literal["id", "density", "max_act"]
 SORTS: tuple[str, ...] = ("id", "density", "max_act")

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from gemmascope.corpus import special_ids
+from gemmascope.corpus.tokens import display_texts
 from gemmascope.explore.catalog import Entry
-from gemmascope.explore.tokens import display_texts
 from gemmascope.hooks import collect, splice
 from gemmascope.sae import SAE
 

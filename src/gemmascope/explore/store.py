@@ -31,9 +31,9 @@ import numpy as np
 import torch
 
 from gemmascope.common.files import atomic_file
+from gemmascope.corpus.tokens import token_text
 from gemmascope.evaluate.feature_stats import FeatureStats
 from gemmascope.explore.lens import LogitLens
-from gemmascope.explore.tokens import token_text
 
 FORMAT = "gemmascope-index"
 FORMAT_VERSION = 2

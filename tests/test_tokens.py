@@ -18,12 +18,7 @@ from transformers import GPT2Tokenizer, LlamaTokenizer, PreTrainedTokenizerFast,
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 import gemmascope
-from gemmascope.evaluate.autointerp import Example
-from gemmascope.evaluate.feature_stats import token_decoder
-from gemmascope.explore.index import build_index
-from gemmascope.explore.indexdb import IndexDB
-from gemmascope.explore.store import FORMAT_VERSION
-from gemmascope.explore.tokens import (
+from gemmascope.corpus.tokens import (
     BYTE_PIECE,
     decoder_mode,
     display_texts,
@@ -31,6 +26,11 @@ from gemmascope.explore.tokens import (
     token_bytes,
     token_text,
 )
+from gemmascope.evaluate.autointerp import Example
+from gemmascope.evaluate.feature_stats import token_decoder
+from gemmascope.explore.index import build_index
+from gemmascope.explore.indexdb import IndexDB
+from gemmascope.explore.store import FORMAT_VERSION
 from gemmascope.explore.views import tok
 
 TEXT = "naïve — 東京 🐋"
