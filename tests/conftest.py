@@ -130,6 +130,17 @@ def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def gemma_layer6_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """100k tokens of the real Gemma 3 270M's layer 6 `resid_post` on the default corpus's train
+    split, cached once for the slow tests that train on real activations."""
+    from gemmascope.activations import CacheConfig, build_cache
+
+    out = tmp_path_factory.mktemp("gemma-layer6") / "cache"
+    return build_cache(CacheConfig(out=out, layers="6", sites=["resid_post"], tokens=100_000),
+                       progress=False)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """400 documents of made-up words w3..w63 (about 13k tokens), as the tiny tokenizer knows them."""
     rng = random.Random(0)

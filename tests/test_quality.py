@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from gemmascope.activations import CacheConfig, CachedActivations, build_cache
+from gemmascope.activations import CachedActivations
 from gemmascope.evaluate import evaluate
 from gemmascope.models import load_model
 from gemmascope.train import SAESpec, TrainConfig, train
@@ -32,12 +32,9 @@ steps (`--center`: 4.8)."""
 
 
 @pytest.mark.slow
-def test_the_demo_recipe_keeps_its_quality(tmp_path: Path) -> None:
+def test_the_demo_recipe_keeps_its_quality(tmp_path: Path, gemma_layer6_cache: Path) -> None:
     model, tokenizer = load_model("gemma-3-270m")
-    cache = build_cache(
-        CacheConfig(out=tmp_path / "cache", layers="6", sites=["resid_post"], tokens=100_000),
-        model=model, tokenizer=tokenizer, progress=False,
-    )  # fmt: skip
+    cache = gemma_layer6_cache  # 100k tokens of layer 6 resid_post, the train split
     key = (6, "resid_post")
     data = CachedActivations(cache, key, batch_size=1024, seed=0)
     spec = SAESpec(6, "resid_post", 4096, target_l0=TARGET_L0)

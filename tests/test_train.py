@@ -257,18 +257,15 @@ def test_clear_errors(tmp_path):
 
 
 @pytest.mark.slow
-def test_jumprelu_on_real_gemma3_activations(tmp_path):
+def test_jumprelu_on_real_gemma3_activations(tmp_path, gemma_layer6_cache):
     """Layer 6 resid_post of the real Gemma 3 270M on the default corpus: FVU < 0.2 at L0 ~ 30."""
     from gemmascope.activations import CacheConfig, CachedActivations, build_cache
 
     key = (6, "resid_post")
+    eval_cache = build_cache(CacheConfig(out=tmp_path / "eval", layers="6", sites=["resid_post"],
+                                         tokens=6_000, split="eval"), progress=False)  # fmt: skip
     data = {}
-    for split, n in (("train", 48_000), ("eval", 6_000)):
-        path = tmp_path / split
-        build_cache(
-            CacheConfig(out=path, layers="6", sites=["resid_post"], tokens=n, split=split),
-            progress=False,
-        )
+    for split, path in (("train", gemma_layer6_cache), ("eval", eval_cache)):
         batches = CachedActivations(path, key, batch_size=4096, epochs=1).batches()
         data[split] = torch.cat([b[key] for b in batches])
     spec = SAESpec(6, "resid_post", 1024, "jumprelu", target_l0=30)
