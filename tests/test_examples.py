@@ -183,3 +183,19 @@ def test_cli_loads_the_sae_beside_the_file(release: dict[str, Any], tmp_path: Pa
     assert IndexDB(out).meta["top_k"] == 2 and "gemmascope explore" in result.output
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 2 and "exists" in again.output
+
+
+def test_the_explorer_shows_an_imported_release(release: dict[str, Any], tmp_path: Path) -> None:
+    """A downloaded release is browsable without re-indexing, and says what its file lacks."""
+    from fastapi.testclient import TestClient
+
+    from gemmascope.explore.app import create_app
+
+    client = TestClient(create_app(run(release, tmp_path / "index.sqlite")),
+                        base_url="http://127.0.0.1")  # fmt: skip
+    key = client.get("/api/saes").json()["saes"][0]["key"]
+    assert client.get(f"/sae/{key}").status_code == 200
+    page = client.get(f"/sae/{key}/features/0")
+    assert page.status_code == 200
+    assert "as the imported file gives it" in page.text and "fired on 0 of 0" not in page.text
+    assert "imported from a file of top examples" in page.text
