@@ -48,7 +48,10 @@ class IndexDB:
         self.n_features = int(self._query("SELECT count(*) FROM features")[0][0])
 
     def _connect(self) -> sqlite3.Connection:
-        return sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True)
+        db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True)
+        # SQLite's lower() and LIKE fold ASCII only; a search for "école" must find "École"
+        db.create_function("casefold", 1, _casefold, deterministic=True)
+        return db
 
     def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         """One statement on its own connection."""
@@ -111,10 +114,10 @@ class IndexDB:
             where, args = ("WHERE id = ?", (fid,)) if fid in SQLITE_INTS else ("WHERE 0", ())
         elif q:
             like = (
-                "%" + q.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+                "%" + q.casefold().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
             )
             where = ("WHERE id IN (SELECT feature FROM lens_tokens JOIN vocab ON vocab.id = token "
-                     "WHERE lower(trim(vocab.text)) LIKE ? ESCAPE '\\')")  # fmt: skip
+                     "WHERE casefold(trim(vocab.text)) LIKE ? ESCAPE '\\')")  # fmt: skip
             args = (like,)
         direction = "DESC" if descending else "ASC"
         with closing(self._connect()) as db:
@@ -193,6 +196,10 @@ class IndexDB:
     def densities(self) -> list[float]:
         """Every latent's firing density, by id (the SAE page's histogram)."""
         return [r[0] for r in self._query("SELECT density FROM features ORDER BY id")]
+
+
+def _casefold(text: Any) -> Any:
+    return text.casefold() if isinstance(text, str) else text
 
 
 def _marks(values: list[Any]) -> str:
