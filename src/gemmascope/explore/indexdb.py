@@ -114,7 +114,9 @@ class IndexDB:
             where, args = ("WHERE id = ?", (fid,)) if fid in SQLITE_INTS else ("WHERE 0", ())
         elif q:
             like = (
-                "%" + q.casefold().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+                "%"
+                + q.casefold().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+                + "%"
             )
             where = ("WHERE id IN (SELECT feature FROM lens_tokens JOIN vocab ON vocab.id = token "
                      "WHERE casefold(trim(vocab.text)) LIKE ? ESCAPE '\\')")  # fmt: skip
