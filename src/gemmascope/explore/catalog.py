@@ -92,13 +92,13 @@ class Catalog:
             sources = [sources]
         if not sources:
             raise ValueError("nothing to explore: name a suite folder, a folder or index files")
-        files: list[Path] = []
+        opened: dict[Path, IndexDB] = {}  # by resolved path: a file named twice is served once
         records: list[dict[str, Any]] = []
         for source in map(Path, sources):
             found, recs = _scan(source)
-            files += found
+            opened.update((db.path.resolve(), db) for db in found)
             records += recs
-        dbs = [IndexDB(f) for f in dict.fromkeys(f.resolve() for f in files)]
+        dbs = list(opened.values())
         by_sae = {_sae_path(r): r for r in records if _sae_path(r) is not None}
         keys = _keys(dbs)
         entries = [Entry(key, db, _metrics(by_sae.get(_resolved(db.meta.get("sae_source")), {})))
@@ -140,29 +140,29 @@ class Catalog:
                                           abs((e.l0 or 0) - (entry.l0 or 0))))  # fmt: skip
 
 
-def _scan(source: Path) -> tuple[list[Path], list[dict[str, Any]]]:
-    """Index files and evaluation records of one source."""
+def _scan(source: Path) -> tuple[list[IndexDB], list[dict[str, Any]]]:
+    """The indexes and evaluation records of one source (a file given that is not an index is an
+    error; one found in a folder is skipped)."""
     if not source.exists():
         raise FileNotFoundError(f"{source}: no such file or folder; name a suite folder (made by "
                                 "`gemmascope suite`), a folder of indexes or index files")  # fmt: skip
     if source.is_file():
-        return [source], []
+        return [IndexDB(source)], []
     root = source / SUITE_INDEX if (source / "suite.json").exists() else source
-    files = sorted(p for p in root.rglob("*.sqlite") if _is_index(p))
-    if not files:
+    found = [db for p in sorted(root.rglob("*.sqlite")) if (db := _open_index(p)) is not None]
+    if not found:
         raise ValueError(
             f"{source}: holds no feature index; build them with `gemmascope index` (or rerun the "
             "`gemmascope suite` command, whose index stage writes them)"
         )
-    return files, _records(source)
+    return found, _records(source)
 
 
-def _is_index(path: Path) -> bool:
+def _open_index(path: Path) -> IndexDB | None:
     try:
-        IndexDB(path)
+        return IndexDB(path)
     except (OSError, ValueError):
-        return False
-    return True
+        return None
 
 
 def _records(folder: Path) -> list[dict[str, Any]]:

@@ -55,9 +55,10 @@ def resume(partial: Path, identity: dict[str, Any], stats: FeatureStats) -> int:
     with safe_open(str(partial), framework="pt") as f:
         info = f.metadata() or {}
     saved = json.loads(info.get("identity", "null"))
-    if saved != json.loads(json.dumps(identity)):
+    expected = json.loads(json.dumps(identity))  # as the checkpoint stores it (tuples as lists)
+    if saved != expected:
         diff = sorted(k for k in {*identity, *(saved or {})}
-                      if (saved or {}).get(k) != json.loads(json.dumps(identity)).get(k))  # fmt: skip
+                      if (saved or {}).get(k) != expected.get(k))  # fmt: skip
         raise ValueError(
             f"{partial} is the checkpoint of another index run (differs in {diff}); rerun with the "
             "same settings to resume it, or delete it to start afresh"

@@ -294,15 +294,15 @@ def _index_chunk(
     from gemmascope.hooks import collect
 
     tokens = torch.from_numpy(np.stack(batch)).long()  # (B, T)
+    counted = ~torch.isin(tokens, torch.tensor(skip, dtype=tokens.dtype))  # (B, T), for every job
     device = next(model.parameters()).device
     with torch.no_grad():
         acts = collect(model, tokens.to(device), [(j.layer, j.site) for j in jobs])
         for j in jobs:
             x = acts[j.layer, j.site]  # (B, T, width)
             z = j.sae.encode(x.to(j.sae.device)).float()  # (B, T, d_sae)
-            t = tokens.to(z.device)
-            counted = ~torch.isin(t, torch.tensor(skip, dtype=t.dtype, device=z.device))
-            j.stats.update(z, t, counted, first_sequence=chunk * batch_size, chunk=chunk)
+            j.stats.update(z, tokens.to(z.device), counted.to(z.device),
+                           first_sequence=chunk * batch_size, chunk=chunk)  # fmt: skip
             j.done = chunk + 1
 
 
