@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 from gemmascope.train import Norm, SAESpec, TrainConfig, estimate_norms
-from gemmascope.train.objectives import forward_backward
 from gemmascope.train.state import adam_update, new_run
+from gemmascope.train.step import forward_backward
 
 
 def activations(cache: Path | None, tokens: int) -> torch.Tensor:

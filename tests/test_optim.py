@@ -78,9 +78,10 @@ def test_training_parameters_take_the_fused_path():
     """After `place` (every training run), each parameter, its gradient and its Adam state share a
     layout, so no step falls back to the torch ops."""
     from gemmascope.train import SAESpec, TrainConfig
-    from gemmascope.train.objectives import ALONE, forward_backward
+    from gemmascope.train.objectives import ALONE
     from gemmascope.train.optim import _row_views
     from gemmascope.train.state import new_run, place
+    from gemmascope.train.step import forward_backward
 
     cfg = TrainConfig(encoder_init_scale=0.1)
     run = new_run(SAESpec(0, "resid_post", 256, "jumprelu", target_l0=8), 32, cfg, 0)
@@ -90,3 +91,44 @@ def test_training_parameters_take_the_fused_path():
     for name, q in run.params.named_parameters():
         v = run.adam_v[name]
         assert _row_views(q.data, q.grad, v, v, transposed=name != "W_dec") is not None, name
+
+
+@pytest.mark.parametrize("block", [0, 48])
+@pytest.mark.parametrize("beta1", [0.0, 0.9])
+def test_row_adam_equals_dense_adam_over_steps(block, beta1):
+    """Adam applied block by block to the rows a step touched, each untouched row's second
+    moment decayed when it is next touched, ends where dense Adam on whole gradients ends
+    (exact for beta1 = 0; with beta1 > 0 every row is stepped)."""
+    import copy
+
+    from gemmascope.train import SAESpec, TrainConfig
+    from gemmascope.train.objectives import ALONE
+    from gemmascope.train.optim import RowAdam, catch_up
+    from gemmascope.train.state import adam_update, new_run, place
+    from gemmascope.train.step import forward_backward
+
+    cfg = TrainConfig(encoder_init_scale=0.1, beta1=beta1, beta2=0.5)  # decay that shows
+    dense = new_run(SAESpec(0, "resid_post", 256, "jumprelu", target_l0=8), 32, cfg, 0)
+    place(dense, ALONE, torch.device("cpu"))
+    with torch.no_grad():  # most latents silent: each step touches a few dozen rows of 256
+        dense.params.threshold.fill_(0.06)
+    rows = copy.deepcopy(dense)
+    gen = torch.Generator().manual_seed(0)
+    touched = []
+    for step in range(6):
+        x = torch.randn(64, 32, generator=gen) * 0.2
+        lr = 1e-3
+        forward_backward(dense.params, x, x, dense.objective)
+        adam_update(dense, lr, cfg, step)
+        rows.objective.block = block
+        sink = RowAdam(rows.params, rows.adam_v, rows.adam_last, lr=lr,
+                       threshold_lr=cfg.threshold_lr, beta1=beta1, beta2=cfg.beta2, step=step)  # fmt: skip
+        stats = forward_backward(rows.params, x, x, rows.objective, sink=sink)
+        touched.append(int((stats.fired > 0).sum()))
+    assert max(touched) < 128  # the sparse rows were exercised
+    if beta1 == 0:
+        assert int((rows.adam_last < 6).sum()) > 0  # and some rows were left behind
+    catch_up(rows.adam_v, rows.adam_last, cfg.beta2, 6)
+    for name, q in dense.params.named_parameters():
+        torch.testing.assert_close(rows.params.get_parameter(name), q, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(rows.adam_v[name], dense.adam_v[name], rtol=1e-4, atol=1e-9)

@@ -1,5 +1,6 @@
 """The trainer: the recipe's pieces, learning on data with a known dictionary, sweeps and resume."""
 
+import copy
 import json
 
 import pytest
@@ -7,8 +8,9 @@ import torch
 
 from gemmascope import io
 from gemmascope.train import Run, SAESpec, TrainConfig, expand_sweep, tensor_batches, train
-from gemmascope.train.objectives import Objective, Params, forward_backward
+from gemmascope.train.objectives import Objective, Params
 from gemmascope.train.state import adam_update
+from gemmascope.train.step import forward_backward
 
 SITE = (0, "resid_post")
 
@@ -104,8 +106,8 @@ def test_folding_the_input_scale_leaves_encodings_unchanged(tmp_path, mode):
     captured = {}
     real_export = train_mod.export
 
-    def spy(run, norms, cfg):
-        captured["params"], captured["norm"] = run.params, norms[SITE]
+    def spy(run, norms, cfg):  # export folds the normalisation into the run's own tensors
+        captured["params"], captured["norm"] = copy.deepcopy(run.params), norms[SITE]
         return real_export(run, norms, cfg)
 
     train_mod.export = spy

@@ -146,8 +146,9 @@ def test_spec_rules():
 @pytest.mark.parametrize("arch", ["jumprelu", "topk"])
 def test_a_one_layer_clt_is_a_transcoder(arch):
     """With one layer, the CLT's parameters, step and Adam update are a skip transcoder's."""
-    from gemmascope.train.objectives import Params, forward_backward
+    from gemmascope.train.objectives import Params
     from gemmascope.train.state import Run, adam_update
+    from gemmascope.train.step import forward_backward
 
     d, m, B = 8, 32, 256
     one = Params(d, m, 0.05, torch.Generator().manual_seed(0), 0.5, skip=True)

@@ -145,6 +145,22 @@ def activate(pre: Tensor, cfg: SAEConfig, threshold: Tensor, training: bool = Fa
     raise AssertionError(arch)
 
 
+def _count_nonfinite(t: Tensor, block: int = 1 << 22) -> int:
+    """How many entries of `t` are NaN or infinite (0 if it is not floating point), checked about
+    `block` entries at a time so that no full-size temporary is made."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return 0
+    rows = t.T if t.dim() == 2 and not t.is_contiguous() else t  # walk memory in order
+    rows = rows.reshape(1, -1) if rows.dim() < 2 else rows
+    step = max(1, block // max(1, rows[0].numel()))
+    bad = 0
+    for a in range(0, rows.shape[0], step):
+        part = rows[a : a + step]
+        if not bool(torch.isfinite(part).all()):
+            bad += int((~torch.isfinite(part)).sum())
+    return bad
+
+
 class SAE(nn.Module):
     """A sparse autoencoder `x -> z -> x_hat` with Gemma Scope's parameter names and shapes.
 
@@ -278,15 +294,20 @@ class SAE(nn.Module):
     @classmethod
     def from_arrays(
         cls, cfg: SAEConfig, arrays: dict[str, Any], *, source: str = "arrays",
-        allow_nonfinite: bool = False,
+        allow_nonfinite: bool = False, adopt: bool = False,
     ) -> SAE:  # fmt: skip
         """Build an SAE from arrays named as Gemma Scope names them; `threshold` may be absent.
 
         Raises a ValueError naming `source` and the array when one is missing or misshapen, or holds
         a NaN or an infinity (unless `allow_nonfinite`: such an SAE encodes to NaN, but may be
         worth opening to see what went wrong).
+
+        With `adopt`, a tensor already of the SAE's dtype, on its device, and either contiguous or
+        (2-D) the transpose of a contiguous array becomes the parameter itself, without a copy
+        (others are copied): the SAE then shares its memory, so the caller must not change it.
         """
-        sae = cls(cfg)
+        sae = cls(cfg, device="meta")  # no memory: every parameter is set below
+        dt, device = dtype_of(cfg.dtype), torch.empty(0).device
         d, m = cfg.d_in, cfg.d_sae
         expected = {
             "W_enc": (d, m),
@@ -304,6 +325,7 @@ class SAE(nn.Module):
         for name, shape in expected.items():
             if name not in arrays:
                 if name == "threshold" and cfg.architecture != "jumprelu":
+                    setattr(sae, name, nn.Parameter(torch.zeros(shape, dtype=dt, device=device)))
                     continue
                 raise ValueError(
                     f"{source}: missing array {name!r}; expected {sorted(expected)} "
@@ -315,15 +337,19 @@ class SAE(nn.Module):
                     f"{source}: array {name!r} has shape {tuple(t.shape)}, expected {shape} "
                     f"for d_in={d}, d_sae={m}"
                 )
-            bad = int((~torch.isfinite(t)).sum()) if t.is_floating_point() else 0
-            if bad and not allow_nonfinite:
+            bad = 0 if allow_nonfinite else _count_nonfinite(t)
+            if bad:
                 raise ValueError(
                     f"{source}: array {name!r} holds {bad} non-finite value(s) (NaN or inf), so the "
                     "SAE would compute NaNs; it was saved broken. To open it anyway, "
                     "load(..., allow_nonfinite=True)"
                 )
             with torch.no_grad():
-                getattr(sae, name).copy_(t.to(sae.dtype))
+                t = t.detach()
+                whole = t.is_contiguous() or (t.dim() == 2 and t.T.is_contiguous())
+                if not (adopt and whole and t.dtype == dt and t.device == device):
+                    t = torch.empty(shape, dtype=dt, device=device).copy_(t)
+                setattr(sae, name, nn.Parameter(t))
         return sae
 
     def __repr__(self) -> str:

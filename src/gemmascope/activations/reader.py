@@ -222,6 +222,12 @@ class CachedActivations:
             (self.n_chunks * self.chunk_size - self.n_tokens) if last in chunks else 0
         )
 
+    def memory_bytes(self) -> int:
+        """What reading holds at once: the buffer being drawn from, `prefetch` ready ones and one
+        being filled, each with its order (for `train.memory`)."""
+        rows = self.chunks_per_buffer * self.chunk_size
+        return buffers_bytes(rows, sum(self.widths.values()), self.prefetch)
+
     def batches(self, start: int = 0) -> Iterator[Batch]:
         """Yield batches from batch index `start` on (see the module docstring)."""
         buffers = prefetch(lambda: self._buffers(start * self.batch_size), self.prefetch)
@@ -311,6 +317,13 @@ class ModelActivations:
             last = {k: torch.cat([p[k] for p in parts]) for k in self.keys}
             yield last, permutation(self.seed, fill, n=rows), skip
 
+    def memory_bytes(self) -> int:
+        """What streaming holds at once beyond the model: the shuffle buffers (as
+        `CachedActivations.memory_bytes`) and one forward's activations of the layers it runs."""
+        # a layer's hidden states, its MLP's 4x-wide ones and the hooks' copies: ~8 [b, T, d]
+        forward = 4 * self.model_batch_size * self.context_size * max(self.widths.values()) * 8
+        return buffers_bytes(self.buffer_size, sum(self.widths.values()), self.prefetch) + forward
+
     def batches(self, start: int = 0) -> Iterator[Batch]:
         """Yield batches from batch index `start` on (see the module docstring)."""
         device = next(self.model.parameters()).device
@@ -363,3 +376,9 @@ def _emit(parts: list[Batch], dtype: torch.dtype, device: torch.device) -> Batch
         k: (parts[0][k] if len(parts) == 1 else torch.cat([p[k] for p in parts])).to(device, dtype)
         for k in parts[0]
     }
+
+
+def buffers_bytes(rows: int, width: int, prefetch: int) -> int:
+    """Shuffle buffers of `rows` float32 vectors `width` wide with their int64 order: the one in use,
+    `prefetch` ready and one being filled."""
+    return (prefetch + 2) * rows * (4 * width + 8)

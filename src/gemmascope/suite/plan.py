@@ -18,8 +18,11 @@ from typing import Any
 import torch
 
 from gemmascope.activations.files import TOKEN_BYTES
+from gemmascope.activations.reader import buffers_bytes
 from gemmascope.hooks import decoder_layers
 from gemmascope.models import SiteKey
+from gemmascope.train import memory as train_memory
+from gemmascope.train.config import SAESpec, TrainConfig
 
 DENSE_SHARE = 0.25
 """Share of training steps assumed to run the dense path (L0 is high until the penalty warms up)."""
@@ -95,9 +98,7 @@ def plan_suite(
     per_layer = tokens * (sum(site_widths.values()) * itemsize + TOKEN_BYTES)
     per_sae = {s: sum(4 * (2 * d * w + 2 * w + d) for w in widths) for s, d in site_widths.items()}
     sae_bytes = len(layers) * len(target_l0s) * sum(per_sae.values())
-    checkpoint = (
-        2 * max(per_sae.values()) * len(target_l0s)
-    )  # params + Adam state, one (layer, site)
+    checkpoint = 2 * max(per_sae.values()) * len(target_l0s)  # weights + Adam, one (layer, site)
     room = disk_budget - 2 * sae_bytes - checkpoint
     if room < per_layer:
         raise ValueError(
@@ -111,12 +112,18 @@ def plan_suite(
     size = math.ceil(len(layers) / n_groups)  # balanced: 18 layers, 7 fit -> 6, 6, 6
     groups = [layers[i : i + size] for i in range(0, len(layers), size)]
     d_max = max(site_widths.values())
-    sae_train = len(target_l0s) * sum(6 * 4 * d_max * w + 3 * 4 * batch_size * w for w in widths)
+    # a train stage: one (layer, site)'s SAEs, with the trainer's own plan (`train.memory`)
+    train = TrainConfig(tokens=batch_size, batch_size=batch_size)
+    specs = [
+        SAESpec(0, "resid_post", w, "jumprelu", target_l0=t) for w in widths for t in target_l0s
+    ]
+    sae_train = sum(train_memory.sae_bytes(s, d_max, train) for s in specs)
+    sae_train += max(train_memory.step_bytes(s, d_max, train) for s in specs)
     return Plan(
         layers=layers, sites=sites, widths=widths, target_l0s=target_l0s, site_widths=site_widths,
         groups=groups, n_layers=info.n_layers, cache_bytes_per_layer=per_layer, sae_bytes=sae_bytes,
         peak_disk=max(map(len, groups)) * per_layer + checkpoint + 2 * sae_bytes,
-        peak_memory=model_bytes + sae_train + 3 * 4 * buffer_size * d_max,
+        peak_memory=model_bytes + sae_train + buffers_bytes(buffer_size, d_max, prefetch=1),
     )  # fmt: skip
 
 
@@ -199,15 +206,18 @@ def _time_sae_step(
 ) -> tuple[float, float]:
     """Seconds of one JumpReLU step of `batch` rows (gradients + an Adam-like update): at init, then
     at L0 ~ target."""
-    from gemmascope.train.objectives import Objective, Params, encoder_pre, forward_backward
+    from gemmascope.train.config import BLOCK_BYTES
+    from gemmascope.train.objectives import Objective, Params, encoder_pre
+    from gemmascope.train.step import forward_backward
 
     if device.type != "cpu":  # the trainer's path off the CPU
-        from gemmascope.train.objectives import dense_forward_backward as forward_backward
+        from gemmascope.train.dense import dense_forward_backward as forward_backward
     g = torch.Generator().manual_seed(0)
     p = Params(d_in, width, 0.001, g).to(device)
     rows = min(batch, 1024)  # a step's time grows linearly with its rows: time a smaller one
     x = torch.randn(rows, d_in, generator=g).to(device)  # (rows, d_in)
-    obj = Objective("jumprelu", coefficient=1.0, target_l0=target_l0)
+    block = BLOCK_BYTES // (4 * batch) if device.type == "cpu" else 0  # the trainer's
+    obj = Objective("jumprelu", coefficient=1.0, target_l0=target_l0, block=block)
     state = {n: torch.zeros_like(q) for n, q in p.named_parameters()}
 
     def step() -> None:
@@ -220,7 +230,7 @@ def _time_sae_step(
 
     dense = _timed(step, repeats)
     with torch.no_grad():  # one threshold for all latents that lets about target_l0 fire per token
-        pre = encoder_pre(x, p, torch.float32).flatten()  # (B * width,)
+        pre = encoder_pre(x[:64], p, torch.float32).flatten()  # (64 * width,)
         sample = pre[torch.randperm(len(pre), generator=g)[: 1 << 20].to(pre.device)]
         p.threshold.fill_(float(sample.quantile(1 - min(target_l0 / width, 1.0))))
     return dense * batch / rows, _timed(step, repeats) * batch / rows

@@ -88,8 +88,24 @@ def build_suite(
     show(plan_table(manifest))
     if dry_run:
         return manifest
+    _check_memory(plan_of(manifest))
     _Stages(cfg, manifest, model, tokenizer, progress, show).run()
     return manifest
+
+
+def _check_memory(plan: Any) -> None:
+    """Refuse a suite whose peak memory (the plan's) is more than this machine has free."""
+    from gemmascope.models import available_memory
+    from gemmascope.train.memory import resident_bytes
+
+    have = available_memory() + resident_bytes()  # the model is loaded and counted already
+    if plan.peak_memory > have:
+        raise ValueError(
+            f"the suite needs about {plan.peak_memory / 2**30:,.1f} GiB of memory at its peak (the "
+            f"model, one (layer, site)'s SAEs with their Adam state and step buffers, the loader's "
+            f"buffers) but {have / 2**30:,.1f} GiB is free; train fewer --widths or --target-l0 "
+            "per suite, a smaller --batch-size or --buffer-size"
+        )
 
 
 def _silent(item: Any) -> None:

@@ -157,6 +157,9 @@ class SAESpec:
         return f"{where}_{self.site}{tc}_w{self.width}_{arch}{nested}_{sparsity}"
 
 
+BLOCK_BYTES = 256 << 20
+"""The float32 `[batch, block]` encoder matrix of a step is at most this by default."""
+
 RECIPES: dict[str, dict[str, float | bool]] = {
     "short": {
         "lr": 2e-3,
@@ -244,6 +247,10 @@ class TrainConfig:
     for SAEs too wide for one device). Either way the result equals one process's."""
     max_density: float = option(0.02, gt=0, le=1)
     """TopK/BatchTopK AuxK and logging: a latent firing on more than this share of tokens is dense."""
+    block_latents: int | None = option(None, ge=1)
+    """Latents per block of the encoder matmul on the CPU: a step's widest matrix is [batch,
+    block] float32 instead of [batch, width]. None: what 256 MiB holds (16,384 at batch 4,096);
+    narrower SAEs run in one block."""
     seed: int = option(0, ge=0)
     """Seed of SAE init and data order."""
     log_every: int = option(10, ge=1)
@@ -277,6 +284,11 @@ class TrainConfig:
             raise ValueError(
                 f"`tokens`={self.tokens} is less than one batch (`batch_size`={self.batch_size})"
             )
+
+    @property
+    def encoder_block(self) -> int:
+        """Latents per block of the encoder matmul (`block_latents`)."""
+        return self.block_latents or max(1, BLOCK_BYTES // (4 * self.batch_size))
 
     @property
     def steps(self) -> int:

@@ -16,16 +16,9 @@ import torch
 from torch import Tensor
 
 from gemmascope.common.distributed import Partition
-from gemmascope.train.objectives import (
-    ALONE,
-    Objective,
-    Params,
-    StepStats,
-    _n_dead,
-    batch_threshold,
-    centered_sq,
-    row_topk,
-)
+from gemmascope.train.objectives import ALONE, Objective, Params, StepStats, centered_sq
+from gemmascope.train.topk import batch_threshold, row_topk
+from gemmascope.train.topk import n_dead as _n_dead
 
 
 # The straight-through estimators of JumpReLU and of its L0 (rectangle kernel, see `objectives`).

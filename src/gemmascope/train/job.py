@@ -4,6 +4,7 @@ from (a cache, or the model streamed), the shared hyper-parameters, and the run 
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +88,7 @@ def run_job(job: TrainJob) -> dict[str, SAE]:
     if distributed.is_main():  # under torchrun, one rank speaks
         print(f"training {len(specs)} SAE(s) on {cfg.tokens:,} tokens: {dataclasses.asdict(cfg)}",
               file=sys.stderr)  # fmt: skip
+    _check_memory(specs, cfg, data)
     return train(specs, data.batches, cfg, job.out, resume=job.resume)
 
 
@@ -98,3 +100,21 @@ def _resolved(spec: SAESpec, n_layers: int | None) -> SAESpec:
             f"{spec.l0_size!r} needs; give --target-l0 instead"
         )
     return spec.resolve(n_layers) if n_layers else spec
+
+
+def _check_memory(specs: list[SAESpec], cfg: TrainConfig, data) -> None:
+    """Print the run's memory plan and refuse one that cannot fit, before any SAE is made. Off the
+    CPU the SAEs live in the device's memory, which the device's own allocator reports."""
+    from gemmascope.common.devices import resolve_device
+    from gemmascope.train.memory import plan_memory
+
+    if resolve_device(cfg.device).type != "cpu":
+        return
+    world = distributed.world_size()
+    plan = plan_memory(specs, cfg, data.widths, data_bytes=data.memory_bytes(),
+                       ranks=world if cfg.parallel == "latents" else 1,
+                       data_parallel=world > 1 and cfg.parallel == "data",
+                       local_ranks=int(os.environ.get("LOCAL_WORLD_SIZE", 1)))  # fmt: skip
+    if distributed.is_main():
+        print(plan, file=sys.stderr)
+    plan.check(specs, cfg)

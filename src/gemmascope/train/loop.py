@@ -14,7 +14,7 @@ import itertools
 import json
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -28,27 +28,28 @@ from gemmascope.common.files import read_json, write_json
 from gemmascope.common.progress import progress_bar
 from gemmascope.models import SiteKey
 from gemmascope.sae import SAE
+from gemmascope.train import step as step_module
+from gemmascope.train.batches import Batches
+from gemmascope.train.checkpoint import load_checkpoint, save_checkpoint
 from gemmascope.train.config import RECIPES, SAESpec, TrainConfig
 from gemmascope.train.cross_layer import clt_forward_backward, dense_clt_forward_backward
 from gemmascope.train.dense import dense_forward_backward
-from gemmascope.train.objectives import StepStats, forward_backward
+from gemmascope.train.objectives import StepStats
+from gemmascope.train.optim import RowAdam, catch_up
 from gemmascope.train.state import (
     Norm,
     Run,
     adam_update,
     estimate_norms,
     export,
-    load_checkpoint,
     new_run,
     partition_of,
     place,
-    save_checkpoint,
+    release_optimizer,
     unplace,
     write_run_config,
 )
-
-Batches = Callable[[int], Iterator[dict[SiteKey, Tensor]]]
-"""`batches(start)` yields `{(layer, site): [batch_size, width]}` from batch index `start` on."""
+from gemmascope.train.step import forward_backward
 
 
 def train(
@@ -114,9 +115,9 @@ def _finite(stats: StepStats, run: Run, step: int, out: Path) -> None:
     )
 
 
-RUNTIME = ("device", "parallel", "log_every", "checkpoint_every", "recipe")
+RUNTIME = ("device", "parallel", "log_every", "checkpoint_every", "recipe", "block_latents")
 """Training options a resume may change: they do not change the SAEs (`recipe` only fills in
-options, which are compared themselves)."""
+options, which are compared themselves; `block_latents` only the order of float sums)."""
 BEFORE_RECIPES = {**RECIPES["paper"], "max_frequency": 0.1}
 """What the options added with the recipes were in a run saved before them."""
 
@@ -199,6 +200,7 @@ def _export(
 ) -> dict[str, SAE]:
     """Gather every SAE at full width on rank 0, fold the normalisation in, save them."""
     for run in runs:
+        release_optimizer(run)  # the run ends here: its Adam state is not gathered nor kept
         unplace(run, split)
     if not distributed.is_main():
         distributed.barrier()  # until rank 0 has written the SAEs
@@ -285,17 +287,27 @@ def _train_step(
         step_fn = forward_backward if device.type == "cpu" else dense_forward_backward
     else:
         step_fn = clt_forward_backward if device.type == "cpu" else dense_clt_forward_backward
-    stats = step_fn(run.params, x, y, run.objective, dead, split)
-    if split.rows:  # each rank's gradient is its rows' share of the global batch's: sum them
-        for q in run.params.parameters():
-            distributed.all_reduce_sum(q.grad)
+    if step_fn is step_module.forward_backward and not split.rows:  # Adam block by block
+        run.objective.block = cfg.encoder_block
+        sink = RowAdam(run.params, run.adam_v, run.adam_last, lr=lr, threshold_lr=cfg.threshold_lr,
+                       beta1=cfg.beta1, beta2=cfg.beta2, step=step)  # fmt: skip
+        stats = step_fn(run.params, x, y, run.objective, dead, split, sink)
+    else:
+        stats = step_fn(run.params, x, y, run.objective, dead, split)
+        if split.rows:  # each rank's gradient is its rows' share of the global batch's: sum them
+            for q in run.params.parameters():
+                distributed.all_reduce_sum(q.grad)
+        if run.adam_last is not None:  # rows a sparse step left behind (after a resume)
+            catch_up(run.adam_v, run.adam_last, cfg.beta2, step)
+        adam_update(run, lr, cfg, step)
+        if run.adam_last is not None:
+            run.adam_last.fill_(step + 1)
     run.last_fired[stats.fired > 0] = tokens + cfg.batch_size
     if spec.architecture == "batchtopk":
         b = run.batchtopk_threshold
         run.batchtopk_threshold = (
             stats.min_selected if b == 0 else 0.99 * b + 0.01 * stats.min_selected
         )
-    adam_update(run, lr, cfg, step)
     return stats
 
 
@@ -377,24 +389,3 @@ def _log(
                 board.add_scalar(f"{run.spec.name}/{key}", value, tokens)
     if log is not None:
         log.flush()
-
-
-def tensor_batches(
-    data: dict[SiteKey, Tensor], batch_size: int, *, seed: int = 0, epochs: int | None = None
-) -> Batches:
-    """`Batches` over activations held in memory, reshuffled each epoch (tests, small runs, benches)."""
-    n = next(iter(data.values())).shape[0]
-    per_epoch = n // batch_size
-    if per_epoch == 0:
-        raise ValueError(f"only {n} activation vectors, fewer than one batch of {batch_size}")
-
-    def batches(start: int) -> Iterator[dict[SiteKey, Tensor]]:
-        for i in itertools.count(start):
-            epoch, j = divmod(i, per_epoch)
-            if epochs is not None and epoch >= epochs:
-                return
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-            idx = perm[j * batch_size : (j + 1) * batch_size]
-            yield {k: v[idx] for k, v in data.items()}
-
-    return batches

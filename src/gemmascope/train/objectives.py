@@ -28,8 +28,13 @@ from gemmascope.train.sparse import (
     pair_dots,
     select,
 )
-
-ALONE = Partition()
+from gemmascope.train.topk import (
+    ALONE,
+    batch_topk_active,
+    from_entries,
+    row_topk,
+    topk_active,
+)
 
 
 @dataclass
@@ -50,6 +55,9 @@ class Objective:
     """Above this fraction of active entries, products run dense instead of sparse."""
     matmul_dtype: torch.dtype = torch.float32
     """Dtype of the encoder matmul, the one dense product; bfloat16 is ~2.5x faster on AVX512-BF16."""
+    block: int = 0
+    """Latents per block of the encoder matmul (0: all at once), so `[B, block]` is the widest
+    per-step matrix (`TrainConfig.block_latents`)."""
     prefixes: tuple[int, ...] = ()
     """Matryoshka: widths of the nested prefixes of the dictionary that each reconstruct the input too."""
     frequency_coefficient: float = 0.0
@@ -141,96 +149,28 @@ def select_active(
     and BatchTopK's smallest selected value (for its inference threshold)."""
     arch = obj.architecture
     window: Window | None = None
-    min_selected = 0.0
     if arch in ("jumprelu", "relu"):
-        theta = threshold if arch == "jumprelu" else torch.zeros_like(threshold)
-        half = obj.bandwidth / 2 if arch == "jumprelu" else 0.0
-        act, window = select(pre, theta, half, obj.max_density)
+        act, window = select(pre, *select_rule(threshold, obj))
     elif arch == "topk":
-        act = _topk_active(pre, obj.k, split)
+        act = topk_active(pre, obj.k, split)
     elif arch == "batchtopk":
-        act = _batch_topk(pre, obj.k * B, obj.k, split)
-        pos = act.val[act.val > 0]
-        least = pos.min() if pos.numel() else torch.tensor(float("inf"))
-        min_selected = float(split.min_all(least.float()))
-        min_selected = 0.0 if min_selected == float("inf") else min_selected
+        act = batch_topk_active(pre, obj.k * B, obj.k, split)
     else:
         raise ValueError(f"unknown architecture {arch!r}")
-    return act, window, min_selected
+    return act, window, min_selected_value(act, split) if arch == "batchtopk" else 0.0
 
 
-@torch.no_grad()
-def forward_backward(
-    p: Params,
-    x: Tensor,
-    y: Tensor,
-    obj: Objective,
-    dead: Tensor | None = None,
-    split: Partition = ALONE,
-) -> StepStats:
-    """One step's loss and gradients (written to `.grad`) for inputs `x [B, d]` and targets `y [B, d]`.
+def select_rule(threshold: Tensor, obj: Objective) -> tuple[Tensor, float, float]:
+    """`select`'s threshold, STE half-width and density limit for JumpReLU (ReLU: 0, no window)."""
+    if obj.architecture == "jumprelu":
+        return threshold, obj.bandwidth / 2, obj.max_density
+    return torch.zeros_like(threshold), 0.0, obj.max_density
 
-    With a `split`, this rank holds some rows of the batch (sum the gradients over ranks afterwards)
-    or some latents (`p` is its slice); losses and statistics are the whole batch's, normalised by
-    its size, and TopK/BatchTopK select over every rank's latents.
-    """
-    B = int(split.over_rows(torch.tensor(x.shape[0])))  # rows of the whole batch
-    pre = encoder_pre(x, p, obj.matmul_dtype)  # (B_local, m_local)
-    arch = obj.architecture
-    act, window, min_selected = select_active(pre, p.threshold, obj, B, split)
 
-    z = act.val  # active values, CSR order (or dense)
-    bounds = obj.bounds(p.W_dec.shape[0])
-    # What every reconstruction shares: b_dec, and a skip transcoder's x @ W_skip
-    base = p.b_dec if p.W_skip is None else torch.addmm(p.b_dec, x, p.W_skip)  # (d,) or (B, d)
-    if len(bounds) == 2:
-        y_hat = split.over_latents(act.decode(z, p.W_dec)).add_(base)  # (B, d)
-        errs = y_hat.sub_(y).unsqueeze(0)  # (1, B, d)
-    else:  # Matryoshka: the reconstruction of every prefix (latents not split over ranks)
-        y_hats = act.decode_groups(z, p.W_dec, bounds).cumsum_(0).add_(base)  # (G, B, d)
-        errs = y_hats.sub_(y)
-    sqs = [float(split.over_rows(e.pow(2).sum())) for e in errs]
-    sq = sqs[-1]  # the whole dictionary's
-    mse = sq / B
-    # dL/d(the decoding of group g): the prefixes from g on contain it, (G, B, d)
-    gs = (errs if len(errs) == 1 else errs.flip(0).cumsum(0).flip(0)).mul(2.0 / B)
-    fired = split.over_rows(act.fired())
-    l0 = float(split.over_all(torch.tensor(float(act.nnz)))) / B
-
-    # Gradient at the active entries; the sparsity penalty joins here.
-    dz = act.sampled_groups(gs, p.W_dec, bounds)  # dL/dz at active entries
-    if arch == "relu":
-        dz = dz + obj.coefficient / B * (act.mask if isinstance(act, DenseActive) else 1.0)
-        penalty = obj.coefficient * float(split.over_all(z.sum())) / B
-    elif arch == "jumprelu":
-        p.threshold.grad, penalty = threshold_grad(
-            p.threshold, p.W_dec, gs, bounds, window, obj, l0, fired / B, B, split
-        )
-    else:
-        penalty = 0.0
-        if isinstance(act, Active):
-            dz = dz * (z > 0)
-    p.W_dec.grad = act.left_mul_t_groups(z, gs, bounds)  # (m, d)
-    p.b_dec.grad = gs[0].sum(0)
-    if p.W_skip is not None:
-        p.W_skip.grad = x.T @ gs[0]  # (d, d)
-    p.W_enc.grad = act.left_mul_t(dz, x).T  # (d, m)
-    p.b_enc.grad = act.col_sum(dz)
-    if arch != "jumprelu":
-        p.threshold.grad = torch.zeros_like(p.threshold)
-
-    aux = 0.0
-    if arch in ("topk", "batchtopk") and obj.aux_k and _n_dead(dead, split):
-        aux = _aux_k(p, x, pre, -errs[-1], dead, obj, split)
-    var = centered_sq(y, split)
-    return StepStats(
-        loss=sum(sqs) / B + penalty + aux,
-        mse=mse,
-        fvu=sq / max(var, 1e-12),
-        l0=l0,
-        fired=fired,
-        min_selected=min_selected,
-    )
+def min_selected_value(act: Active, split: Partition) -> float:
+    pos = act.val[act.val > 0]
+    least = float(split.min_all((pos.min() if pos.numel() else torch.tensor(float("inf"))).float()))
+    return 0.0 if least == float("inf") else least
 
 
 def centered_sq(t: Tensor, split: Partition = ALONE) -> float:
@@ -243,57 +183,31 @@ def centered_sq(t: Tensor, split: Partition = ALONE) -> float:
     return float(s2 - s1.pow(2).sum() / n)
 
 
-def _n_dead(dead: Tensor | None, split: Partition) -> int:
-    """Dead latents over every rank's slice (all ranks agree, so they take the same branches)."""
-    if dead is None:
-        return 0
-    return int(split.over_latents(dead.sum()))
+def jump_penalty(
+    obj: Objective, l0: float, freq: Tensor, split: Partition = ALONE
+) -> tuple[float, float, Tensor | None]:
+    """JumpReLU's penalties at mean L0 `l0` and firing shares `freq [m]`: their value, d/dL0, and
+    d/d freq (`[m]`, None without the frequency penalty)."""
+    penalty, dpen_dl0, dpen_df = obj.l0_penalty(l0), obj.l0_penalty_grad(l0), None
+    if obj.frequency_coefficient:
+        freq_penalty, dpen_df = obj.frequency_penalty(freq)
+        penalty += float(split.over_latents(torch.tensor(freq_penalty)))
+    return penalty, dpen_dl0, dpen_df
 
 
-def row_topk(pre: Tensor, k: int, split: Partition = ALONE) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Per row, the `k` largest of `pre [B, m]` over the latents of every rank.
-
-    Returns `(vals, cols, won)`, each `[B, min(k, m)]`: this rank's candidates, their columns, and
-    which of them are in the row's global top k (None when the latents are not split: all are).
-    """
-    vals, cols = pre.topk(min(k, pre.shape[1]), dim=1, sorted=False)
-    if not split.latents:
-        return vals, cols, None
-    import torch.distributed as dist
-
-    c = vals.shape[1]
-    padded = torch.full((pre.shape[0], k), float("-inf"), dtype=pre.dtype, device=pre.device)
-    padded[:, :c] = vals.detach()
-    everyone = split.gather(padded, 1)  # (B, world * k), rank r in columns [r k, r k + k)
-    pos = everyone.topk(min(k, everyone.shape[1]), dim=1, sorted=False).indices
-    won = torch.zeros_like(everyone, dtype=torch.bool).scatter_(1, pos, True)
-    r = dist.get_rank()
-    return vals, cols, won[:, r * k : r * k + c]
-
-
-def _topk_active(pre: Tensor, k: int, split: Partition) -> Active:
-    vals, cols, won = row_topk(pre, k, split)
-    if won is None:
-        return from_topk(cols, vals.relu(), pre.shape[1])
-    rows = torch.arange(pre.shape[0]).unsqueeze(1).expand_as(cols)
-    return _from_entries(rows[won], cols[won], vals[won].relu(), pre.shape)
-
-
-def batch_threshold(pre: Tensor, n: int, k: int, split: Partition = ALONE) -> Tensor:
-    """The `n`-th largest entry of the whole batch's `pre` (over every rank's rows and latents).
-
-    Each row offers its top `4k` candidates first; the n-th largest of candidates is at most the
-    true one, and equal to it exactly when no more than `n` entries reach it. Otherwise every entry
-    is a candidate.
-    """
-    cand = pre.topk(min(pre.shape[1], 4 * k), dim=1, sorted=False).values.reshape(-1)
-    for pool in (cand, pre.reshape(-1)):
-        local = pool.topk(min(n, pool.numel()), sorted=False).values
-        everyone = split.gather(local.detach(), 0)
-        v = everyone.topk(min(n, everyone.numel()), sorted=False).values.min()
-        if int(split.over_all((pre >= v).sum())) <= n:
-            break
-    return v
+def window_grad(theta: Tensor, W_dec: Tensor, gs: Tensor, bounds: tuple[int, ...],
+                window: Window, eps: float, dpen_dl0: float, dpen_df: Tensor | None,
+                B: int) -> Tensor:  # fmt: skip
+    """The threshold gradient from both STEs over the window: JumpReLU's, dz * -(t / eps), and
+    the L0's (and the frequency penalty's), d penalty * -(1 / eps) / B per entry."""
+    r, c = window.rows, window.cols
+    if gs.shape[0] > 1:  # each entry takes the gradient of its latent's group
+        r = group_of(bounds)[c] * gs.shape[1] + r
+    dz_w = pair_dots(r, c, gs.reshape(-1, gs.shape[-1]), W_dec)  # dL/dz at window entries
+    per_entry = dz_w * (-theta.detach()[c] / eps) - dpen_dl0 / (eps * B)
+    if dpen_df is not None:
+        per_entry -= dpen_df[c] / (eps * B)
+    return torch.zeros(theta.shape, dtype=per_entry.dtype).index_add_(0, c, per_entry)
 
 
 def threshold_grad(
@@ -308,69 +222,28 @@ def threshold_grad(
     B: int,
     split: Partition = ALONE,
 ) -> tuple[Tensor, float]:
-    """JumpReLU's threshold gradient from both STEs over the window, and the penalties' value."""
-    theta = theta.detach()
-    eps = obj.bandwidth
-    r, c = window.rows, window.cols
-    if gs.shape[0] > 1:  # each entry takes the gradient of its latent's group
-        r = group_of(bounds)[c] * gs.shape[1] + r
-    dz_w = pair_dots(r, c, gs.reshape(-1, gs.shape[-1]), W_dec)  # dL/dz at window entries
-    t_w = theta[c]
-    # JumpReLU STE: dz * -(t / eps); L0 STE: dpenalty/dL0 * -(1 / eps) / B per entry, and the
-    # frequency penalty's d/d f_j * -(1 / eps) / B per entry of latent j.
-    dpen_dl0, penalty = obj.l0_penalty_grad(l0), obj.l0_penalty(l0)
-    per_entry = dz_w * (-t_w / eps) - dpen_dl0 / (eps * B)
-    if obj.frequency_coefficient:
-        freq_penalty, dpen_df = obj.frequency_penalty(freq)
-        penalty += float(split.over_latents(torch.tensor(freq_penalty)))
-        per_entry -= dpen_df[c] / (eps * B)
-    return torch.zeros_like(theta).index_add_(0, c, per_entry), penalty
+    """JumpReLU's threshold gradient over all of `theta`'s latents, and the penalties' value."""
+    penalty, dpen_dl0, dpen_df = jump_penalty(obj, l0, freq, split)
+    return window_grad(theta, W_dec, gs, bounds, window, obj.bandwidth, dpen_dl0, dpen_df,
+                       B), penalty  # fmt: skip
 
 
-def _batch_topk(pre: Tensor, n: int, k: int, split: Partition) -> Active:
-    """The `n = k * B` largest relu'd pre-activations of the whole batch, as entries of this rank."""
-    keep = pre >= batch_threshold(pre, n, k, split)  # (B, m)
-    rows, cols = keep.nonzero(as_tuple=True)  # row-major: CSR order
-    return _from_entries(rows, cols, pre[rows, cols].relu(), pre.shape)
-
-
-def _from_entries(rows: Tensor, cols: Tensor, vals: Tensor, shape: torch.Size) -> Active:
-    """`Active` from entries in any order."""
-    B, m = shape
-    order = torch.argsort(rows * m + cols)
-    rows, cols, vals = rows[order], cols[order], vals[order]
-    crow = torch.zeros(B + 1, dtype=torch.int64)
-    crow[1:] = torch.bincount(rows, minlength=B).cumsum(0)
-    return Active(crow, cols.contiguous(), vals.contiguous(), m)
-
-
-def _aux_k(
-    p: Params,
-    x: Tensor,
-    pre: Tensor,
-    residual: Tensor,
-    dead: Tensor,
-    obj: Objective,
-    split: Partition = ALONE,
-) -> float:
-    """AuxK (Gao et al. 2024): dead latents learn to reconstruct what the live ones missed."""
-    B = int(split.over_rows(torch.tensor(x.shape[0])))
+def aux_candidates(pre: Tensor, dead: Tensor, k_aux: int, split: Partition) -> Active:
+    """Each row's `k_aux` largest pre-activations among the dead latents (over every rank's)."""
     dead_idx = dead.nonzero().squeeze(1)
-    k_aux = min(obj.aux_k, _n_dead(dead, split))
     vals, local, won = row_topk(pre[:, dead_idx], k_aux, split)
     if won is None:
-        act = from_topk(dead_idx[local], vals.relu(), pre.shape[1])
-    else:
-        rows = torch.arange(pre.shape[0]).unsqueeze(1).expand_as(local)
-        act = _from_entries(rows[won], dead_idx[local[won]], vals[won].relu(), pre.shape)
-    e_hat = split.over_latents(act.decode(act.val, p.W_dec))  # (B, d)
-    var = centered_sq(residual, split) / B
-    scale = obj.aux_coefficient / max(var, 1e-12)
+        return from_topk(dead_idx[local], vals.relu(), pre.shape[1])
+    rows = torch.arange(pre.shape[0]).unsqueeze(1).expand_as(local)
+    return from_entries(rows[won], dead_idx[local[won]], vals[won].relu(), pre.shape)
+
+
+def aux_k_loss(act: Active, W_dec: Tensor, residual: Tensor, obj: Objective, B: int,
+           split: Partition) -> tuple[float, Tensor]:  # fmt: skip
+    """AuxK (Gao et al. 2024): the dead latents `act` learn to reconstruct what the live ones
+    missed. Its loss and dL/d(their reconstruction) `[n, d]`."""
+    e_hat = split.over_latents(act.decode(act.val, W_dec))  # (n, d)
+    scale = obj.aux_coefficient / max(centered_sq(residual, split) / B, 1e-12)
     diff = e_hat - residual
     loss = scale * float(split.over_rows(diff.pow(2).sum())) / B
-    g = diff.mul_(2.0 * scale / B)
-    dz = act.sampled(g, p.W_dec.T) * (act.val > 0)
-    p.W_dec.grad += act.left_mul_t(act.val, g)
-    p.W_enc.grad += act.left_mul_t(dz, x).T
-    p.b_enc.grad += act.col_sum(dz)
-    return loss
+    return loss, diff.mul_(2.0 * scale / B)

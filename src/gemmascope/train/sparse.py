@@ -212,14 +212,34 @@ class Active:
     def nnz(self) -> int:
         return self.cols.numel()
 
+    def columns(self, lo: int, hi: int) -> Active:
+        """The entries of latents `lo..hi`, as an `Active` over those latents alone."""
+        keep = (self.cols >= lo) & (self.cols < hi)
+        crow = torch.zeros(self.n + 1, dtype=torch.int64)
+        crow[1:] = torch.bincount(self.rows[keep], minlength=self.n).cumsum(0)
+        return Active(crow, self.cols[keep] - lo, self.val[keep], hi - lo)
+
+    def touched(self) -> Tensor:
+        """The latents with at least one active entry, ascending: the rows of `W_dec` and `W_enc`
+        whose gradient is not zero."""
+        return self.crow_t.diff().nonzero().squeeze(1)
+
     def _spmm(
-        self, transpose: bool, values: Tensor, dense: Tensor, cols: tuple[int, int] | None = None
+        self,
+        transpose: bool,
+        values: Tensor,
+        dense: Tensor,
+        cols: tuple[int, int] | None = None,
+        touched: Tensor | None = None,
     ) -> Tensor:
         dense = dense.detach().contiguous()
         crow, idx, order = (
             (self.crow_t, self.rows_t, self.order) if transpose else (self.crow, self.cols, None)
         )
-        if cols is not None:  # latents lo..hi only: rows lo..hi of the transpose
+        if touched is not None:  # the nonempty rows of the transpose (within lo..hi) only
+            hi = self.m if cols is None else cols[1]
+            crow = torch.cat([crow[touched], crow[hi : hi + 1]])
+        elif cols is not None:  # latents lo..hi only: rows lo..hi of the transpose
             crow = crow[cols[0] : cols[1] + 1]
         out = torch.empty(crow.numel() - 1, dense.shape[1], dtype=dense.dtype)
         if self.nnz:
@@ -250,11 +270,16 @@ class Active:
         return out
 
     def left_mul_t(
-        self, values: Tensor, dense: Tensor, cols: tuple[int, int] | None = None
+        self,
+        values: Tensor,
+        dense: Tensor,
+        cols: tuple[int, int] | None = None,
+        touched: Tensor | None = None,
     ) -> Tensor:
         """`Z^T @ dense` for the sparse `Z [B, m]` and `dense [B, k]`: `[m, k]` (rows `lo..hi`
-        only, `[hi - lo, k]`, for `cols=(lo, hi)`)."""
-        return self._spmm(True, values, dense, cols)
+        only, `[hi - lo, k]`, for `cols=(lo, hi)`; only the rows `touched` (from `touched()`,
+        within `cols`), `[len(touched), k]`, when given)."""
+        return self._spmm(True, values, dense, cols, touched)
 
     def sampled(self, a: Tensor, b: Tensor, rows: Tensor | None = None) -> Tensor:
         """`(a @ b)[rows, cols]` computed only at the active positions; `a [B, k]`, `b [k, m]`.
@@ -268,13 +293,18 @@ class Active:
         rows = group_of(bounds)[self.cols] * self.n + self.rows
         return self.sampled(gs.reshape(-1, gs.shape[-1]), W_dec.T, rows)
 
-    def left_mul_t_groups(self, values: Tensor, gs: Tensor, bounds: tuple[int, ...]) -> Tensor:
-        """Rows `lo..hi` of `Z^T @ gs[g]` for each group `g` of latents: `[m, d]`."""
+    def left_mul_t_groups(
+        self, values: Tensor, gs: Tensor, bounds: tuple[int, ...], touched: Tensor | None = None
+    ) -> Tensor:
+        """Rows `lo..hi` of `Z^T @ gs[g]` for each group `g` of latents: `[m, d]` (the rows
+        `touched` only, when given)."""
         if gs.shape[0] == 1:
-            return self.left_mul_t(values, gs[0])
-        return torch.cat(
-            [self.left_mul_t(values, gs[g], cols) for g, cols in enumerate(pairwise(bounds))]
-        )
+            return self.left_mul_t(values, gs[0], touched=touched)
+        parts = []
+        for g, (lo, hi) in enumerate(pairwise(bounds)):
+            rows = None if touched is None else touched[(touched >= lo) & (touched < hi)]
+            parts.append(self.left_mul_t(values, gs[g], (lo, hi), rows))
+        return torch.cat(parts)
 
     def col_sum(self, values: Tensor) -> Tensor:
         """Sum of `values` per latent: `[m]`."""
@@ -318,7 +348,11 @@ class DenseActive:
         return torch.stack([values[:, lo:hi] @ W_dec[lo:hi] for lo, hi in pairwise(bounds)])
 
     def left_mul_t(
-        self, values: Tensor, dense: Tensor, cols: tuple[int, int] | None = None
+        self,
+        values: Tensor,
+        dense: Tensor,
+        cols: tuple[int, int] | None = None,
+        touched: None = None,
     ) -> Tensor:
         return (values if cols is None else values[:, cols[0] : cols[1]]).T @ dense
 
@@ -329,7 +363,9 @@ class DenseActive:
         parts = [gs[g] @ W_dec[lo:hi].T for g, (lo, hi) in enumerate(pairwise(bounds))]
         return torch.cat(parts, 1) * self.mask
 
-    def left_mul_t_groups(self, values: Tensor, gs: Tensor, bounds: tuple[int, ...]) -> Tensor:
+    def left_mul_t_groups(
+        self, values: Tensor, gs: Tensor, bounds: tuple[int, ...], touched: None = None
+    ) -> Tensor:
         return torch.cat(
             [self.left_mul_t(values, gs[g], c) for g, c in enumerate(pairwise(bounds))]
         )

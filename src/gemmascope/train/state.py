@@ -4,18 +4,16 @@ ranks, checkpoints, and the export that folds the normalisation back into the we
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from gemmascope.clt import CLT
 from gemmascope.common import distributed
 from gemmascope.common.distributed import Partition
-from gemmascope.common.files import atomic_dir, write_json
+from gemmascope.common.files import write_json
 from gemmascope.models import SiteKey
 from gemmascope.sae import SAE, SAEConfig
 from gemmascope.train.config import SAESpec, TrainConfig
@@ -35,13 +33,23 @@ class Run:
     last_fired: Tensor  # (m,) token count when each latent last fired
     batchtopk_threshold: float = 0.0
     sums: dict[str, float] = field(default_factory=dict)
+    adam_last: Tensor | None = None
+    """`int64 [m]` for an SAE or transcoder (None for a CLT): per latent, how many optimizer steps'
+    decays its rows of W_enc's and W_dec's Adam second moment `v` hold. `adam_last[j] == n` means
+    those rows are exact through step `n - 1` (0-based), i.e. as the dense optimizer leaves them after
+    `n` steps; before step `step` reads or updates them they must be decayed by
+    `beta2 ** (step - n)`, and once step `step` has updated them, `n = step + 1`. Zero for a new run;
+    a checkpoint saved before it existed loads with its step count (its state was fully up to date).
+    Placed, gathered and checkpointed like `last_fired`."""
 
 
 def adam_update(run: Run, lr: float, cfg: TrainConfig, step: int) -> None:
     """Adam with beta1 = 0 by default (Gemma Scope); decoder rows stay unit-norm (see `optim`)."""
     for name, q in run.params.named_parameters():
         kind = name.split(".")[0]  # a CLT's are per layer: `W_dec.3`
-        m = run.adam_v.setdefault(f"{name}.m", torch.zeros_like(q)) if cfg.beta1 > 0 else None
+        if cfg.beta1 > 0 and f"{name}.m" not in run.adam_v:
+            run.adam_v[f"{name}.m"] = torch.zeros_like(q)
+        m = run.adam_v.get(f"{name}.m") if cfg.beta1 > 0 else None
         rate = lr * cfg.threshold_lr if kind == "threshold" else lr
         scale = run.params.step_scale(name) if isinstance(run.params, CLTParams) else None
         adam_step(q, run.adam_v[name], m, lr=rate, beta1=cfg.beta1, beta2=cfg.beta2, step=step,
@@ -68,7 +76,15 @@ def new_run(spec: SAESpec, d_in: int, cfg: TrainConfig, index: int) -> Run:
     )
     adam_v = {n: torch.zeros_like(q) for n, q in params.named_parameters()}
     fired = torch.zeros(spec.width * (spec.n_layers or 1), dtype=torch.int64)
-    return Run(spec, params, objective, adam_v, fired)
+    last = torch.zeros(spec.width, dtype=torch.int64) if spec.n_layers is None else None
+    return Run(spec, params, objective, adam_v, fired, adam_last=last)
+
+
+def release_optimizer(run: Run) -> None:
+    """Drop the run's Adam state (`adam_v`, `adam_last`): it cannot take another step after this.
+    `export` does it; calling it before `unplace` also spares gathering the state."""
+    run.adam_v = {}
+    run.adam_last = None
 
 
 @dataclass
@@ -134,7 +150,9 @@ def partition_of(cfg: TrainConfig, specs: list[SAESpec]) -> Partition:
 
 
 # Which dimension of each parameter indexes latents; b_dec has none: every rank holds all of it.
-_LATENT_DIM = {"W_enc": 1, "W_dec": 0, "b_enc": 0, "threshold": 0, "last_fired": 0}
+_LATENT_DIM = {
+    "W_enc": 1, "W_dec": 0, "b_enc": 0, "threshold": 0, "last_fired": 0, "adam_last": 0,
+}  # fmt: skip
 
 
 def place(run: Run, split: Partition, device: torch.device) -> None:
@@ -154,24 +172,37 @@ def place(run: Run, split: Partition, device: torch.device) -> None:
             q.data = take(n, q.data)
     run.adam_v = {n: take(n, v) for n, v in run.adam_v.items()}
     run.last_fired = take("last_fired", run.last_fired)
+    if run.adam_last is not None:
+        run.adam_last = take("adam_last", run.adam_last)
 
 
 def full_state(run: Run, split: Partition) -> dict[str, Tensor]:
     """Parameters, Adam state and counters at full width on the CPU, on rank 0 (empty elsewhere).
 
     Every rank must call it: with latents split, rank 0 gathers the slices one tensor at a time.
+    Tensors already whole on the CPU are the run's own, not copies; each is contiguous or, as W_enc
+    and its Adam state are kept, the transpose of a contiguous array (see `_compact`).
     """
     state = {f"params.{n}": q.detach() for n, q in run.params.named_parameters()}
     state.update({f"adam.{n}": v for n, v in run.adam_v.items()})
     state["last_fired"] = run.last_fired
+    if run.adam_last is not None:
+        state["adam_last"] = run.adam_last
     full = {}
     for key, t in state.items():
         dim = _LATENT_DIM.get(key.split(".")[-2] if key.endswith(".m") else key.split(".")[-1])
         if split.latents and dim is not None:
             t = distributed.gather_cat(t.contiguous(), dim)
         if t is not None:
-            full[key] = t.cpu().contiguous()
+            full[key] = _compact(t.cpu())
     return full if distributed.is_main() else {}
+
+
+def _compact(t: Tensor) -> Tensor:
+    """`t` itself if it or (2-D) its transpose is contiguous, else a contiguous copy."""
+    if t.is_contiguous() or (t.dim() == 2 and t.T.is_contiguous()):
+        return t
+    return t.contiguous()
 
 
 def unplace(run: Run, split: Partition) -> None:
@@ -184,13 +215,20 @@ def unplace(run: Run, split: Partition) -> None:
             q.data = state[f"params.{n}"]
     run.adam_v = {k[len("adam.") :]: v for k, v in state.items() if k.startswith("adam.")}
     run.last_fired = state["last_fired"]
+    run.adam_last = state.get("adam_last")
 
 
 def export(run: Run, norms: dict[SiteKey, Norm], cfg: TrainConfig) -> SAE | CLT:
     """Fold the input normalisation into the weights so the SAE takes raw activations (encodings
     unchanged): with s = C * dims, pre = ((x - mu) / s) W + b = x (W / s) + (b - (mu / s) W); the
-    outputs are scaled back to the target site's units."""
+    outputs are scaled back to the target site's units.
+
+    The run's last use: its Adam state is dropped first (`release_optimizer`) and, for an SAE or
+    transcoder, the normalisation is folded into its parameters in place and the SAE takes those
+    tensors as its weights, so no full-size copy is made. The run cannot train, be checkpointed or
+    be exported again afterwards."""
     spec, p = run.spec, run.params
+    release_optimizer(run)
     if isinstance(p, CLTParams):
         return _export_clt(run, norms, cfg)
     (mu_in, c_in), (mu_out, c_out) = (
@@ -198,22 +236,21 @@ def export(run: Run, norms: dict[SiteKey, Norm], cfg: TrainConfig) -> SAE | CLT:
     )
     sae_cfg = _exported_config(run, norms, cfg, p.W_enc.shape[0])
     with torch.no_grad():
-        threshold = p.threshold.clone()
+        shift = mu_in / c_in
+        # The biases read W_enc and W_skip as trained, so they are folded before those are scaled.
+        p.b_enc.sub_(shift @ p.W_enc)
+        p.b_dec.mul_(c_out).add_(mu_out)
+        if p.W_skip is not None:
+            # y_n += x_n W_skip with x_n = (x - mu_in) / c_in, y = mu_out + c_out y_n
+            p.b_dec.sub_((shift @ p.W_skip) * c_out)
+            p.W_skip.div_(c_in[:, None]).mul_(c_out)
+        p.W_enc.div_(c_in[:, None])
+        p.W_dec.mul_(c_out)
         if spec.architecture == "batchtopk":
-            threshold = torch.full_like(threshold, run.batchtopk_threshold)
-        arrays = {
-            "W_enc": p.W_enc / c_in[:, None],
-            "W_dec": p.W_dec * c_out,
-            "b_enc": p.b_enc - (mu_in / c_in) @ p.W_enc,
-            "b_dec": p.b_dec * c_out + mu_out,
-            "threshold": threshold,
-        }
-        if (
-            p.W_skip is not None
-        ):  # y_n += x_n W_skip with x_n = (x - mu_in) / c_in, y = mu_out + c_out y_n
-            arrays["W_skip"] = p.W_skip / c_in[:, None] * c_out
-            arrays["b_dec"] = arrays["b_dec"] - ((mu_in / c_in) @ p.W_skip) * c_out
-    return SAE.from_arrays(sae_cfg, arrays, source=spec.name).eval()
+            p.threshold.fill_(run.batchtopk_threshold)
+    names = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold", "W_skip")
+    arrays = {n: getattr(p, n).detach() for n in names if getattr(p, n) is not None}
+    return SAE.from_arrays(sae_cfg, arrays, source=spec.name, adopt=True).eval()
 
 
 def _exported_config(
@@ -278,64 +315,3 @@ def write_run_config(out: Path, specs: list[SAESpec], cfg: TrainConfig) -> None:
         out / "train_config.json",
         {"train": dataclasses.asdict(cfg), "saes": [dataclasses.asdict(s) for s in specs]},
     )
-
-
-def save_checkpoint(
-    ckpt: Path,
-    runs: list[Run],
-    norms: dict[SiteKey, Norm],
-    step: int,
-    split: Partition = Partition(),  # noqa: B008 - frozen
-) -> None:
-    """Weights, optimizer state and counters of every SAE at full width, written once (rank 0) as
-    one atomic folder, so a run resumes on any number of ranks."""
-    tensors: dict[str, Tensor] = {}
-    extra = {}
-    for i, run in enumerate(runs):
-        for key, t in full_state(run, split).items():
-            tensors[f"{i}.{key}"] = t
-        extra[run.spec.name] = {"index": i, "batchtopk_threshold": run.batchtopk_threshold}
-    tensors.update({f"mean.{k[0]}.{k[1]}": n.mean.contiguous() for k, n in norms.items()})
-    tensors.update(
-        {f"dims.{k[0]}.{k[1]}": n.dims.contiguous() for k, n in norms.items() if n.dims is not None}
-    )
-    if not distributed.is_main():
-        return
-    with atomic_dir(ckpt) as tmp:
-        save_file(tensors, tmp / "state.safetensors")
-        state = {
-            "step": step,
-            "scales": [[k[0], k[1], n.scale] for k, n in norms.items()],
-            "runs": extra,
-        }
-        (tmp / "state.json").write_text(json.dumps(state, indent=2))
-
-
-def load_checkpoint(ckpt: Path, specs: list[SAESpec], cfg: TrainConfig):
-    state = json.loads((ckpt / "state.json").read_text())
-    tensors = load_file(ckpt / "state.safetensors")
-    norms = {
-        (layer, site): Norm(tensors[f"mean.{layer}.{site}"], c, tensors.get(f"dims.{layer}.{site}"))
-        for layer, site, c in state["scales"]
-    }
-    missing = [s.name for s in specs if s.name not in state["runs"]]
-    if missing:
-        raise ValueError(
-            f"{ckpt}: the checkpoint has no state for {missing}; resume with the same sweep"
-        )
-    runs = []
-    for s in specs:
-        info = state["runs"][s.name]
-        i = info["index"]
-        d_in = tensors[f"{i}.params.W_enc" + (".0" if s.n_layers else "")].shape[0]
-        run = new_run(s, d_in, cfg, i)
-        with torch.no_grad():
-            for n, q in run.params.named_parameters():
-                q.copy_(tensors[f"{i}.params.{n}"])
-        run.adam_v = {
-            k.split(".", 2)[2]: v.clone() for k, v in tensors.items() if k.startswith(f"{i}.adam.")
-        }
-        run.last_fired = tensors[f"{i}.last_fired"].clone()
-        run.batchtopk_threshold = info["batchtopk_threshold"]
-        runs.append(run)
-    return state["step"], norms, runs
