@@ -95,6 +95,17 @@ def _merge(best: Candidates | None, vals: Tensor, cols: Tensor, c: int) -> Candi
     return top.values, cols.gather(1, top.indices)
 
 
+def _merge_dead(best: Candidates | None, pre: Tensor, lo: int, dead: Tensor | None,
+                c: int) -> Candidates | None:  # fmt: skip
+    """`best` merged with each row's `c` largest of `pre [B, hi - lo]` among the dead latents of
+    the block starting at `lo` (AuxK's candidates)."""
+    if not c or dead is None or not bool(dead[lo : lo + pre.shape[1]].any()):
+        return best
+    idx = dead[lo : lo + pre.shape[1]].nonzero().squeeze(1)
+    vals, cols = pre[:, idx].topk(min(c, len(idx)), dim=1, sorted=False)
+    return _merge(best, vals, idx[cols] + lo, c)
+
+
 def stream_topk(
     blocks: Sequence[tuple[int, int]],
     pre_of: Callable[[int, int], Tensor],
@@ -110,10 +121,7 @@ def stream_topk(
         pre = pre_of(lo, hi)  # (B, hi - lo)
         vals, cols = pre.topk(min(c, hi - lo), dim=1, sorted=False)
         best = _merge(best, vals, cols + lo, c)
-        if c_dead and dead is not None and bool(dead[lo:hi].any()):
-            idx = dead[lo:hi].nonzero().squeeze(1)
-            vals, cols = pre[:, idx].topk(min(c_dead, len(idx)), dim=1, sorted=False)
-            best_dead = _merge(best_dead, vals, idx[cols] + lo, c_dead)
+        best_dead = _merge_dead(best_dead, pre, lo, dead, c_dead)
         del pre
     assert best is not None
     return best, best_dead
@@ -148,10 +156,7 @@ def stream_batch_topk(
             vals, rows, cols = (torch.cat(ab) for ab in zip(best, (vals, rows, cols), strict=True))
         top = vals.topk(min(n, len(vals)), sorted=False).indices
         best = vals[top], rows[top], cols[top]
-        if c_dead and dead is not None and bool(dead[lo:hi].any()):
-            idx = dead[lo:hi].nonzero().squeeze(1)
-            v, c = pre[:, idx].topk(min(c_dead, len(idx)), dim=1, sorted=False)
-            best_dead = _merge(best_dead, v, idx[c] + lo, c_dead)
+        best_dead = _merge_dead(best_dead, pre, lo, dead, c_dead)
         del pre
     assert best is not None
     vals, rows, cols = best
